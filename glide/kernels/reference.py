@@ -1,0 +1,173 @@
+"""Plain PyTorch references for every kernel in :mod:`glide.kernels`.
+
+This is the only copy of each reference. The tests compare the Triton kernels against these
+functions (with float64 inputs), the benchmarks time them as the baseline, and the launchers
+call them as the fallback for CPU tensors when Triton's interpreter is off.
+
+The references do no input validation: the public launchers own every check.
+Arithmetic runs in float64 for float64 inputs and in float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "tree_attention_ref",
+    "cross_attention_ref",
+    "cape_topk_ref",
+    "compact_kv_ref",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked_attention(q, k_cache, v_cache, allowed, sm_scale):
+    """Attention of ``q`` over the first ``allowed.shape[-1]`` cache positions.
+
+    q: (B, T, Hq, D); k_cache, v_cache: (B, Hkv, S_max, D); allowed: (B, T, S) bool.
+    A query row with no allowed key returns zeros.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    group = Hq // Hkv
+    S = allowed.shape[-1]
+    cdt = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    k = k_cache[:, :, :S].to(cdt)
+    v = v_cache[:, :, :S].to(cdt)
+    # (B, Hkv, group, T, D): query head h reads KV head h // group.
+    qh = q.to(cdt).reshape(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qh, k) * scale
+    mask = allowed[:, None, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(mask, probs, torch.zeros((), dtype=cdt, device=q.device))
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+
+
+def tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale=None):
+    """Tree-masked verification attention (reference).
+
+    Node ``i`` of sequence ``b`` attends to every prefix position ``s < cache_seqlens[b]`` and to
+    tree position ``cache_seqlens[b] + j`` exactly when ``tree_mask[b, i, j]`` is true.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim)
+    k_cache, v_cache : torch.Tensor, shape (batch, num_kv_heads, max_seq, head_dim)
+        The K/V of tree node ``j`` sits at position ``cache_seqlens[b] + j``.
+    cache_seqlens : torch.Tensor, shape (batch,), integer
+    tree_mask : torch.Tensor, shape (batch, tree_len, tree_len), bool
+    sm_scale : float, optional
+        Defaults to ``1 / sqrt(head_dim)``.
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim), dtype of ``q``
+    """
+    B, T = q.shape[:2]
+    lens = cache_seqlens.to(device=q.device, dtype=torch.long)
+    S = int(lens.max()) + T  # host sync: acceptable in a reference
+    pos = torch.arange(S, device=q.device)
+    rel = pos[None, :] - lens[:, None]  # (B, S): tree index of each position
+    in_prefix = rel < 0
+    in_tree = (rel >= 0) & (rel < T)
+    tm = torch.gather(
+        tree_mask.to(device=q.device, dtype=torch.bool),
+        2,
+        rel.clamp(0, T - 1)[:, None, :].expand(B, T, S),
+    )
+    allowed = in_prefix[:, None, :] | (in_tree[:, None, :] & tm)
+    return _masked_attention(q, k_cache, v_cache, allowed, sm_scale)
+
+
+def cross_attention_ref(q, k_cache, v_cache, kv_lens, sm_scale=None):
+    """Cross-attention from draft queries into a target KV cache (reference).
+
+    Every query of sequence ``b`` attends to positions ``[0, kv_lens[b])``; a sequence with
+    ``kv_lens[b] == 0`` gets zeros.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape (batch, q_len, num_q_heads, head_dim)
+    k_cache, v_cache : torch.Tensor, shape (batch, num_kv_heads, max_seq, head_dim)
+    kv_lens : torch.Tensor, shape (batch,), integer
+    sm_scale : float, optional
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, q_len, num_q_heads, head_dim), dtype of ``q``
+    """
+    B, Tq = q.shape[:2]
+    lens = kv_lens.to(device=q.device, dtype=torch.long)
+    S = max(int(lens.max()), 1)
+    pos = torch.arange(S, device=q.device)
+    allowed = (pos[None, :] < lens[:, None])[:, None, :].expand(B, Tq, S)
+    return _masked_attention(q, k_cache, v_cache, allowed, sm_scale)
+
+
+def cape_topk_ref(logits, k, temperature=1.0):
+    """Top-k of ``softmax(logits / temperature)``, sorted descending (reference).
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (num_rows, vocab)
+    k : int
+    temperature : float
+
+    Returns
+    -------
+    probs : torch.Tensor, shape (num_rows, k), float32 (float64 for float64 input)
+        ``probs[:, 0]`` is CaPE's confidence.
+    ids : torch.Tensor, shape (num_rows, k), int64
+    """
+    cdt = _compute_dtype(logits.dtype)
+    probs = torch.softmax(logits.to(cdt) / float(temperature), dim=-1)
+    top, ids = torch.topk(probs, k, dim=-1, largest=True, sorted=True)
+    return top, ids.to(torch.int64)
+
+
+def compact_kv_ref(kv, cache_seqlens, path_idx, path_lens):
+    """Move each sequence's accepted tree slots right after its committed prefix (reference).
+
+    For every stacked cache ``n``, sequence ``b``, head ``h`` and ``a < path_lens[b]``::
+
+        kv[n, b, h, cache_seqlens[b] + a] <- kv[n, b, h, cache_seqlens[b] + path_idx[b, a]]
+
+    All sources are read before any destination is written, so overlap is safe. Works in place
+    and returns ``kv``. ``cache_seqlens`` is not changed.
+
+    Parameters
+    ----------
+    kv : torch.Tensor, shape (num_caches, batch, num_kv_heads, max_seq, head_dim)
+        Every layer's K and V stacked on the first axis, so one call moves them all.
+    cache_seqlens : torch.Tensor, shape (batch,), integer
+    path_idx : torch.Tensor, shape (batch, max_path), integer
+        Tree slot indices of the accepted path, in order; entries past ``path_lens[b]`` are
+        ignored.
+    path_lens : torch.Tensor, shape (batch,), integer
+
+    Returns
+    -------
+    torch.Tensor
+        ``kv``, modified in place.
+    """
+    B, A = path_idx.shape
+    dev = kv.device
+    lens = cache_seqlens.to(device=dev, dtype=torch.long)
+    n = path_lens.to(device=dev, dtype=torch.long)
+    ar = torch.arange(A, device=dev)
+    live = ar[None, :] < n[:, None]  # (B, A)
+    src = lens[:, None] + path_idx.to(device=dev, dtype=torch.long)
+    dst = lens[:, None] + ar[None, :]
+    src = torch.where(live, src, dst)  # dead entries copy a slot onto itself
+    b_idx = torch.arange(B, device=dev)[:, None].expand(B, A)
+    moved = kv[:, b_idx, :, src]  # (N, B, A, H, D); advanced indexing copies
+    kv[:, b_idx, :, dst] = moved
+    return kv

@@ -1,0 +1,378 @@
+"""Launchers for tree-masked verification attention and GliDe cross attention.
+
+Both run one Triton kernel (:mod:`glide.kernels._jit.attention`): ``cross_attention`` is
+``tree_attention`` with the tree part compiled out. The launchers own every check, the
+allocation, the choice of block sizes and KV splits, and the dispatch to the reference.
+
+Block sizes and the number of KV splits come from :func:`attention_config`, a heuristic, so a
+benchmark can record exactly what ran. None of its constants has been measured yet: they are
+marked "unmeasured" where they are set and should be replaced by numbers from an H100 sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from ._dispatch import use_triton
+from ._jit.attention import attention_fwd_kernel, attention_merge_kernel
+from .reference import cross_attention_ref, tree_attention_ref
+
+__all__ = ["tree_attention", "cross_attention", "attention_config", "AttentionConfig"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used when the tensors are not on a CUDA device
+_MIN_TILES_PER_SPLIT = 2  # unmeasured: a split shorter than this costs more to merge than it saves
+_MAX_SPLITS = 64  # the merge kernel holds (splits, head_dim) in registers
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch configuration of the attention kernel (one benchmark row's ``config`` field)."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _num_sms(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+def attention_config(
+    batch: int,
+    q_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_keys: int,
+    *,
+    num_splits: int | None = None,
+    device: torch.device | None = None,
+) -> AttentionConfig:
+    """Block sizes, warps and KV splits for one attention launch (the heuristic).
+
+    - ``BLOCK_M``: the ``q_len * group`` query rows of a KV head, rounded up to a power of two,
+      clamped to [16, 64] (``tl.dot`` needs 16 rows; 64 rows keep the fp32 accumulator in
+      registers at head_dim 128).
+    - ``BLOCK_N``: 128 keys when ``BLOCK_M <= 32`` (decode / small trees: fewer, larger loads),
+      else 64. Unmeasured.
+    - ``num_splits`` (flash-decoding): the base grid is ``batch * num_kv_heads * m_tiles``
+      programs. If that is below the device's SM count, the key range is split into
+      ``ceil(num_sms / base)`` chunks so one wave fills the GPU (132 SMs on an H100 at
+      batch 1), but never into chunks shorter than ``_MIN_TILES_PER_SPLIT`` tiles, nor more
+      than ``_MAX_SPLITS``. Unmeasured.
+    - ``num_warps`` 4, ``num_stages`` 3 (2 above head_dim 128). Unmeasured.
+
+    Parameters
+    ----------
+    batch, q_len, num_q_heads, num_kv_heads, head_dim : int
+        Shapes of the launch (``q_len`` is the tree length for tree attention).
+    max_keys : int
+        The longest key range of any sequence (``max(cache_seqlens) + q_len`` for a tree,
+        ``max(kv_lens)`` for cross attention).
+    num_splits : int, optional
+        Force this many KV splits (tests, benchmarks); ``None`` applies the heuristic.
+    device : torch.device, optional
+        Its SM count replaces the H100's 132 when it is a CUDA device.
+
+    Returns
+    -------
+    AttentionConfig
+    """
+    group = num_q_heads // num_kv_heads
+    rows = q_len * group
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_n = 128 if block_m <= 32 else 64
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    m_tiles = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        base = batch * num_kv_heads * m_tiles
+        n_tiles = triton.cdiv(max(max_keys, 1), block_n)
+        wanted = triton.cdiv(_num_sms(device), max(base, 1))
+        num_splits = max(1, min(wanted, n_tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
+    return AttentionConfig(
+        block_m=block_m,
+        block_n=block_n,
+        block_d=block_d,
+        num_splits=int(num_splits),
+        num_warps=4,
+        num_stages=3 if block_d <= 128 else 2,
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_qkv(q, k_cache, v_cache):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have 4 dims, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+    B, _, Hq, D = q.shape
+    Bk, Hkv, S, Dk = k_cache.shape
+    if (Bk, Dk) != (B, D) or Hkv == 0:
+        raise ValueError(
+            f"k_cache must have shape (batch={B}, num_kv_heads, max_seq, head_dim={D}), "
+            f"got {tuple(k_cache.shape)}"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"q's num_q_heads={Hq} must be a multiple of k_cache's num_kv_heads={Hkv}"
+        )
+
+
+def _check_lens(name, lens, batch, device, max_seq, extra):
+    """Check a (batch,) integer length tensor and that ``lens + extra <= max_seq``."""
+    if not isinstance(lens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lens).__name__}")
+    if lens.dtype == torch.bool or lens.is_floating_point() or lens.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lens.shape)}")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device}, expected q's device {device}")
+    if batch == 0:
+        return 0
+    lo, hi = torch.stack([lens.min(), lens.max()]).tolist()  # one host sync
+    if lo < 0:
+        raise ValueError(f"{name} must be non-negative, got a minimum of {lo}")
+    if hi + extra > max_seq:
+        what = f"{name} + tree_len ({hi} + {extra})" if extra else f"{name} ({hi})"
+        raise ValueError(f"{what} exceeds the caches' max_seq={max_seq}")
+    return int(hi)
+
+
+def _check_out(out, q):
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got shape "
+            f"{tuple(out.shape)}, {out.dtype} on {out.device}"
+        )
+
+
+def _check_triton_dtype(q):
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(
+            f"q has dtype {q.dtype}; the Triton kernel takes float16, bfloat16 or float32 "
+            "(use backend='reference' for other dtypes)"
+        )
+
+
+def _scale(sm_scale, head_dim):
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def _finish(out, result):
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits):
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    cfg = attention_config(B, T, Hq, Hkv, D, max_keys, num_splits=num_splits, device=q.device)
+    has_tree = tree_mask is not None
+    if has_tree:
+        mask = tree_mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1
+        mask_strides = mask.stride()
+    else:
+        mask, mask_strides = lens, (0, 0, 0)  # never read: HAS_TREE=False drops the tree loop
+    if cfg.num_splits > 1:
+        opart = torch.empty((cfg.num_splits, B, T, Hq, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((cfg.num_splits, B, T, Hq), dtype=torch.float32, device=q.device)
+    else:
+        # Never touched: the NUM_SPLITS == 1 kernel writes `out` directly.
+        opart = torch.empty((1, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
+        lse = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+    grid = (B * Hkv, triton.cdiv(T * (Hq // Hkv), cfg.block_m), cfg.num_splits)
+    attention_fwd_kernel[grid](
+        q, k_cache, v_cache, lens, mask, out, opart, lse,
+        T, Hkv, _scale(sm_scale, D) * math.log2(math.e),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
+        *out.stride(), *opart.stride(), *lse.stride(),
+        GROUP=Hq // Hkv,
+        HEAD_DIM=D,
+        BLOCK_D=cfg.block_d,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        NUM_SPLITS=cfg.num_splits,
+        HAS_TREE=has_tree,
+        # fp32 inputs are held to fp32 round-off, so no TF32; ignored for 16-bit inputs.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if cfg.num_splits > 1:
+        attention_merge_kernel[(B * T, Hq)](
+            opart, lse, out, T, Hq,
+            *opart.stride(), *lse.stride(), *out.stride(),
+            HEAD_DIM=D,
+            BLOCK_D=cfg.block_d,
+            NUM_SPLITS=cfg.num_splits,
+            BLOCK_S=triton.next_power_of_2(cfg.num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def tree_attention(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    tree_mask,
+    sm_scale=None,
+    *,
+    out=None,
+    num_splits=None,
+    backend="auto",
+):
+    """Tree-masked attention for verification, prefill (causal tree) and decode (``T = 1``).
+
+    Node ``i`` of sequence ``b`` attends to every prefix position ``s < cache_seqlens[b]`` and
+    to tree position ``cache_seqlens[b] + j`` exactly when ``tree_mask[b, i, j]``; a node with
+    no visible key gets zeros. Query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim)
+        float16, bfloat16 or float32 on the Triton path; any strides.
+    k_cache, v_cache : torch.Tensor, shape (batch, num_kv_heads, max_seq, head_dim)
+        dtype of ``q``, any strides (views into a larger cache are read in place). The K/V of
+        tree node ``j`` is already written at position ``cache_seqlens[b] + j``.
+    cache_seqlens : torch.Tensor, shape (batch,), integer
+        Committed prefix lengths; ``cache_seqlens + tree_len <= max_seq``.
+    tree_mask : torch.Tensor, shape (batch, tree_len, tree_len), bool
+        ``tree_mask[b, i, j]``: node ``j`` is node ``i`` or one of its ancestors.
+    sm_scale : float, optional
+        Softmax scale; defaults to ``1 / sqrt(head_dim)``.
+    out : torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim), optional
+        Written in place and returned (dtype and device of ``q``, any strides).
+    num_splits : int, optional
+        Force this many KV splits instead of the heuristic of :func:`attention_config`.
+    backend : {"auto", "triton", "reference"}
+        See :func:`glide.kernels.use_triton`.
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim), dtype of ``q``
+    """
+    _check_qkv(q, k_cache, v_cache)
+    B, T = q.shape[:2]
+    if not isinstance(tree_mask, torch.Tensor):
+        raise TypeError(f"tree_mask must be a torch.Tensor, got {type(tree_mask).__name__}")
+    if tree_mask.dtype != torch.bool:
+        raise TypeError(f"tree_mask must have dtype torch.bool, got {tree_mask.dtype}")
+    if tree_mask.shape != (B, T, T):
+        raise ValueError(f"tree_mask must have shape ({B}, {T}, {T}), got {tuple(tree_mask.shape)}")
+    if tree_mask.device != q.device:
+        raise ValueError(f"tree_mask is on {tree_mask.device}, expected q's device {q.device}")
+    hi = _check_lens("cache_seqlens", cache_seqlens, B, q.device, k_cache.shape[2], T)
+    _check_out(out, q)
+    _check_num_splits(num_splits)
+    if not use_triton(q.device, backend):
+        if q.numel() == 0:
+            return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        return _finish(out, tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale))
+    _check_triton_dtype(q)
+    return _launch(q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits)
+
+
+def cross_attention(
+    q,
+    k_cache,
+    v_cache,
+    kv_lens,
+    sm_scale=None,
+    *,
+    out=None,
+    num_splits=None,
+    backend="auto",
+):
+    """GliDe cross attention: draft queries over the target's KV cache, read in place.
+
+    Every query of sequence ``b`` attends to positions ``[0, kv_lens[b])``; a sequence with
+    ``kv_lens[b] == 0`` gets zeros. Same kernel as :func:`tree_attention`, tree part
+    compiled out.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape (batch, q_len, num_q_heads, head_dim)
+        float16, bfloat16 or float32 on the Triton path; any strides.
+    k_cache, v_cache : torch.Tensor, shape (batch, num_kv_heads, max_seq, head_dim)
+        dtype of ``q``, any strides.
+    kv_lens : torch.Tensor, shape (batch,), integer
+        ``0 <= kv_lens <= max_seq``.
+    sm_scale : float, optional
+        Softmax scale; defaults to ``1 / sqrt(head_dim)``.
+    out : torch.Tensor, shape (batch, q_len, num_q_heads, head_dim), optional
+        Written in place and returned.
+    num_splits : int, optional
+        Force this many KV splits instead of the heuristic of :func:`attention_config`.
+    backend : {"auto", "triton", "reference"}
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, q_len, num_q_heads, head_dim), dtype of ``q``
+    """
+    _check_qkv(q, k_cache, v_cache)
+    B = q.shape[0]
+    hi = _check_lens("kv_lens", kv_lens, B, q.device, k_cache.shape[2], 0)
+    _check_out(out, q)
+    _check_num_splits(num_splits)
+    if not use_triton(q.device, backend):
+        if q.numel() == 0:
+            return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        return _finish(out, cross_attention_ref(q, k_cache, v_cache, kv_lens, sm_scale))
+    _check_triton_dtype(q)
+    return _launch(q, k_cache, v_cache, kv_lens, None, out, sm_scale, hi, num_splits)
+
+
+def _check_num_splits(num_splits):
+    if num_splits is None:
+        return
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")

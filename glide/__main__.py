@@ -1,0 +1,5 @@
+import sys
+
+from glide.cli import main
+
+sys.exit(main())

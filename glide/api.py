@@ -1,0 +1,400 @@
+"""The Python API behind ``glide generate``.
+
+>>> from glide.api import generate
+>>> rows = generate(["Tell me a story about a fox."], method="ar", max_new_tokens=32)
+>>> rows[0]["output_text"]
+
+Every row holds ``id``, ``output_ids`` (new tokens only), ``output_text``, ``new_tokens``,
+``target_forwards`` (target forward passes after the prefill), ``mean_accepted`` (tokens
+produced per target forward after the prefill; exactly 1.0 for ``ar``), ``seconds`` (decode
+wall time, prefill excluded) and ``tokens_per_s`` (``new_tokens / seconds``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+METHODS = ("hf", "ar", "lookup", "glide", "cape")
+"""``hf``: transformers' ``generate()``; ``ar``: our runner, one token a step; ``lookup``: our
+runner with a prompt-lookup n-gram draft; ``glide``/``cape``: the GliDe draft (with CaPE trees)."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+
+class ArgumentError(ValueError):
+    """A bad argument. ``argument`` names it as the Python API spells it."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(f"{argument}: {message}")
+        self.argument = argument
+        self.detail = message
+
+
+@dataclass
+class Prompt:
+    """One user message (the chat template is applied later) and its id."""
+
+    text: str
+    id: str | int
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ArgumentError("method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+        raise ArgumentError("temperature", f"must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if temperature == float("inf"):
+        raise ArgumentError("temperature", "must be finite")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ArgumentError("top_p", f"must be in (0, 1], got {top_p!r}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise ArgumentError("device", f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("device", "cuda was asked for but this machine has no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The fastest correct dtype by default: bfloat16 on both CPU (avx512_bf16) and CUDA."""
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ArgumentError("dtype", f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ArgumentError("dtype", f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_prompts(prompts: Sequence[str | Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise ArgumentError("prompts", "no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        p = p if isinstance(p, Prompt) else Prompt(text=p, id=i)
+        if not isinstance(p.text, str):
+            raise ArgumentError("prompt", f"prompt {p.id!r} must be a string, got {type(p.text).__name__}")
+        if not p.text.strip():
+            raise ArgumentError("prompt", f"prompt {p.id!r} is empty")
+        out.append(p)
+    return out
+
+
+def read_prompts(path: str | os.PathLike) -> list[Prompt]:
+    """Read a JSONL prompts file: one object a line with ``prompt`` and an optional ``id``.
+
+    Blank lines are skipped. Errors name the argument ``prompts_file`` and the line number.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ArgumentError("prompts_file", f"no such file: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArgumentError("prompts_file", f"cannot read {path}: {exc}") from None
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArgumentError("prompts_file", f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ArgumentError("prompts_file", f"{path}:{lineno}: the row has no 'prompt' field")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ArgumentError("prompts_file", f"{path}:{lineno}: 'prompt' must be a non-empty string")
+        prompts.append(Prompt(text=row["prompt"], id=row.get("id", len(prompts))))
+    if not prompts:
+        raise ArgumentError("prompts_file", f"{path} holds no prompts")
+    return prompts
+
+
+def check_path(name: str, path: str | os.PathLike | None) -> str | None:
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ArgumentError(name, f"no such file or directory: {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def encode_chat(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as one user turn of the chat template, ready for the reply."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def eos_ids(config, tokenizer) -> tuple[int, ...]:
+    ids = set()
+    for src in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, Iterable):
+            ids.update(int(x) for x in src)
+    return tuple(sorted(ids))
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def make_draft(method: str, draft_path: str | None, model):
+    """The draft for ``method``; ``None`` for the target-only methods."""
+    if method in ("glide", "cape"):
+        raise NotImplementedError(
+            f"method {method!r} is not available yet: the GliDe draft has not landed. "
+            "Use --method ar, hf or lookup."
+        )
+    if draft_path is not None:
+        raise ArgumentError("draft", f"method {method!r} takes no draft; --draft is for glide and cape")
+    if method == "lookup":
+        from glide.spec.drafts import PromptLookupDraft
+
+        return PromptLookupDraft()
+    return None
+
+
+def generate(
+    prompts: Sequence[str | Prompt],
+    method: str = "ar",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 1,
+    model: str | None = None,
+    draft: str | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    progress: bool = False,
+    on_text: Callable[[int, str], None] | None = None,
+    loaded=None,
+) -> list[dict]:
+    """Generate a reply to each prompt with ``method``.
+
+    Parameters
+    ----------
+    prompts : sequence of str or Prompt
+        User messages; the model's chat template is applied.
+    method : {"hf", "ar", "lookup", "glide", "cape"}
+    max_new_tokens : int
+        At most this many new tokens a prompt (EOS ends a reply earlier).
+    temperature : float
+        0 is greedy; > 0 samples from the target's distribution (lossless for every method).
+    top_p : float in (0, 1]
+    seed : int
+    batch_size : int
+        Prompts decoded together.
+    model, draft : str, optional
+        A transformers checkpoint directory or GGUF file; the embedded SmolLM2-135M-Instruct by
+        default.
+    device : {"cpu", "cuda"}
+    dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
+    progress : bool
+        Show a progress bar over the prompts (on stderr).
+    on_text : callable(prompt_index, text_piece), optional
+        Streams decoded text as it is produced (``ar`` and speculative methods).
+    loaded : tuple, optional
+        ``(model, tokenizer)`` already loaded by :func:`load`, to reuse across calls.
+
+    Returns
+    -------
+    list of dict
+        One row a prompt, in input order (see the module docstring for the fields).
+    """
+    check_method(method)
+    check_sampling(temperature, top_p)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentError("seed", f"must be an integer, got {seed!r}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    items = check_prompts(prompts)
+    model_path = check_path("model", model)
+    draft_path = check_path("draft", draft)
+    if method in ("glide", "cape"):
+        make_draft(method, draft_path, None)  # says "not available yet" before a slow load
+
+    target, tokenizer = loaded if loaded is not None else load(method, model_path, dev, dt)
+    config = target.config
+    encoded = [encode_chat(tokenizer, p.text) for p in items]
+    max_pos = int(getattr(config, "max_position_embeddings"))
+    for p, ids in zip(items, encoded):
+        if len(ids) + max_new_tokens > max_pos:
+            raise ArgumentError(
+                "max_new_tokens",
+                f"prompt {p.id!r} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
+                f"exceeds the model's {max_pos} positions",
+            )
+    eos = eos_ids(config, tokenizer)
+
+    rows: list[dict] = [None] * len(items)  # type: ignore[list-item]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=f"glide {method}", unit="prompt")
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target)
+    order = list(range(len(items)))
+    for chunk in _batches(order, batch_size):
+        ids = [encoded[i] for i in chunk]
+        if method == "hf":
+            outs = _hf_generate(target, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer)
+        else:
+            outs = _our_generate(target, ids, draft_obj, max_new_tokens, temperature, top_p, seed, eos,
+                                 tokenizer, on_text, chunk)
+        for i, out in zip(chunk, outs):
+            rows[i] = _row(items[i], out, tokenizer)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def load(method: str, model_path: str | None, device: torch.device, dtype: torch.dtype):
+    """Load the target for ``method``: transformers' model for ``hf``, ours otherwise."""
+    from glide.model.load import load_hf, load_model
+
+    if method == "hf":
+        hf_model, tok = load_hf(model_path, dtype=dtype, device=device)
+        return hf_model, tok
+    return load_model(model_path, dtype=dtype, device=device)
+
+
+@dataclass
+class _Out:
+    output_ids: list[int]
+    target_forwards: int
+    seconds: float
+
+
+def _row(prompt: Prompt, out, tokenizer) -> dict:
+    ids = list(out.output_ids)
+    n = len(ids)
+    fw = int(out.target_forwards)
+    secs = float(out.seconds)
+    return {
+        "id": prompt.id,
+        "output_ids": ids,
+        "output_text": tokenizer.decode(ids, skip_special_tokens=True),
+        "new_tokens": n,
+        "target_forwards": fw,
+        # the first new token comes from the prefill; the rest from target_forwards passes
+        "mean_accepted": (n - 1) / fw if fw > 0 else float("nan"),
+        "seconds": secs,
+        "tokens_per_s": n / secs if secs > 0 else float("nan"),
+    }
+
+
+def _our_generate(target, ids, draft, max_new_tokens, temperature, top_p, seed, eos, tokenizer,
+                  on_text, chunk):
+    from glide.spec.engine import generate_ids
+
+    on_tokens = None
+    if on_text is not None:
+        sent = {b: [] for b in range(len(ids))}
+        shown = {b: "" for b in range(len(ids))}
+
+        def on_tokens(b, new_ids):  # decode the whole reply so multi-token characters render
+            sent[b].extend(int(t) for t in new_ids)
+            text = tokenizer.decode(sent[b], skip_special_tokens=True)
+            if len(text) > len(shown[b]):
+                on_text(chunk[b], text[len(shown[b]):])
+                shown[b] = text
+
+    return generate_ids(
+        target, ids, draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        eos_token_ids=eos, seed=seed, on_tokens=on_tokens,
+    )
+
+
+class _FirstTokenClock:
+    """A transformers streamer that notes when the first new token arrives (end of prefill)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 is the prompt itself
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def _hf_generate(hf_model, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer):
+    """transformers' ``generate()`` on a left-padded batch; decode time excludes the prefill."""
+    dev = next(hf_model.parameters()).device
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(ids), width), dtype=torch.long)
+    for b, x in enumerate(ids):
+        input_ids[b, width - len(x):] = torch.tensor(x)
+        attn[b, width - len(x):] = 1
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=list(eos), pad_token_id=pad)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    clock = _FirstTokenClock() if len(ids) == 1 else None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(
+            input_ids=input_ids.to(dev), attention_mask=attn.to(dev), streamer=clock, **kwargs
+        )
+    end = time.perf_counter()
+    decode_start = clock.first if clock is not None and clock.first is not None else start
+    results = []
+    for b in range(len(ids)):
+        new = out[b, width:].tolist()
+        cut = len(new)
+        for j, t in enumerate(new):
+            if t in eos:
+                cut = j + 1
+                break
+        new = new[:cut]
+        results.append(_Out(output_ids=new, target_forwards=max(len(new) - 1, 0),
+                            seconds=end - decode_start))
+    return results

@@ -1,0 +1,121 @@
+"""``glide generate``: the command-line front of :func:`glide.api.generate`.
+
+Bad input ends with one line on stderr that names the argument, and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from glide import api
+
+# API argument name -> the CLI flag that sets it, for error messages.
+_FLAGS = {
+    "method": "--method",
+    "prompt": "--prompt",
+    "prompts": "--prompt/--prompts",
+    "prompts_file": "--prompts",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "model": "--model",
+    "draft": "--draft",
+    "device": "--device",
+    "dtype": "--dtype",
+    "out": "--out",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: same one-line form, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="glide", description="Speculative decoding with GliDe and CaPE.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate replies to prompts")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user message (the chat template is applied)")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help="JSONL rows with 'prompt' and optional 'id'")
+    # choices are checked by the API so that every error has the same form
+    g.add_argument("--method", default="ar", help=f"one of {', '.join(api.METHODS)} (default: ar)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--model", metavar="PATH", help="checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--draft", metavar="PATH", help="GliDe draft checkpoint (glide, cape)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16)")
+    g.add_argument("--out", metavar="FILE.jsonl", help="write one JSON row per prompt here")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"glide generate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _generate(args) -> int:
+    if args.out is not None:
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            return _fail(f"argument --out: directory {parent} does not exist")
+    prompts = [api.Prompt(text=args.prompt, id=0)] if args.prompt is not None else api.read_prompts(args.prompts)
+    single = len(prompts) == 1
+    stream = single and args.out is None and sys.stdout.isatty()
+
+    def on_text(_index, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    rows = api.generate(
+        prompts, method=args.method, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        batch_size=args.batch_size, model=args.model, draft=args.draft, device=args.device,
+        dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
+    )
+    if args.out is not None:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        for row in rows:
+            print(row["output_text"] if single else json.dumps({"id": row["id"], "output_text": row["output_text"]}))
+    n = sum(r["new_tokens"] for r in rows)
+    secs = sum(r["seconds"] for r in rows)
+    fw = sum(r["target_forwards"] for r in rows)
+    rate = f"{n / secs:.1f} tokens/s" if secs > 0 else "n/a"
+    acc = f"{(n - len(rows)) / fw:.2f}" if fw > 0 else "n/a"
+    print(f"[{args.method}] {len(rows)} prompt(s), {n} new tokens, {rate} decode, "
+          f"{acc} tokens per target forward", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except api.ArgumentError as exc:
+        return _fail(f"argument {_FLAGS.get(exc.argument, exc.argument)}: {exc.detail}")
+    except NotImplementedError as exc:
+        return _fail(str(exc))
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

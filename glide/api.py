@@ -174,8 +174,7 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def make_draft(method: str, draft_path: str | None, model):
-    """The draft for ``method``; ``None`` for the target-only methods."""
+def check_draft_applies(method: str, draft_path: str | None) -> None:
     if method in ("glide", "cape"):
         raise NotImplementedError(
             f"method {method!r} is not available yet: the GliDe draft has not landed. "
@@ -183,6 +182,11 @@ def make_draft(method: str, draft_path: str | None, model):
         )
     if draft_path is not None:
         raise ArgumentError("draft", f"method {method!r} takes no draft; --draft is for glide and cape")
+
+
+def make_draft(method: str, draft_path: str | None, model):
+    """The draft for ``method``; ``None`` for the target-only methods."""
+    check_draft_applies(method, draft_path)
     if method == "lookup":
         from glide.spec.drafts import PromptLookupDraft
 
@@ -249,8 +253,7 @@ def generate(
     items = check_prompts(prompts)
     model_path = check_path("model", model)
     draft_path = check_path("draft", draft)
-    if method in ("glide", "cape"):
-        make_draft(method, draft_path, None)  # says "not available yet" before a slow load
+    check_draft_applies(method, draft_path)  # before a slow load
 
     target, tokenizer = loaded if loaded is not None else load(method, model_path, dev, dt)
     config = target.config

@@ -1,0 +1,404 @@
+"""Kernel microbenchmarks: every kernel of :mod:`glide.kernels` against its baselines.
+
+Run ``python -m bench.kernels`` (sweep chosen by device: ``gpu`` on CUDA, ``cpu`` otherwise)
+or ``python -m bench.kernels --sweep bench/sweeps/my.json``. Rows go to
+``profiles/<device-slug>/<sweep>.json``.
+
+Implementations timed per kernel (``impl`` field of a row):
+
+- ``glide:triton`` - the public launcher on CUDA (the Triton kernel);
+  ``glide:torch-fallback`` - the same launcher on CPU with ``backend="reference"``: input
+  checks plus the PyTorch reference. Triton's CPU interpreter is never timed.
+- ``reference`` - :mod:`glide.kernels.reference`, called directly.
+- ``sdpa-dense`` (attention) - ``F.scaled_dot_product_attention`` on KV heads repeated to the
+  query heads, with a dense ``(B, 1, T, S)`` bool mask; the repeat and the mask are built
+  outside the timed region, so the baseline gets its friendliest layout.
+- ``flex-attention`` (tree attention, CUDA only) - compiled ``flex_attention`` with a block
+  mask built from the tree, outside the timed region.
+- ``torch-softmax-topk`` (top-k) - ``torch.topk(torch.softmax(logits.float() / t))``.
+
+Every row also records ``max_abs_err`` of that implementation against the reference on the
+same inputs, so a fast but wrong kernel shows up in the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from glide.kernels import reference as ref
+
+from . import harness, traffic
+from .sweeps import DTYPES, ancestor_mask, deepest_path, expand, load_sweep, tree_label, tree_parents
+
+TOPK_TEMPERATURE = 0.8
+
+
+@dataclass
+class Impl:
+    """One implementation of a kernel: ``prepare`` builds its per-copy arguments outside the
+    timed region; ``call`` is what gets timed."""
+
+    name: str
+    prepare: Callable[[dict], Any]
+    call: Callable[[Any], Any]
+    config: dict | None = None
+    skip: str | None = None  # reason the impl cannot run here
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and traffic
+# --------------------------------------------------------------------------------------------
+
+
+def case_shape(case: dict) -> dict:
+    """The shape fields of a row (everything in the case but the kernel and dtype)."""
+    shape = {k: v for k, v in case.items() if k not in ("kernel", "dtype")}
+    if "tree" in shape:
+        shape["tree"] = tree_label(case["tree"])
+        shape["T"] = len(tree_parents(case["tree"]))
+    return shape
+
+
+def make_inputs(case: dict, device: torch.device, seed: int = 0) -> dict:
+    """One copy of the inputs of ``case`` on ``device`` (random, fixed seed)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = DTYPES[case["dtype"]]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device, dtype)
+
+    kernel = case["kernel"]
+    if kernel in ("tree_attention", "cross_attention", "compact_kv"):
+        B, Hkv, D = case["batch"], case["num_kv_heads"], case["head_dim"]
+        ctx = case["context"]
+    if kernel == "tree_attention":
+        parents = tree_parents(case["tree"])
+        T, Hq = len(parents), case["num_q_heads"]
+        S = ctx + T
+        return dict(
+            q=randn(B, T, Hq, D),
+            k_cache=randn(B, Hkv, S, D),
+            v_cache=randn(B, Hkv, S, D),
+            cache_seqlens=torch.full((B,), ctx, dtype=torch.int32, device=device),
+            tree_mask=ancestor_mask(parents).expand(B, T, T).contiguous().to(device),
+        )
+    if kernel == "cross_attention":
+        Tq, Hq = case["q_len"], case["num_q_heads"]
+        return dict(
+            q=randn(B, Tq, Hq, D),
+            k_cache=randn(B, Hkv, ctx, D),
+            v_cache=randn(B, Hkv, ctx, D),
+            kv_lens=torch.full((B,), ctx, dtype=torch.int32, device=device),
+        )
+    if kernel == "cape_topk":
+        return dict(logits=randn(case["rows"], case["vocab"]) * 4.0)
+    if kernel == "compact_kv":
+        parents = tree_parents(case["tree"])
+        T = len(parents)
+        path = deepest_path(parents)
+        return dict(
+            kv=randn(case["num_caches"], B, Hkv, ctx + T, D),
+            cache_seqlens=torch.full((B,), ctx, dtype=torch.int32, device=device),
+            path_idx=torch.tensor([path] * B, dtype=torch.int32, device=device),
+            path_lens=torch.full((B,), len(path), dtype=torch.int32, device=device),
+        )
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def input_nbytes(inputs: dict) -> int:
+    """Total bytes of the tensors of one input copy."""
+    return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
+
+
+def bytes_moved(case: dict) -> int:
+    """Bytes the kernel of ``case`` must move (see :mod:`bench.traffic`)."""
+    es = DTYPES[case["dtype"]].itemsize
+    kernel = case["kernel"]
+    if kernel == "tree_attention":
+        B, T = case["batch"], len(tree_parents(case["tree"]))
+        return traffic.tree_attention_bytes(
+            B, T, case["num_q_heads"], case["num_kv_heads"], case["head_dim"],
+            [case["context"]] * B, es,
+        )
+    if kernel == "cross_attention":
+        B = case["batch"]
+        return traffic.cross_attention_bytes(
+            B, case["q_len"], case["num_q_heads"], case["num_kv_heads"], case["head_dim"],
+            [case["context"]] * B, es,
+        )
+    if kernel == "cape_topk":
+        return traffic.cape_topk_bytes(case["rows"], case["vocab"], case["k"], es)
+    if kernel == "compact_kv":
+        B = case["batch"]
+        A = len(deepest_path(tree_parents(case["tree"])))
+        return traffic.compact_kv_bytes(
+            case["num_caches"], case["num_kv_heads"], case["head_dim"], [A] * B, es
+        )
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------
+
+
+def _launcher(kernel: str):
+    import glide.kernels as gk
+
+    return getattr(gk, kernel, None)
+
+
+def _glide_impl(kernel: str, case: dict, device: torch.device) -> Impl:
+    fn = _launcher(kernel)
+    on_gpu = device.type == "cuda"
+    name = "glide:triton" if on_gpu else "glide:torch-fallback"
+    if fn is None:
+        return Impl(name, None, None, skip=f"glide.kernels.{kernel} is not available yet")
+    # On CPU, force the reference path: timing Triton's interpreter would be meaningless.
+    backend = "triton" if on_gpu else "reference"
+    cfg = _config(kernel, case, device) if on_gpu else None
+    if kernel == "tree_attention":
+        call = lambda x: fn(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"],  # noqa: E731
+                            x["tree_mask"], backend=backend)
+    elif kernel == "cross_attention":
+        call = lambda x: fn(x["q"], x["k_cache"], x["v_cache"], x["kv_lens"], backend=backend)  # noqa: E731
+    elif kernel == "cape_topk":
+        call = lambda x: fn(x["logits"], case["k"], TOPK_TEMPERATURE, backend=backend)  # noqa: E731
+    else:
+        call = lambda x: fn(x["kv"], x["cache_seqlens"], x["path_idx"], x["path_lens"],  # noqa: E731
+                            backend=backend)
+    return Impl(name, lambda x: x, call, config=cfg)
+
+
+def _config(kernel: str, case: dict, device: torch.device) -> dict | None:
+    """The launch config the launcher will choose, when it exposes one."""
+    try:
+        if kernel in ("tree_attention", "cross_attention"):
+            from glide.kernels.attention import attention_config
+
+            if kernel == "tree_attention":
+                q_len = len(tree_parents(case["tree"]))
+                keys = case["context"] + q_len
+            else:
+                q_len, keys = case["q_len"], case["context"]
+            cfg = attention_config(case["batch"], q_len, case["num_q_heads"], case["num_kv_heads"],
+                                   case["head_dim"], keys, device=device)
+            return cfg.as_dict()
+        if kernel == "cape_topk":
+            import triton
+
+            from glide.kernels import topk
+
+            k_pad = triton.next_power_of_2(case["k"])
+            block_v, tiles, chunks = topk._chunking(case["rows"], case["vocab"], k_pad)
+            return dict(block_v=block_v, tiles_per_chunk=tiles, num_chunks=chunks)
+    except (ImportError, AttributeError):
+        return None
+    return None
+
+
+def _repeat_kv(t: torch.Tensor, group: int, length: int) -> torch.Tensor:
+    return t[:, :, :length].repeat_interleave(group, dim=1).contiguous()
+
+
+def _sdpa_tree_prepare(x: dict) -> tuple:
+    q, k, v = x["q"], x["k_cache"], x["v_cache"]
+    B, T, Hq, _ = q.shape
+    group = Hq // k.shape[1]
+    lens = x["cache_seqlens"].long()
+    S = int(lens.max()) + T
+    rel = torch.arange(S, device=q.device)[None, :] - lens[:, None]  # (B, S)
+    in_tree = (rel >= 0) & (rel < T)
+    tm = torch.gather(x["tree_mask"], 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))
+    mask = ((rel < 0)[:, None, :] | (in_tree[:, None, :] & tm))[:, None]  # (B, 1, T, S)
+    return q.transpose(1, 2).contiguous(), _repeat_kv(k, group, S), _repeat_kv(v, group, S), mask
+
+
+def _sdpa_cross_prepare(x: dict) -> tuple:
+    q, k, v = x["q"], x["k_cache"], x["v_cache"]
+    group = q.shape[2] // k.shape[1]
+    S = int(x["kv_lens"].max())
+    return q.transpose(1, 2).contiguous(), _repeat_kv(k, group, S), _repeat_kv(v, group, S), None
+
+
+def _sdpa_call(a: tuple) -> torch.Tensor:
+    q, k, v, mask = a
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+_FLEX = None
+
+
+def _flex_impl(device: torch.device) -> Impl:
+    name = "flex-attention"
+    if device.type != "cuda":
+        return Impl(name, None, None, skip="flex_attention is timed on CUDA only")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        return Impl(name, None, None, skip=f"flex_attention unavailable: {exc}")
+    global _FLEX
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+
+    def prepare(x):
+        q, k, v = x["q"], x["k_cache"], x["v_cache"]
+        B, T = q.shape[:2]
+        lens = x["cache_seqlens"].long()
+        tm = x["tree_mask"]
+        S = int(lens.max()) + T
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            rel = kv_idx - lens[b]
+            in_tree = (rel >= 0) & (rel < T)
+            return (rel < 0) | (in_tree & tm[b, q_idx, rel.clamp(0, T - 1)])
+
+        bm = create_block_mask(mask_mod, B, None, T, S, device=q.device)
+        return q.transpose(1, 2), k[:, :, :S], v[:, :, :S], bm
+
+    def call(a):
+        q, k, v, bm = a
+        return _FLEX(q, k, v, block_mask=bm, enable_gqa=True).transpose(1, 2)
+
+    return Impl(name, prepare, call)
+
+
+def impls_for(case: dict, device: torch.device) -> list[Impl]:
+    """The implementations timed for ``case`` on ``device``, the launcher first."""
+    kernel = case["kernel"]
+    ident = lambda x: x  # noqa: E731
+    impls = [_glide_impl(kernel, case, device)]
+    if kernel == "tree_attention":
+        impls += [
+            Impl("reference", ident, lambda x: ref.tree_attention_ref(
+                x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["tree_mask"])),
+            Impl("sdpa-dense", _sdpa_tree_prepare, _sdpa_call),
+            _flex_impl(device),
+        ]
+    elif kernel == "cross_attention":
+        impls += [
+            Impl("reference", ident, lambda x: ref.cross_attention_ref(
+                x["q"], x["k_cache"], x["v_cache"], x["kv_lens"])),
+            Impl("sdpa-dense", _sdpa_cross_prepare, _sdpa_call),
+        ]
+    elif kernel == "cape_topk":
+        k = case["k"]
+        impls += [
+            Impl("reference", ident, lambda x: ref.cape_topk_ref(x["logits"], k, TOPK_TEMPERATURE)),
+            Impl("torch-softmax-topk", ident, lambda x: torch.topk(
+                torch.softmax(x["logits"].float() / TOPK_TEMPERATURE, dim=-1), k, dim=-1)),
+        ]
+    elif kernel == "compact_kv":
+        impls += [
+            Impl("reference", ident, lambda x: ref.compact_kv_ref(
+                x["kv"], x["cache_seqlens"], x["path_idx"], x["path_lens"])),
+        ]
+    return impls
+
+
+def _max_err(kernel: str, out, want) -> float | None:
+    """Largest absolute difference from the reference's output (None for in-place kernels)."""
+    if kernel == "compact_kv" or out is None or want is None:
+        return None
+    if kernel == "cape_topk":
+        out, want = out[0], want[0]  # probabilities; ids may swap on exact ties
+    return float((out.double() - want.double()).abs().max())
+
+
+# --------------------------------------------------------------------------------------------
+# Running a sweep
+# --------------------------------------------------------------------------------------------
+
+
+def run_case(case: dict, device: torch.device, copy_gbps: float | None, env: dict,
+             timing_kw: dict | None = None, memory_budget: int = 1 << 30) -> list[dict]:
+    """Time every implementation of one case; one row per implementation."""
+    timing_kw = timing_kw or {}
+    first = make_inputs(case, device, seed=0)
+    n = harness.num_copies(input_nbytes(first), device, budget_bytes=memory_budget)
+    copies = [first] + [{k: v.clone() for k, v in first.items()} for _ in range(n - 1)]
+    nbytes = bytes_moved(case)
+    want = None
+    if case["kernel"] != "compact_kv":
+        want = impls_for(case, device)[1].call(first)  # the reference, on copy 0
+    rows = []
+    for impl in impls_for(case, device):
+        row = dict(kernel=case["kernel"], impl=impl.name, dtype=case["dtype"],
+                   shape=case_shape(case), config=impl.config, copies=n, note=None)
+        t = None
+        err = None
+        if impl.skip:
+            row.update(status="skipped", note=impl.skip)
+        else:
+            try:
+                args = [impl.prepare(c) for c in copies]
+                err = _max_err(case["kernel"], impl.call(args[0]), want)
+                t = harness.time_fn(impl.call, args, device, **timing_kw)
+                row["status"] = "ok"
+                del args
+            except Exception as exc:  # noqa: BLE001 - a failing baseline is data, not a crash
+                row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}")
+        row["max_abs_err"] = err
+        row.update(harness.timing_fields(t, nbytes, copy_gbps))
+        row.update(env)
+        rows.append(row)
+    return rows
+
+
+def run_sweep(sweep: dict, device: torch.device, kernels: list[str] | None = None,
+              limit: int | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+    """Run every case of ``sweep`` on ``device``; returns ``(rows, meta)``."""
+    from tqdm.auto import tqdm
+
+    timing_kw = dict(sweep.get("timing", {}))
+    cases = expand(sweep, kernels)[:limit]
+    env = harness.environment(device, sweep["name"])
+    copy_gbps = harness.copy_bandwidth(device, **timing_kw)
+    budget = (1 << 30) if device.type == "cuda" else (512 << 20)
+    rows = []
+    for case in tqdm(cases, desc=f"{sweep['name']} on {device.type}", unit="case",
+                     disable=not progress):
+        rows += run_case(case, device, copy_gbps, env, timing_kw, memory_budget=budget)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = dict(env, copy_gbps=copy_gbps, timing=timing_kw, num_cases=len(cases),
+                description=sweep.get("description", ""),
+                impl_note=("CPU rows time PyTorch (the references, the launchers' torch fallback, "
+                           "SDPA), never the Triton kernels or Triton's interpreter."
+                           if device.type == "cpu" else "CUDA rows: glide:triton is the Triton kernel."))
+    return rows, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--sweep", help="sweep name in bench/sweeps or a JSON path "
+                   "(default: 'gpu' on CUDA, 'cpu' otherwise)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--kernels", help="comma-separated subset of kernels")
+    p.add_argument("--limit", type=int, help="run only the first N cases (smoke tests)")
+    p.add_argument("--out", help="results file (default profiles/<device-slug>/<sweep>.json)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device")
+    sweep = load_sweep(args.sweep or ("gpu" if device.type == "cuda" else "cpu"))
+    kernels = args.kernels.split(",") if args.kernels else None
+    rows, meta = run_sweep(sweep, device, kernels, args.limit, progress=not args.no_progress)
+    out = args.out or harness.results_path(meta["device_slug"], sweep["name"])
+    harness.write_results(out, rows, meta)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{len(rows)} rows ({ok} timed) -> {out}; copy bandwidth {meta['copy_gbps']:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -116,6 +116,8 @@ TREE_CASES = [
     (1, 64, 2, 2, 64, [0], "random", torch.float32, 2),  # splits that fall inside the tree
     (1, 40, 2, 2, 64, [0], "chain", torch.float16, None),  # prefill: causal, no prefix
     (3, 5, 16, 2, 64, [200, 3, 64], "spine", torch.bfloat16, 5),  # group 8, many splits
+    (3, 11, 24, 3, 80, [65, 0, 128], "random", torch.float16, None),  # group 8, head_dim 80
+    (2, 3, 2, 1, 128, [129, 2], "chain", torch.float32, 2),  # head_dim 128
 ]
 
 
@@ -127,6 +129,30 @@ def test_tree_attention_matches_reference(B, T, Hq, Hkv, D, lens, tree, dtype, n
 def test_tree_attention_custom_scale_and_default_splits_agree():
     check_tree(2, 6, 4, 2, 64, [90, 11], "random", torch.float32, None, seed=3, sm_scale=0.3)
     check_tree(2, 6, 4, 2, 64, [90, 11], "random", torch.float32, 2, seed=3, sm_scale=0.3)
+
+
+def test_tree_attention_heuristic_splits():
+    """A long prefix at batch 1 makes the heuristic itself split the keys (not forced)."""
+    B, T, Hq, Hkv, D, P = 1, 1, 4, 1, 16, 600
+    assert attention_config(B, T, Hq, Hkv, D, P + T).num_splits > 1
+    check_tree(B, T, Hq, Hkv, D, [P], "chain", torch.float32, None, seed=4)
+    check_tree(B, T, Hq, Hkv, D, [P], "chain", torch.bfloat16, None, seed=4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tree_attention_arbitrary_mask_and_rows_without_keys(num_splits):
+    """Any bool mask works (not only trees); a row that sees nothing gives zeros."""
+    gen = torch.Generator().manual_seed(9)
+    B, T, Hq, Hkv, D = 2, 6, 4, 2, 32
+    lens = torch.tensor([0, 70], device=DEVICE)
+    q, k, v = make_inputs(B, T, Hq, Hkv, D, 80, torch.float32, gen)
+    mask = torch.rand(B, T, T, generator=gen) < 0.4
+    mask[0, 2] = False  # node 2 of sequence 0: no prefix, no tree key
+    mask = mask.to(DEVICE)
+    out = nan_out(q)
+    tree_attention(q, k, v, lens, mask, out=out, num_splits=num_splits, backend="triton")
+    assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask))
+    assert torch.count_nonzero(out[0, 2]) == 0
 
 
 def test_tree_attention_masked_nodes_ignore_hidden_keys():
@@ -146,7 +172,7 @@ def test_tree_attention_masked_nodes_ignore_hidden_keys():
     assert (after[:, 2] - before[:, 2]).abs().max() > 1e-3
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(
     B=st.integers(1, 2),
     T=st.integers(1, 9),
@@ -159,6 +185,12 @@ def test_tree_attention_masked_nodes_ignore_hidden_keys():
 )
 def test_tree_attention_fuzz(B, T, Hkv, group, D, prefix, num_splits, seed):
     check_tree(B, T, Hkv * group, Hkv, D, prefix[:B], "random", torch.float32, num_splits, seed)
+
+
+def test_autotune_flag_is_ignored_off_cuda():
+    q, k, v, lens, mask = _small()
+    got = tree_attention(q, k, v, lens, mask, autotune=True)
+    assert_close(got, tree_attention_ref(*f64(q, k, v), lens, mask))
 
 
 def test_tree_attention_empty_tree():
@@ -350,3 +382,17 @@ def test_tree_attention_large_on_gpu(B, T, Hq, Hkv, D, P, dtype):
     assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask), dtype=dtype)
     cross = cross_attention(q, k, v, lens)
     assert_close(cross, cross_attention_ref(*f64(q, k, v), lens), dtype=dtype)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_tree_attention_autotuned_on_gpu():
+    gen = torch.Generator().manual_seed(12)
+    B, T, Hq, Hkv, D, P = 2, 16, 32, 8, 128, 1000
+    lens = torch.tensor([P, 37], device="cuda")
+    q, k, v = make_inputs(B, T, Hq, Hkv, D, P + T, torch.float16, gen, device="cuda")
+    mask = batch_tree_mask("spine", B, T, gen).to("cuda")
+    out = nan_out(q)
+    tree_attention(q, k, v, lens, mask, out=out, autotune=True)
+    assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask), dtype=torch.float16)
+    assert set(attn_mod.autotuned_config()) == {"BLOCK_N", "num_warps", "num_stages"}

@@ -21,7 +21,13 @@ from ._dispatch import use_triton
 from ._jit.attention import attention_fwd_kernel, attention_merge_kernel
 from .reference import cross_attention_ref, tree_attention_ref
 
-__all__ = ["tree_attention", "cross_attention", "attention_config", "AttentionConfig"]
+__all__ = [
+    "tree_attention",
+    "cross_attention",
+    "attention_config",
+    "AttentionConfig",
+    "autotuned_config",
+]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used when the tensors are not on a CUDA device
@@ -112,6 +118,42 @@ def attention_config(
     )
 
 
+def _prune_autotune_configs(configs, named_args, **kwargs):
+    """Drop configs whose K/V tiles are large for the head_dim (shared memory) and 8 warps on
+    16-row tiles (too little work per warp). Both rules are unmeasured guesses."""
+    block_m, block_d = kwargs["BLOCK_M"], kwargs["BLOCK_D"]
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] * block_d <= 128 * 128
+        and not (block_m == 16 and c.num_warps == 8 and c.kwargs["BLOCK_N"] < 128)
+    ]
+    return kept or configs[:1]
+
+
+# Optional (``autotune=True``), CUDA only: the interpreter cannot time kernels. BLOCK_M is
+# not tuned because it fixes the grid and the split heuristic; BLOCK_N, warps and stages are.
+# The key leaves out the prefix lengths, which change every step and would retune each time.
+_autotuned_fwd = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ],
+    key=["T", "GROUP", "HEAD_DIM", "BLOCK_M", "NUM_SPLITS", "HAS_TREE"],
+    prune_configs_by={"early_config_prune": _prune_autotune_configs},
+)(attention_fwd_kernel)
+
+
+def autotuned_config() -> dict | None:
+    """The config the autotuner picked in the latest ``autotune=True`` launch (``None`` before
+    any): ``{"BLOCK_N": ..., "num_warps": ..., "num_stages": ...}``, for benchmark rows."""
+    best = getattr(_autotuned_fwd, "best_config", None)
+    if best is None:
+        return None
+    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -200,7 +242,7 @@ def _finish(out, result):
 # ----------------------------------------------------------------------------- launch
 
 
-def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits):
+def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits, autotune):
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     if out is None:
@@ -222,7 +264,12 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         opart = torch.empty((1, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
         lse = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
     grid = (B * Hkv, triton.cdiv(T * (Hq // Hkv), cfg.block_m), cfg.num_splits)
-    attention_fwd_kernel[grid](
+    if autotune and q.device.type == "cuda":
+        kernel, tuned = _autotuned_fwd, {}
+    else:
+        kernel = attention_fwd_kernel
+        tuned = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    kernel[grid](
         q, k_cache, v_cache, lens, mask, out, opart, lse,
         T, Hkv, _scale(sm_scale, D) * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
@@ -231,14 +278,12 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         HEAD_DIM=D,
         BLOCK_D=cfg.block_d,
         BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
         NUM_SPLITS=cfg.num_splits,
         HAS_TREE=has_tree,
-        # fp32 inputs are held to fp32 round-off, so no TF32; ignored for 16-bit inputs.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs are held to fp32 round-off, so no TF32; 16-bit inputs use the default.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         DOT_UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **tuned,
     )
     if cfg.num_splits > 1:
         attention_merge_kernel[(B * T, Hq)](
@@ -266,6 +311,7 @@ def tree_attention(
     *,
     out=None,
     num_splits=None,
+    autotune=False,
     backend="auto",
 ):
     """Tree-masked attention for verification, prefill (causal tree) and decode (``T = 1``).
@@ -291,6 +337,9 @@ def tree_attention(
         Written in place and returned (dtype and device of ``q``, any strides).
     num_splits : int, optional
         Force this many KV splits instead of the heuristic of :func:`attention_config`.
+    autotune : bool
+        On CUDA, pick BLOCK_N, warps and stages by timing (see :func:`autotuned_config`);
+        ignored elsewhere. Default: the heuristic of :func:`attention_config`.
     backend : {"auto", "triton", "reference"}
         See :func:`glide.kernels.use_triton`.
 
@@ -316,7 +365,7 @@ def tree_attention(
             return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
         return _finish(out, tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale))
     _check_triton_dtype(q)
-    return _launch(q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits)
+    return _launch(q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits, autotune)
 
 
 def cross_attention(
@@ -328,6 +377,7 @@ def cross_attention(
     *,
     out=None,
     num_splits=None,
+    autotune=False,
     backend="auto",
 ):
     """GliDe cross attention: draft queries over the target's KV cache, read in place.
@@ -350,6 +400,9 @@ def cross_attention(
         Written in place and returned.
     num_splits : int, optional
         Force this many KV splits instead of the heuristic of :func:`attention_config`.
+    autotune : bool
+        On CUDA, pick BLOCK_N, warps and stages by timing (see :func:`autotuned_config`);
+        ignored elsewhere. Default: the heuristic of :func:`attention_config`.
     backend : {"auto", "triton", "reference"}
 
     Returns
@@ -366,7 +419,7 @@ def cross_attention(
             return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
         return _finish(out, cross_attention_ref(q, k_cache, v_cache, kv_lens, sm_scale))
     _check_triton_dtype(q)
-    return _launch(q, k_cache, v_cache, kv_lens, None, out, sm_scale, hi, num_splits)
+    return _launch(q, k_cache, v_cache, kv_lens, None, out, sm_scale, hi, num_splits, autotune)
 
 
 def _check_num_splits(num_splits):

@@ -155,6 +155,18 @@ def test_tree_attention_arbitrary_mask_and_rows_without_keys(num_splits):
     assert torch.count_nonzero(out[0, 2]) == 0
 
 
+def test_tree_attention_broadcast_mask_and_strided_out():
+    """A tree mask expanded over the batch (stride 0) and an ``out`` view with odd strides."""
+    gen = torch.Generator().manual_seed(6)
+    B, T, Hq, Hkv, D = 3, 7, 4, 2, 32
+    lens = torch.tensor([3, 0, 66], dtype=torch.int64, device=DEVICE)
+    q, k, v = make_inputs(B, T, Hq, Hkv, D, 80, torch.float16, gen)
+    mask = mask_from_parents(spine_with_leaves(T)).to(DEVICE).expand(B, T, T)
+    out = torch.full((B, Hq, T, D), float("nan"), dtype=q.dtype, device=DEVICE).transpose(1, 2)
+    tree_attention(q, k, v, lens, mask, out=out, num_splits=2, backend="triton")
+    assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask))
+
+
 def test_tree_attention_masked_nodes_ignore_hidden_keys():
     """Changing a key/value that a node must not see leaves that node's output unchanged."""
     gen = torch.Generator().manual_seed(7)
@@ -195,7 +207,8 @@ def test_autotune_flag_is_ignored_off_cuda():
 
 def test_tree_attention_empty_tree():
     q, k, v = make_inputs(2, 0, 2, 1, 16, 4, torch.float32, torch.Generator().manual_seed(0))
-    out = tree_attention(q, k, v, torch.zeros(2, dtype=torch.int64), torch.zeros(2, 0, 0, dtype=torch.bool))
+    lens, mask = torch.zeros(2, dtype=torch.int64), torch.zeros(2, 0, 0, dtype=torch.bool)
+    out = tree_attention(q, k, v, lens, mask)
     assert out.shape == (2, 0, 2, 16)
 
 
@@ -303,7 +316,8 @@ def test_attention_config_heuristic(B, T, Hq, Hkv, D, keys):
         assert base * cfg.num_splits >= 132 or cfg.num_splits == max(1, n_tiles // 2)
         assert cfg.num_splits == 1 or n_tiles // cfg.num_splits >= 2
     assert attention_config(B, T, Hq, Hkv, D, keys, num_splits=3).num_splits == 3
-    assert set(cfg.as_dict()) == {"block_m", "block_n", "block_d", "num_splits", "num_warps", "num_stages"}
+    fields = {"block_m", "block_n", "block_d", "num_splits", "num_warps", "num_stages"}
+    assert set(cfg.as_dict()) == fields
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -72,8 +72,10 @@ def attention_config(
     - ``BLOCK_M``: the ``q_len * group`` query rows of a KV head, rounded up to a power of two,
       clamped to [16, 64] (``tl.dot`` needs 16 rows; 64 rows keep the fp32 accumulator in
       registers at head_dim 128).
-    - ``BLOCK_N``: 128 keys when ``BLOCK_M <= 32`` (decode / small trees: fewer, larger loads),
-      else 64. Unmeasured.
+    - ``BLOCK_N``: 128 keys when ``BLOCK_M <= 32`` and ``head_dim <= 64`` (decode and small
+      trees: fewer, larger loads), else 64. With ``num_stages`` 3 that keeps the pipelined K/V
+      buffers at ``3 * 2 * BLOCK_N * BLOCK_D * 2`` bytes = 96 KiB in 16 bits, so two programs
+      fit an H100 SM's 228 KiB of shared memory. Unmeasured.
     - ``num_splits`` (flash-decoding): the base grid is ``batch * num_kv_heads * m_tiles``
       programs. If that is below the device's SM count, the key range is split into
       ``ceil(num_sms / base)`` chunks so one wave fills the GPU (132 SMs on an H100 at
@@ -100,8 +102,8 @@ def attention_config(
     group = num_q_heads // num_kv_heads
     rows = q_len * group
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 128 if block_m <= 32 else 64
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 128 if block_m <= 32 and block_d <= 64 else 64
     m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         base = batch * num_kv_heads * m_tiles
@@ -363,9 +365,12 @@ def tree_attention(
     if not use_triton(q.device, backend):
         if q.numel() == 0:
             return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
-        return _finish(out, tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale))
+        ref = tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
+        return _finish(out, ref)
     _check_triton_dtype(q)
-    return _launch(q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits, autotune)
+    return _launch(
+        q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits, autotune
+    )
 
 
 def cross_attention(

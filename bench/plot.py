@@ -1,0 +1,157 @@
+"""Plots from results files: a separate step that only reads ``profiles/**/*.json``.
+
+``python -m bench.plot`` writes, next to each results file:
+
+- kernel sweeps: ``<sweep>_time.png`` (median time vs context length, or vs rows for top-k,
+  one line per impl, p20-p80 band) and ``<sweep>_bandwidth.png`` (achieved GB/s as a fraction
+  of the copy bandwidth measured in the same run);
+- ``e2e.json``: ``e2e.png``, decode tokens/s by method and batch size.
+
+Each kernel panel shows one slice of the sweep: every shape field except the x axis is held
+at its first value in the file, and the panel title says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import harness  # noqa: E402
+
+# The x axis of each kernel's panel.
+X_AXIS = {
+    "tree_attention": "context",
+    "cross_attention": "context",
+    "compact_kv": "context",
+    "cape_topk": "rows",
+}
+# Shape fields that restate another one (heads_name fixes the three head numbers).
+_DERIVED = {"num_q_heads", "num_kv_heads", "head_dim", "T"}
+
+
+def _slice(rows: list[dict], x: str) -> tuple[list[dict], dict]:
+    """Rows that share the first-seen value of every shape field but ``x`` (and the dtype)."""
+    first = rows[0]
+    fixed = {k: v for k, v in first["shape"].items() if k != x and k not in _DERIVED}
+    fixed["dtype"] = first["dtype"]
+    keep = [r for r in rows if r["dtype"] == fixed["dtype"]
+            and all(r["shape"].get(k) == v for k, v in fixed.items() if k != "dtype")]
+    return keep, fixed
+
+
+def _kernel_panels(rows: list[dict]) -> dict[str, tuple[list[dict], dict]]:
+    panels = {}
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        ok = [r for r in rows if r["kernel"] == kernel and r.get("status") == "ok"]
+        if ok:
+            panels[kernel] = _slice(ok, X_AXIS.get(kernel, "context"))
+    return panels
+
+
+def plot_kernels(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """Time and bandwidth figures for one kernel results file; returns the PNG paths."""
+    panels = _kernel_panels(data["rows"])
+    if not panels:
+        return []
+    meta = data["meta"]
+    written = []
+    for what, ylabel in (("time", "median ms (p20-p80 band)"),
+                         ("bandwidth", "achieved GB/s / copy GB/s")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+        for ax, (kernel, (rows, fixed)) in zip(axes[0], panels.items()):
+            x = X_AXIS.get(kernel, "context")
+            for impl in dict.fromkeys(r["impl"] for r in rows):
+                pts = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["shape"][x])
+                xs = [r["shape"][x] for r in pts]
+                if what == "time":
+                    ax.plot(xs, [r["median_ms"] for r in pts], marker="o", label=impl)
+                    ax.fill_between(xs, [r["p20_ms"] for r in pts], [r["p80_ms"] for r in pts],
+                                    alpha=0.2)
+                else:
+                    ys = [r["frac_copy"] for r in pts]
+                    ax.plot(xs, [y if y is not None else float("nan") for y in ys],
+                            marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            if what == "time":
+                ax.set_yscale("log")
+            ax.set_xlabel(x)
+            ax.set_ylabel(ylabel)
+            ax.set_title(kernel + "\n" + ", ".join(f"{k}={v}" for k, v in fixed.items()),
+                         fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        copy = meta.get("copy_gbps")
+        fig.suptitle(f"{meta.get('device', '?')} - sweep {meta.get('sweep', stem)} - "
+                     f"copy {copy:.1f} GB/s - {str(meta.get('git_sha', ''))[:12]}"
+                     if copy else f"{meta.get('device', '?')} - sweep {stem}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_{what}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_e2e(data: dict[str, Any], out_dir: Path, stem: str = "e2e") -> list[Path]:
+    """Decode tokens/s by method (bars) and batch size (groups), a panel per max_new_tokens."""
+    rows = [r for r in data["rows"] if r.get("status") == "ok"]
+    if not rows:
+        return []
+    lengths = sorted({r["max_new_tokens"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.0 * len(lengths), 4.0), squeeze=False)
+    width = 0.8 / len(methods)
+    for ax, n in zip(axes[0], lengths):
+        for i, m in enumerate(methods):
+            by_batch = {r["batch_size"]: r["decode_tokens_per_s"] for r in rows
+                        if r["method"] == m and r["max_new_tokens"] == n}
+            xs = [j + i * width for j in range(len(batches))]
+            ax.bar(xs, [by_batch.get(b) or 0.0 for b in batches], width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))])
+        ax.set_xticklabels([f"batch {b}" for b in batches])
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"max_new_tokens={n}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"end to end - {data['meta'].get('device', '?')}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
+    """Plot one results file; PNGs go to ``out_dir`` (default: the file's folder)."""
+    path = Path(path)
+    data = harness.read_results(path)
+    out_dir = Path(out_dir) if out_dir else path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = data["rows"]
+    if rows and "method" in rows[0]:
+        return plot_e2e(data, out_dir, path.stem)
+    return plot_kernels(data, out_dir, path.stem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="*", help="results files (default: profiles/**/*.json)")
+    p.add_argument("--out-dir", help="write every PNG here instead of next to its file")
+    args = p.parse_args(argv)
+    files = [Path(f) for f in args.files] or sorted(harness.PROFILES_DIR.glob("**/*.json"))
+    for f in files:
+        for png in plot_file(f, args.out_dir):
+            print(png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

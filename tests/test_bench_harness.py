@@ -1,0 +1,261 @@
+"""The benchmark harness's pure parts: bytes accounting, sweeps, results files, plots, e2e rows.
+
+Fast and CPU-only; nothing here asserts a speed.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# bench/ is a top-level folder of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import e2e, harness, kernels, plot, sweeps, traffic  # noqa: E402
+
+# ------------------------------------------------------------------------- bytes accounting
+
+
+def test_tree_attention_bytes_hand_count():
+    # B=2, T=3, Hq=4, Hkv=2, D=8, prefixes 5 and 0, fp16 (2 bytes):
+    # q = out = 2*3*4*8*2 = 384 each; K/V rows (5+3)+(0+3) = 11 per KV head,
+    # 2 (K and V) * 11 * 2 heads * 8 * 2 bytes = 704; mask 2*3*3 = 18.
+    assert traffic.tree_attention_bytes(2, 3, 4, 2, 8, [5, 0], 2) == 384 + 384 + 704 + 18
+
+
+def test_cross_attention_bytes_hand_count():
+    # B=2, Tq=1, Hq=3, Hkv=1, D=4, kv_lens 7 and 2, fp32: q = out = 2*1*3*4*4 = 96;
+    # K/V = 2 * (7+2) * 1 * 4 * 4 = 288.
+    assert traffic.cross_attention_bytes(2, 1, 3, 1, 4, [7, 2], 4) == 96 + 96 + 288
+
+
+def test_cape_topk_bytes_hand_count():
+    # 3 rows of 111 bf16 logits in; 3 rows of k=5 float32 probs and int64 ids out.
+    assert traffic.cape_topk_bytes(3, 111, 5, 2) == 3 * 111 * 2 + 3 * 5 * 4 + 3 * 5 * 8
+
+
+def test_compact_kv_bytes_hand_count():
+    # 4 stacked caches, 2 KV heads, D=8, fp32, paths of 3 and 1 rows: each row read + written.
+    assert traffic.compact_kv_bytes(4, 2, 8, [3, 1], 4) == 2 * 4 * (3 + 1) * 2 * 8 * 4
+
+
+def test_bytes_reject_wrong_length_lists():
+    with pytest.raises(ValueError, match="prefix_lens"):
+        traffic.tree_attention_bytes(2, 3, 4, 2, 8, [5], 2)
+
+
+def test_case_bytes_match_the_inputs_they_build():
+    """bench.kernels counts the same bytes as the tensors it allocates: for tree attention
+    with zero slack, q + K/V + mask + out equals the input tensors (minus lens) plus q."""
+    case = dict(kernel="tree_attention", dtype="float32", heads_name="t", num_q_heads=6,
+                num_kv_heads=2, head_dim=8, batch=3, tree={"kind": "cape", "spine": 2, "leaves": 1},
+                context=5)
+    x = kernels.make_inputs(case, torch.device("cpu"))
+    alloc = sum(x[k].numel() * x[k].element_size() for k in ("q", "k_cache", "v_cache", "tree_mask"))
+    assert kernels.bytes_moved(case) == alloc + x["q"].numel() * 4
+
+
+# ------------------------------------------------------------------------- trees
+
+
+def test_tree_shapes():
+    assert sweeps.tree_parents({"kind": "chain", "T": 4}) == [-1, 0, 1, 2]
+    # spine 2, 1 leaf each: root 0; level 1: spine 1 + leaf 2 under 0; level 2: 3 + 4 under 1.
+    assert sweeps.tree_parents({"kind": "cape", "spine": 2, "leaves": 1}) == [-1, 0, 0, 1, 1]
+    rnd = sweeps.tree_parents({"kind": "random", "T": 9, "seed": 3})
+    assert len(rnd) == 9 and all(0 <= p < i for i, p in enumerate(rnd) if i)
+    with pytest.raises(ValueError, match="tree kind"):
+        sweeps.tree_parents({"kind": "bushy", "T": 3})
+
+
+def test_ancestor_mask_and_deepest_path():
+    parents = [-1, 0, 0, 1, 1]
+    m = sweeps.ancestor_mask(parents)
+    want = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0],
+                         [1, 1, 0, 1, 0], [1, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(m, want)
+    assert sweeps.deepest_path(parents) == [0, 1, 3]
+
+
+# ------------------------------------------------------------------------- sweeps
+
+
+def _kernel_sweep_names():
+    return [n for n in sweeps.list_sweeps() if "kernels" in sweeps.load_sweep(n)]
+
+
+def test_shipped_sweeps_exist():
+    names = _kernel_sweep_names()
+    assert "cpu" in names and "gpu" in names
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_sweep_expands_to_product_of_axes(name):
+    sweep = sweeps.load_sweep(name)
+    cases = sweeps.expand(sweep)
+    for kernel, axes in sweep["kernels"].items():
+        want = math.prod(len(v) for v in axes.values())
+        got = [c for c in cases if c["kernel"] == kernel]
+        assert len(got) == want, kernel
+        # Every case is distinct and has resolved head configs.
+        assert len({json.dumps(c, sort_keys=True) for c in got}) == want
+        if "heads" in axes:
+            assert all({"num_q_heads", "num_kv_heads", "head_dim"} <= set(c) for c in got)
+    assert len(cases) == sum(math.prod(len(v) for v in a.values())
+                             for a in sweep["kernels"].values())
+
+
+def test_sweep_counts_by_hand(tmp_path):
+    spec = {
+        "name": "tiny",
+        "head_configs": {"a": {"num_q_heads": 2, "num_kv_heads": 1, "head_dim": 4}},
+        "kernels": {
+            "tree_attention": {"dtype": ["float32"], "heads": ["a"], "batch": [1, 2],
+                               "tree": [{"kind": "chain", "T": 2}], "context": [3, 5, 7]},
+            "cape_topk": {"dtype": ["float32", "bfloat16"], "vocab": [111], "k": [2], "rows": [1]},
+        },
+    }
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps(spec))
+    cases = sweeps.expand(sweeps.load_sweep(p))
+    assert len(cases) == 2 * 3 + 2
+    assert [c["context"] for c in cases[:3]] == [3, 5, 7]  # the last axis varies fastest
+
+
+def test_sweep_rejects_bad_axes(tmp_path):
+    spec = {"head_configs": {}, "kernels": {"cape_topk": {"dtype": ["float32"], "vocab": [5],
+                                                          "k": [2]}}}
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="axes must be"):
+        sweeps.load_sweep(p)
+
+
+# ------------------------------------------------------------------------- harness and results
+
+
+def test_cpu_timer_statistics_are_ordered():
+    xs = [torch.ones(64) for _ in range(3)]
+    seen = []
+    t = harness.time_fn(lambda x: seen.append(id(x)), xs, torch.device("cpu"),
+                        warmup_ms=0.0, rep_ms=0.0, min_reps=6)
+    assert t.reps == 6
+    assert t.p20_ms <= t.median_ms <= t.p80_ms
+    assert len(set(seen)) == 3  # inputs were rotated
+
+
+def test_run_case_rows_complete(tmp_path):
+    """A real (tiny) case through run_case and write/read: all fields present, sane values."""
+    case = dict(kernel="cape_topk", dtype="float32", vocab=111, k=3, rows=2)
+    env = harness.environment(torch.device("cpu"), "unit")
+    rows = kernels.run_case(case, torch.device("cpu"), 10.0, env,
+                            dict(warmup_ms=0.0, rep_ms=0.0, min_reps=3))
+    impls = [r["impl"] for r in rows]
+    assert impls[1:] == ["reference", "torch-softmax-topk"]
+    path = harness.write_results(harness.results_path("dev", "unit", root=tmp_path), rows,
+                                 dict(env, copy_gbps=10.0))
+    assert path == tmp_path / "dev" / "unit.json"
+    back = harness.read_results(path)
+    assert back["rows"] == json.loads(json.dumps(rows))
+    for r in back["rows"]:
+        assert harness.missing_fields(r) == []
+        if r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r["bytes"] == traffic.cape_topk_bytes(2, 111, 3, 4)
+            assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+            assert r["frac_copy"] == pytest.approx(r["gbps"] / 10.0)
+            assert r["max_abs_err"] < 1e-6
+    # Overwrite, not append.
+    harness.write_results(path, rows[:1], {})
+    assert len(harness.read_results(path)["rows"]) == 1
+
+
+def test_missing_fields_names_them():
+    assert harness.missing_fields({"kernel": "x"}, ("kernel", "impl")) == ["impl"]
+
+
+def test_read_results_rejects_other_json(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="meta"):
+        harness.read_results(p)
+
+
+# ------------------------------------------------------------------------- e2e aggregation
+
+
+def _gen_rows(new, forwards, seconds):
+    return [dict(id=i, new_tokens=n, target_forwards=f, seconds=s)
+            for i, (n, f, s) in enumerate(zip(new, forwards, seconds))]
+
+
+def test_e2e_aggregate_by_hand():
+    # Batch size 2 over 3 prompts: batches {0,1} (0.5 s shared) and {2} (0.25 s).
+    rows = _gen_rows([10, 6, 4], [3, 5, 1], [0.5, 0.5, 0.25])
+    agg = e2e.aggregate(rows, method="ar", batch_size=2, max_new_tokens=16, wall_seconds=1.0)
+    assert agg["new_tokens"] == 20
+    assert agg["target_forwards"] == 9
+    assert agg["mean_accepted"] == pytest.approx((9 + 5 + 3) / 9)
+    assert agg["decode_seconds"] == pytest.approx(0.75)
+    assert agg["decode_tokens_per_s"] == pytest.approx(20 / 0.75)
+    assert agg["wall_tokens_per_s"] == pytest.approx(20.0)
+    assert set(e2e.E2E_ROW_FIELDS) <= set(agg)
+
+
+def test_e2e_batch_seconds_takes_batch_maximum():
+    rows = _gen_rows([1] * 5, [0] * 5, [0.1, 0.3, 0.2, 0.2, 0.4])
+    assert e2e.batch_seconds(rows, 2) == [0.3, 0.2, 0.4]
+    assert e2e.batch_seconds(rows, 1) == [0.1, 0.3, 0.2, 0.2, 0.4]
+    with pytest.raises(ValueError, match="batch_size"):
+        e2e.batch_seconds(rows, 0)
+
+
+def test_e2e_skipped_row_has_every_field():
+    row = e2e.skipped("glide", 4, 32, "not available yet")
+    assert row["status"] == "skipped" and row["note"] == "not available yet"
+    assert set(e2e.E2E_ROW_FIELDS) <= set(row) and row["decode_tokens_per_s"] is None
+
+
+def test_eval_prompts_parse():
+    lines = (harness.REPO_ROOT / "bench" / "prompts" / "eval.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    assert len(rows) >= 20 and len({r["id"] for r in rows}) == len(rows)
+    assert all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in rows)
+
+
+# ------------------------------------------------------------------------- plots
+
+
+def _png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_kernel_results(tmp_path):
+    rows = []
+    for impl in ("reference", "sdpa-dense"):
+        for ctx, ms in ((128, 1.0), (512, 2.0)):
+            rows.append(dict(kernel="tree_attention", impl=impl, status="ok", dtype="float32",
+                             shape=dict(heads_name="smollm2", batch=1, tree="chain8", T=8,
+                                        context=ctx), median_ms=ms, p20_ms=ms * 0.9,
+                             p80_ms=ms * 1.1, frac_copy=0.1 * ms))
+    rows.append(dict(kernel="cape_topk", impl="reference", status="skipped", dtype="float32",
+                     shape=dict(vocab=111, k=2, rows=1), median_ms=None))
+    src = tmp_path / "dev" / "tiny.json"
+    harness.write_results(src, rows, dict(device="test", sweep="tiny", copy_gbps=5.0))
+    out = plot.plot_file(src)
+    assert sorted(p.name for p in out) == ["tiny_bandwidth.png", "tiny_time.png"]
+    assert all(p.parent == src.parent and _png(p) for p in out)
+
+
+def test_plot_e2e_results(tmp_path):
+    rows = [dict(e2e.aggregate(_gen_rows([8, 8], [7, 4], [0.5, 0.5]), method=m, batch_size=b,
+                               max_new_tokens=8), device="test")
+            for m in ("ar", "lookup") for b in (1, 2)]
+    rows.append(e2e.skipped("glide", 1, 8, "not available yet"))
+    src = tmp_path / "e2e.json"
+    harness.write_results(src, rows, {"device": "test"})
+    out = plot.plot_file(src, tmp_path / "pngs")
+    assert [p.name for p in out] == ["e2e.png"] and _png(out[0])

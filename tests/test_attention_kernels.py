@@ -155,6 +155,20 @@ def test_tree_attention_arbitrary_mask_and_rows_without_keys(num_splits):
     assert torch.count_nonzero(out[0, 2]) == 0
 
 
+def test_check_lens_false_skips_the_host_read_and_agrees():
+    gen = torch.Generator().manual_seed(8)
+    B, T, Hq, Hkv, D = 2, 4, 4, 2, 32
+    lens = torch.tensor([150, 9], device=DEVICE)
+    q, k, v = make_inputs(B, T, Hq, Hkv, D, 160, torch.float32, gen)
+    mask = batch_tree_mask("random", B, T, gen).to(DEVICE)
+    out = nan_out(q)
+    tree_attention(q, k, v, lens, mask, out=out, check_lens=False, backend="triton")
+    assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask))
+    out = nan_out(q)
+    cross_attention(q, k, v, lens, out=out, check_lens=False, backend="triton")
+    assert_close(out, cross_attention_ref(*f64(q, k, v), lens))
+
+
 def test_tree_attention_broadcast_mask_and_strided_out():
     """A tree mask expanded over the batch (stride 0) and an ``out`` view with odd strides."""
     gen = torch.Generator().manual_seed(6)

@@ -189,8 +189,9 @@ def _check_qkv(q, k_cache, v_cache):
         )
 
 
-def _check_lens(name, lens, batch, device, max_seq, extra):
-    """Check a (batch,) integer length tensor and that ``lens + extra <= max_seq``."""
+def _check_lens(name, lens, batch, device, max_seq, extra, read_values):
+    """Check a (batch,) integer length tensor and, if ``read_values``, that
+    ``0 <= lens <= max_seq - extra``. Returns ``max(lens)``, or ``max_seq - extra`` unread."""
     if not isinstance(lens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(lens).__name__}")
     if lens.dtype == torch.bool or lens.is_floating_point() or lens.is_complex():
@@ -201,6 +202,8 @@ def _check_lens(name, lens, batch, device, max_seq, extra):
         raise ValueError(f"{name} is on {lens.device}, expected q's device {device}")
     if batch == 0:
         return 0
+    if not read_values:
+        return max_seq - extra
     lo, hi = torch.stack([lens.min(), lens.max()]).tolist()  # one host sync
     if lo < 0:
         raise ValueError(f"{name} must be non-negative, got a minimum of {lo}")
@@ -314,6 +317,7 @@ def tree_attention(
     out=None,
     num_splits=None,
     autotune=False,
+    check_lens=True,
     backend="auto",
 ):
     """Tree-masked attention for verification, prefill (causal tree) and decode (``T = 1``).
@@ -342,6 +346,10 @@ def tree_attention(
     autotune : bool
         On CUDA, pick BLOCK_N, warps and stages by timing (see :func:`autotuned_config`);
         ignored elsewhere. Default: the heuristic of :func:`attention_config`.
+    check_lens : bool
+        Read the lengths on the host to check their range (one device sync a call). Pass
+        ``False`` in a decode loop when the caller guarantees the range: the split heuristic
+        then assumes every sequence fills ``max_seq``, and out-of-range lengths read garbage.
     backend : {"auto", "triton", "reference"}
         See :func:`glide.kernels.use_triton`.
 
@@ -359,7 +367,9 @@ def tree_attention(
         raise ValueError(f"tree_mask must have shape ({B}, {T}, {T}), got {tuple(tree_mask.shape)}")
     if tree_mask.device != q.device:
         raise ValueError(f"tree_mask is on {tree_mask.device}, expected q's device {q.device}")
-    hi = _check_lens("cache_seqlens", cache_seqlens, B, q.device, k_cache.shape[2], T)
+    hi = _check_lens(
+        "cache_seqlens", cache_seqlens, B, q.device, k_cache.shape[2], T, check_lens
+    )
     _check_out(out, q)
     _check_num_splits(num_splits)
     if not use_triton(q.device, backend):
@@ -383,6 +393,7 @@ def cross_attention(
     out=None,
     num_splits=None,
     autotune=False,
+    check_lens=True,
     backend="auto",
 ):
     """GliDe cross attention: draft queries over the target's KV cache, read in place.
@@ -408,6 +419,10 @@ def cross_attention(
     autotune : bool
         On CUDA, pick BLOCK_N, warps and stages by timing (see :func:`autotuned_config`);
         ignored elsewhere. Default: the heuristic of :func:`attention_config`.
+    check_lens : bool
+        Read the lengths on the host to check their range (one device sync a call). Pass
+        ``False`` in a decode loop when the caller guarantees the range: the split heuristic
+        then assumes every sequence fills ``max_seq``, and out-of-range lengths read garbage.
     backend : {"auto", "triton", "reference"}
 
     Returns
@@ -416,7 +431,7 @@ def cross_attention(
     """
     _check_qkv(q, k_cache, v_cache)
     B = q.shape[0]
-    hi = _check_lens("kv_lens", kv_lens, B, q.device, k_cache.shape[2], 0)
+    hi = _check_lens("kv_lens", kv_lens, B, q.device, k_cache.shape[2], 0, check_lens)
     _check_out(out, q)
     _check_num_splits(num_splits)
     if not use_triton(q.device, backend):

@@ -1,0 +1,134 @@
+"""A transformers Llama verifying a token tree through glide's tree_attention (Triton kernel under
+TRITON_INTERPRET=1), checked against transformers' own eager attention with an explicit mask."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from glide.kernels.hf_adapter import (  # noqa: E402
+    ATTN_IMPLEMENTATION,
+    compact_hf_cache,
+    enable_tree_attention,
+    verify_tree_hf,
+)
+from tolerances import assert_close  # noqa: E402
+
+PREFIX = 5
+# Two trees of 6 slots (slot 0 is the root); parents precede children.
+PARENTS = [[-1, 0, 0, 1, 1, 2], [-1, 0, 1, 2, 0, 4]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=111,
+        max_position_embeddings=64,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _ancestor_mask(parents):
+    """(B, T, T) bool: slot j is slot i or an ancestor of i. Written out by walking parents."""
+    batch, size = len(parents), len(parents[0])
+    mask = torch.zeros(batch, size, size, dtype=torch.bool)
+    for b, row in enumerate(parents):
+        for i in range(size):
+            j = i
+            while j >= 0:
+                mask[b, i, j] = True
+                j = row[j]
+    return mask
+
+
+def _eager(model, ids, cache, allowed, position_ids):
+    """transformers' eager attention with an additive 4D mask built from ``allowed`` (B, T, S)."""
+    model.set_attn_implementation("eager")
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None]
+    return model(input_ids=ids, attention_mask=additive, position_ids=position_ids, cache=cache, use_cache=True).logits
+
+
+@pytest.fixture(scope="module")
+def prefix_state(model):
+    gen = torch.Generator().manual_seed(1)
+    prefix_ids = torch.randint(0, 111, (2, PREFIX), generator=gen)
+    tree_ids = torch.randint(0, 111, (2, len(PARENTS[0])), generator=gen)
+    model.set_attn_implementation("eager")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=prefix_ids, cache=cache, use_cache=True)
+    return prefix_ids, tree_ids, cache
+
+
+@torch.no_grad()
+def test_tree_logits_match_eager_with_explicit_mask(model, prefix_state):
+    _, tree_ids, cache = prefix_state
+    tree_mask = _ancestor_mask(PARENTS)
+    depth = tree_mask.sum(-1) - 1
+
+    enable_tree_attention(model)
+    ours = verify_tree_hf(model, tree_ids, tree_mask, copy.deepcopy(cache), backend="triton")
+
+    allowed = torch.cat([torch.ones(2, 6, PREFIX, dtype=torch.bool), tree_mask], dim=-1)
+    theirs = _eager(model, tree_ids, copy.deepcopy(cache), allowed, PREFIX + depth)
+    assert ours.shape == (2, 6, 111)
+    assert_close(ours, theirs, dtype=torch.float32, name="tree logits")
+
+    # A tree flattened the wrong way (causal instead of ancestors) must not pass as equal.
+    causal = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 6, 6)
+    wrong = _eager(model, tree_ids, copy.deepcopy(cache), torch.cat([allowed[..., :PREFIX], causal], -1), PREFIX + depth)
+    assert not torch.allclose(ours, wrong, atol=1e-3)
+
+
+@torch.no_grad()
+def test_accepted_path_then_decode_matches_plain_decoding(model, prefix_state):
+    prefix_ids, tree_ids, cache = prefix_state
+    cache = copy.deepcopy(cache)
+    tree_mask = _ancestor_mask(PARENTS)
+    enable_tree_attention(model)
+    verify_tree_hf(model, tree_ids, tree_mask, cache, backend="triton")
+
+    # Accept root -> slot 1 -> slot 3 in sequence 0 and root -> slot 4 -> slot 5 in sequence 1.
+    path_idx = torch.tensor([[0, 1, 3], [0, 4, 5]])
+    compact_hf_cache(cache, PREFIX, path_idx, torch.tensor([3, 3]), backend="triton")
+    assert cache.get_seq_length() == PREFIX + 3
+
+    # One more token through the adapter's default causal path.
+    next_ids = torch.tensor([[7], [42]])
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    ours = model(input_ids=next_ids, cache=cache, use_cache=True).logits[:, -1]
+
+    accepted = torch.gather(tree_ids, 1, path_idx)
+    full = torch.cat([prefix_ids, accepted, next_ids], dim=1)
+    model.set_attn_implementation("eager")
+    theirs = model(input_ids=full).logits[:, -1]
+    assert_close(ours, theirs, dtype=torch.float32, name="logits after compaction")
+
+
+def test_bad_inputs(model, prefix_state):
+    _, tree_ids, cache = prefix_state
+    tree_mask = _ancestor_mask(PARENTS)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match=ATTN_IMPLEMENTATION):
+        verify_tree_hf(model, tree_ids, tree_mask, copy.deepcopy(cache))
+    enable_tree_attention(model)
+    with pytest.raises(ValueError, match="tree_mask"):
+        verify_tree_hf(model, tree_ids, tree_mask[:, :5, :5], copy.deepcopy(cache))
+    with pytest.raises(TypeError, match="tree_mask"):
+        verify_tree_hf(model, tree_ids, tree_mask.float(), copy.deepcopy(cache))
+    with pytest.raises(ValueError, match="tree_ids"):
+        verify_tree_hf(model, tree_ids[0], tree_mask, copy.deepcopy(cache))
+    with pytest.raises(ValueError, match="padding"):
+        model(input_ids=tree_ids, attention_mask=torch.tensor([[1] * 6, [0] + [1] * 5]))
+    with pytest.raises(ValueError, match="path_lens"):
+        compact_hf_cache(copy.deepcopy(cache), 2, torch.tensor([[0, 1], [0, 2]]), torch.tensor([2, 1]))

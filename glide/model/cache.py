@@ -1,0 +1,203 @@
+"""``KVCache``: a static, preallocated key/value cache with a length per sequence.
+
+Every layer's K and V live in one tensor, ``kv`` of shape
+``(num_layers, 2, batch, num_kv_heads, max_seq, head_dim)``, so that a single ``compact_kv`` launch
+moves the accepted tree slots of all layers at once (``kv.view(num_layers * 2, ...)``).
+
+A forward pass writes its ``T`` new tokens at ``lens[b] + j`` and leaves ``lens`` alone; the caller
+then keeps what it accepted with :meth:`KVCache.commit` (a prefix of the new tokens) or
+:meth:`KVCache.compact` (a root-to-node path of a verified tree).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from glide.kernels import compact_kv
+except ImportError:  # pragma: no cover - the launcher has not landed; same semantics
+    from glide.kernels.reference import compact_kv_ref
+
+    def compact_kv(kv, cache_seqlens, path_idx, path_lens, backend="auto"):
+        return compact_kv_ref(kv, cache_seqlens, path_idx, path_lens)
+
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Preallocated K/V for ``num_layers`` layers and ``batch`` sequences of up to ``max_seq`` tokens.
+
+    Parameters
+    ----------
+    num_layers, batch_size, num_kv_heads, max_seq, head_dim : int
+    dtype : torch.dtype
+    device : torch.device or str
+
+    Attributes
+    ----------
+    kv : torch.Tensor, shape (num_layers, 2, batch, num_kv_heads, max_seq, head_dim)
+        ``kv[l, 0]`` is layer ``l``'s K, ``kv[l, 1]`` its V.
+    lens : torch.Tensor, shape (batch,), int64
+        Committed length of each sequence. Change it in place only (``copy_``, ``+=``) or through
+        the methods, so that its identity is kept.
+    """
+
+    def __init__(self, num_layers, batch_size, num_kv_heads, max_seq, head_dim,
+                 dtype=torch.float32, device="cpu"):
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
+                            ("num_kv_heads", num_kv_heads), ("max_seq", max_seq),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, max_seq, head_dim,
+                              dtype=dtype, device=device)
+        self.lens = torch.zeros(batch_size, dtype=torch.int64, device=self.kv.device)
+        # Host-side upper bound on max(lens), valid while `lens` is this tensor at this version:
+        # lets the model check for overflow without a device sync on every step.
+        self._bound = 0
+        self._bound_key = self._lens_key()
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_layers(self) -> int:
+        return self.kv.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def max_seq(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv.shape[5]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    # ------------------------------------------------------------------ views
+    def k(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s keys, a view of shape (batch, num_kv_heads, max_seq, head_dim)."""
+        return self.kv[layer, 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s values, a view of shape (batch, num_kv_heads, max_seq, head_dim)."""
+        return self.kv[layer, 1]
+
+    def last_layer_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the last layer's K and V, each (batch, num_kv_heads, max_seq, head_dim).
+
+        Drafts read these in place (GliDe's cross-attention); they must never write them.
+        """
+        return self.kv[-1, 0], self.kv[-1, 1]
+
+    # ------------------------------------------------------------------ lengths
+    def commit(self, n) -> None:
+        """Advance every sequence's length by ``n``.
+
+        Parameters
+        ----------
+        n : int or torch.Tensor, shape (batch,), integer
+            Number of freshly written tokens to keep, per sequence.
+        """
+        if isinstance(n, torch.Tensor):
+            self._check_lengths("n", n)
+            self.lens += n.to(self.lens.device)
+            self._forget_bound()
+        elif isinstance(n, int) and not isinstance(n, bool):
+            if n < 0:
+                raise ValueError(f"n must be non-negative, got {n}")
+            bound = self.max_len_bound()
+            if bound + n > self.max_seq:
+                raise ValueError(f"commit(n={n}) overflows the cache: max length {bound} + {n} > max_seq {self.max_seq}")
+            self.lens += n
+            self._set_bound(bound + n)
+        else:
+            raise TypeError(f"n must be an int or a (batch,) integer tensor, got {type(n).__name__}")
+
+    def compact(self, path_idx: torch.Tensor, path_lens: torch.Tensor) -> None:
+        """Keep the accepted path of each verified tree, then advance ``lens`` by ``path_lens``.
+
+        Moves ``kv[:, :, b, :, lens[b] + path_idx[b, a]]`` to ``lens[b] + a`` for ``a < path_lens[b]``
+        in every layer, K and V, with one ``compact_kv`` launch.
+
+        Parameters
+        ----------
+        path_idx : torch.Tensor, shape (batch, max_path), integer
+            Tree slots of the accepted path, root first; entries past ``path_lens[b]`` are ignored.
+        path_lens : torch.Tensor, shape (batch,), integer
+            Number of accepted slots per sequence, at most ``max_path``.
+        """
+        if not isinstance(path_idx, torch.Tensor):
+            raise TypeError(f"path_idx must be a torch.Tensor, got {type(path_idx).__name__}")
+        if path_idx.dim() != 2 or path_idx.shape[0] != self.batch_size:
+            raise ValueError(
+                f"path_idx must have shape ({self.batch_size}, max_path), got {tuple(path_idx.shape)}"
+            )
+        if path_idx.dtype == torch.bool or path_idx.is_floating_point() or path_idx.is_complex():
+            raise TypeError(f"path_idx must have an integer dtype, got {path_idx.dtype}")
+        if path_idx.device != self.device:
+            raise ValueError(f"path_idx is on {path_idx.device}, expected the cache's {self.device}")
+        self._check_lengths("path_lens", path_lens)
+        bound = self.max_len_bound()
+        if bound + path_idx.shape[1] > self.max_seq:
+            raise ValueError(
+                f"path_idx has max_path={path_idx.shape[1]} slots, beyond the cache: max length "
+                f"{bound} + {path_idx.shape[1]} > max_seq {self.max_seq}"
+            )
+        L, _, B, H, S, D = self.kv.shape
+        compact_kv(self.kv.view(L * 2, B, H, S, D), self.lens, path_idx, path_lens)
+        self.lens += path_lens
+        self._set_bound(bound + path_idx.shape[1])
+
+    def reset(self) -> None:
+        """Forget every sequence (``lens = 0``); the K/V memory is kept and overwritten later."""
+        self.lens.zero_()
+        self._set_bound(0)
+
+    def max_len_bound(self) -> int:
+        """A host-side upper bound on ``lens.max()``.
+
+        Exact after :meth:`reset`, ``commit(int)`` and prefill; otherwise found with one device sync.
+        """
+        if self._bound_key != self._lens_key():
+            self._set_bound(int(self.lens.max()) if self.lens.numel() else 0)
+        return self._bound
+
+    # ------------------------------------------------------------------ internals
+    def _lens_key(self):
+        return (id(self.lens), self.lens._version)
+
+    def _set_bound(self, bound: int) -> None:
+        self._bound = bound
+        self._bound_key = self._lens_key()
+
+    def _forget_bound(self) -> None:
+        self._bound_key = None
+
+    def _check_lengths(self, name: str, n: torch.Tensor) -> None:
+        if not isinstance(n, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(n).__name__}")
+        if n.shape != (self.batch_size,):
+            raise ValueError(f"{name} must have shape ({self.batch_size},), got {tuple(n.shape)}")
+        if n.dtype == torch.bool or n.is_floating_point() or n.is_complex():
+            raise TypeError(f"{name} must have an integer dtype, got {n.dtype}")
+        if n.device != self.device:
+            raise ValueError(f"{name} is on {n.device}, expected the cache's {self.device}")
+
+    def __repr__(self) -> str:
+        L, _, B, H, S, D = self.kv.shape
+        return (f"KVCache(num_layers={L}, batch_size={B}, num_kv_heads={H}, max_seq={S}, "
+                f"head_dim={D}, dtype={self.dtype}, device={self.device})")

@@ -1,0 +1,350 @@
+"""``LlamaModel``: our Llama-family decoder, with prefill, decode and tree verification in one forward.
+
+Every attention call is :func:`glide.kernels.tree_attention` over the static :class:`KVCache`:
+
+- prefill: a causal ``tree_mask`` with ``lens = 0`` (ragged prompts right-padded);
+- decode: ``T = 1``;
+- verification: the tree's ancestor mask, with ``position_ids = lens + depth``.
+
+The maths is transformers' ``LlamaForCausalLM`` (RMSNorm in float32, rotate-half RoPE, GQA,
+SwiGLU), with q/k/v fused into one matmul and gate/up into another. The forward does no host sync
+of its own: overflow is checked against the cache's host-side length bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glide.kernels import tree_attention
+from glide.kernels._dispatch import BACKENDS
+
+from .cache import KVCache
+from .config import ModelConfig
+
+__all__ = ["LlamaModel", "RMSNorm", "DecoderLayer"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _is_int_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.int64, torch.int32)
+
+
+def _empty_linear(in_features, out_features, dtype, device) -> nn.Linear:
+    # skip_init: the weights are about to be filled, so skip the (slow) default init.
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype, device=device)
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 for half inputs (as transformers).
+
+    Parameters
+    ----------
+    hidden_size : int
+    eps : float
+    """
+
+    def __init__(self, hidden_size, eps, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float() if x.dtype in _HALF_DTYPES else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder block: fused-QKV tree attention, then fused gate/up SwiGLU."""
+
+    def __init__(self, config: ModelConfig, dtype, device):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.sm_scale = 1.0 / math.sqrt(c.head_dim)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.qkv_proj = _empty_linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, dtype, device)
+        self.o_proj = _empty_linear(c.num_heads * c.head_dim, c.hidden_size, dtype, device)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.gate_up_proj = _empty_linear(c.hidden_size, 2 * c.intermediate_size, dtype, device)
+        self.down_proj = _empty_linear(c.intermediate_size, c.hidden_size, dtype, device)
+
+    def forward(self, x, cos, sin, kv_layer, lens, b_idx, write_pos, tree_mask, attn_backend):
+        """
+        Parameters
+        ----------
+        x : torch.Tensor, shape (batch, T, hidden)
+        cos, sin : torch.Tensor, shape (batch, T, 1, head_dim)
+            ``sin`` carries the sign of rotate-half on its first half (see ``LlamaModel``).
+        kv_layer : torch.Tensor, shape (2, batch, num_kv_heads, max_seq, head_dim)
+            This layer's cache; the new K/V are written at ``write_pos``.
+        lens : torch.Tensor, shape (batch,), int64
+        b_idx, write_pos : torch.Tensor, shape (batch, T), int64
+        tree_mask : torch.Tensor, shape (batch, T, T), bool
+        """
+        B, T, _ = x.shape
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(x)).view(B, T, Hq + 2 * Hkv, D)
+        # RoPE on q and k together: rotate_half(x) * sin == roll(x, D/2) * (sin with its first
+        # half negated), one op instead of slice/neg/cat.
+        qk = qkv[:, :, : Hq + Hkv]
+        qk.copy_(torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin))
+        # Advanced indices on dims 1 and 3 put (B, T) first: the slot is (B, T, 2, Hkv, D).
+        kv_layer[:, b_idx, :, write_pos] = qkv[:, :, Hq:].view(B, T, 2, Hkv, D)
+        attn = tree_attention(
+            qkv[:, :, :Hq], kv_layer[0], kv_layer[1], lens, tree_mask, self.sm_scale,
+            backend=attn_backend,
+        )
+        x = x + self.o_proj(attn.reshape(B, T, Hq * D))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    """A Llama-family causal LM that decodes, prefills and verifies token trees over a ``KVCache``.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    dtype : torch.dtype
+        Dtype of the weights, the activations and the cache. Logits are always float32
+        (float64 for a float64 model).
+    device : torch.device or str
+    init_std : float or None
+        Initialise weights from ``N(0, init_std)`` (norms at one), as transformers does with its
+        ``initializer_range``; ``None`` leaves them uninitialised for a loader to fill.
+
+    Attributes
+    ----------
+    config : ModelConfig
+    embed_tokens : nn.Embedding
+        Shared with drafts.
+    lm_head : nn.Linear
+        ``lm_head.weight`` is ``embed_tokens.weight`` when the embeddings are tied.
+    attn_backend : {"auto", "reference", "triton"}
+        Passed to :func:`glide.kernels.tree_attention`.
+    """
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32, device="cpu", init_std=0.02):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.attn_backend = "auto"
+        self.embed_tokens = nn.utils.skip_init(nn.Embedding, c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(c, dtype, device) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.lm_head = _empty_linear(c.hidden_size, c.vocab_size, dtype, device)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = self._rope_tables(dtype, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if init_std is not None:
+            for name, p in self.named_parameters():
+                if "layernorm" in name or name == "norm.weight":
+                    continue
+                nn.init.normal_(p, std=init_std)
+        self.requires_grad_(False)
+        self._masks = {}
+
+    def _rope_tables(self, dtype, device):
+        """cos and signed sin tables, shape (max_position_embeddings, head_dim).
+
+        Built in float32 like transformers (float64 for a float64 model), scaled by the
+        attention scaling, then cast once to the model dtype. The first half of ``sin`` is
+        negated so that ``rotate_half(x) * sin == roll(x, D/2) * signed_sin``.
+        """
+        c = self.config
+        inv_freq, scaling = c.rope_frequencies()
+        tdt = torch.float64 if dtype == torch.float64 else torch.float32
+        pos = torch.arange(c.max_position_embeddings, dtype=torch.int64).to(tdt)
+        freqs = pos[:, None] * inv_freq.to(tdt)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        half = c.head_dim // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cos.to(dtype=dtype, device=device), sin.to(dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, max_seq: int) -> KVCache:
+        """An empty :class:`KVCache` for this model (its dtype and device).
+
+        Parameters
+        ----------
+        batch_size : int
+        max_seq : int
+            At most ``config.max_position_embeddings`` (the RoPE tables stop there).
+        """
+        c = self.config
+        if isinstance(max_seq, int) and max_seq > c.max_position_embeddings:
+            raise ValueError(
+                f"max_seq ({max_seq}) exceeds the model's max_position_embeddings "
+                f"({c.max_position_embeddings})"
+            )
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq, c.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None):
+        """Run ``T`` new tokens per sequence and write their K/V into ``cache``.
+
+        Token ``j`` of sequence ``b`` sees the committed prefix ``[0, lens[b])`` and the new
+        tokens ``i`` with ``tree_mask[b, j, i]``; its K/V go to position ``lens[b] + j`` of every
+        layer. ``cache.lens`` is not advanced (see :meth:`KVCache.commit`, :meth:`KVCache.compact`).
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor, shape (batch, T), int64
+        position_ids : torch.Tensor, shape (batch, T), int64
+            RoPE positions: ``lens + j`` for a causal chunk, ``lens + depth`` for a tree.
+        tree_mask : torch.Tensor, shape (batch, T, T), bool
+            ``tree_mask[b, j, i]``: new token ``i`` is ``j`` or an ancestor of ``j``.
+        cache : KVCache
+            Needs ``lens + T <= max_seq``.
+        logits_index : torch.Tensor, shape (batch,), int64, optional
+            Compute the LM head only at row ``logits_index[b]`` of each sequence.
+
+        Returns
+        -------
+        torch.Tensor, float32 (float64 for a float64 model)
+            Shape (batch, T, vocab), or (batch, vocab) with ``logits_index``.
+        """
+        B, T = self._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
+        dev = input_ids.device
+        lens = cache.lens
+        write_pos = lens[:, None] + torch.arange(T, device=dev)
+        b_idx = torch.arange(B, device=dev)[:, None].expand(B, T)
+        cos = self.rope_cos[position_ids].unsqueeze(2)
+        sin = self.rope_sin[position_ids].unsqueeze(2)
+        h = self.embed_tokens(input_ids)
+        for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
+            h = layer(h, cos, sin, kv_layer, lens, b_idx, write_pos, tree_mask, self.attn_backend)
+        if logits_index is not None:
+            h = h[torch.arange(B, device=dev), logits_index]
+        logits = self.lm_head(self.norm(h))
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def prefill(self, prompts, cache: KVCache) -> torch.Tensor:
+        """Reset ``cache`` and run the prompts; ``cache.lens`` becomes the prompt lengths.
+
+        Parameters
+        ----------
+        prompts : list of list of int
+            ``batch`` non-empty token lists, of any lengths (right-padded internally).
+        cache : KVCache
+            With ``batch_size == len(prompts)`` and ``max_seq >= max(len(p))``.
+
+        Returns
+        -------
+        torch.Tensor, shape (batch, vocab), float32
+            Logits at each prompt's last token.
+        """
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        lengths = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple)) or len(p) == 0:
+                raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
+            lengths.append(len(p))
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        B, T = len(prompts), max(lengths)
+        if cache.batch_size != B:
+            raise ValueError(f"cache has batch_size {cache.batch_size}, but prompts has {B} prompts")
+        if T > cache.max_seq:
+            raise ValueError(f"the longest prompt ({T} tokens) exceeds the cache's max_seq {cache.max_seq}")
+        ids = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], dtype=torch.int64)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"prompts hold token ids in [{lo}, {hi}], outside [0, {self.config.vocab_size})")
+        dev = self.device
+        ids = ids.to(dev)
+        lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
+        pos = torch.arange(T, device=dev).expand(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
+        cache.reset()
+        logits = self.forward(ids, pos, causal, cache, logits_index=lens - 1)
+        cache.commit(lens)
+        return logits
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run one token per sequence and commit it.
+
+        Parameters
+        ----------
+        tokens : torch.Tensor, shape (batch,), int64
+        cache : KVCache
+
+        Returns
+        -------
+        torch.Tensor, shape (batch, vocab), float32
+        """
+        if not _is_int_tensor(tokens) or tokens.dim() != 1:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch,) int64 tensor, got {shape}")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        B = tokens.shape[0]
+        key = (B, tokens.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = torch.ones(B, 1, 1, dtype=torch.bool, device=tokens.device)
+        logits = self.forward(tokens[:, None], cache.lens[:, None], mask, cache)[:, 0]
+        cache.commit(1)
+        return logits
+
+    # ------------------------------------------------------------------ validation
+    def _check_forward(self, input_ids, position_ids, tree_mask, cache, logits_index):
+        if not _is_int_tensor(input_ids) or input_ids.dim() != 2:
+            what = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(
+                input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, T) int64 tensor, got a {what}")
+        B, T = input_ids.shape
+        if T == 0 or B == 0:
+            raise ValueError(f"input_ids must have batch >= 1 and T >= 1, got shape {(B, T)}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids is on {input_ids.device}, expected the model's {self.device}")
+        if not _is_int_tensor(position_ids) or position_ids.shape != (B, T):
+            what = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+            raise ValueError(f"position_ids must be a ({B}, {T}) int64 tensor, got {what}")
+        if not isinstance(tree_mask, torch.Tensor) or tree_mask.shape != (B, T, T):
+            what = tuple(tree_mask.shape) if isinstance(tree_mask, torch.Tensor) else type(tree_mask).__name__
+            raise ValueError(f"tree_mask must have shape ({B}, {T}, {T}), got {what}")
+        if tree_mask.dtype != torch.bool:
+            raise TypeError(f"tree_mask must have dtype torch.bool, got {tree_mask.dtype}")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        c = self.config
+        want = (c.num_layers, 2, B, c.num_kv_heads, cache.max_seq, c.head_dim)
+        if tuple(cache.kv.shape) != want:
+            raise ValueError(f"cache.kv has shape {tuple(cache.kv.shape)}, expected {want} for this model and batch")
+        if cache.dtype != self.dtype or cache.device != self.device:
+            raise ValueError(
+                f"cache is {cache.dtype} on {cache.device}, expected the model's {self.dtype} on {self.device}"
+            )
+        bound = cache.max_len_bound()
+        if bound + T > cache.max_seq:
+            raise ValueError(
+                f"cache overflow: lens ({bound}) + T ({T}) exceeds the cache's max_seq ({cache.max_seq})"
+            )
+        if logits_index is not None and (not _is_int_tensor(logits_index) or logits_index.shape != (B,)):
+            what = tuple(logits_index.shape) if isinstance(logits_index, torch.Tensor) else type(logits_index).__name__
+            raise ValueError(f"logits_index must be a ({B},) int64 tensor, got {what}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+        return B, T

@@ -369,6 +369,7 @@ def run_sweep(sweep: dict, device: torch.device, kernels: list[str] | None = Non
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = dict(env, copy_gbps=copy_gbps, timing=timing_kw, num_cases=len(cases),
+                torch_threads=torch.get_num_threads(),
                 description=sweep.get("description", ""),
                 impl_note=("CPU rows time PyTorch (the references, the launchers' torch fallback, "
                            "SDPA), never the Triton kernels or Triton's interpreter."
@@ -384,8 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", help="comma-separated subset of kernels")
     p.add_argument("--limit", type=int, help="run only the first N cases (smoke tests)")
     p.add_argument("--out", help="results file (default profiles/<device-slug>/<sweep>.json)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on "
+                   "a shared machine 1 avoids timing threads that wait for a descheduled peer")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

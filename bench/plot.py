@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +84,16 @@ def plot_kernels(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 ax.set_yscale("log")
             ax.set_xlabel(x)
             ax.set_ylabel(ylabel)
-            ax.set_title(kernel + "\n" + ", ".join(f"{k}={v}" for k, v in fixed.items()),
-                         fontsize=8)
+            fixed_text = textwrap.fill(", ".join(f"{k}={v}" for k, v in fixed.items()), 56)
+            ax.set_title(f"{kernel}\n{fixed_text}", fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         copy = meta.get("copy_gbps")
-        fig.suptitle(f"{meta.get('device', '?')} - sweep {meta.get('sweep', stem)} - "
-                     f"copy {copy:.1f} GB/s - {str(meta.get('git_sha', ''))[:12]}"
-                     if copy else f"{meta.get('device', '?')} - sweep {stem}", fontsize=9)
+        line2 = f"sweep {meta.get('sweep', stem)}"
+        if copy:
+            line2 += f" - copy {copy:.1f} GB/s"
+        line2 += f" - {str(meta.get('git_sha', ''))[:12]}"
+        fig.suptitle(f"{meta.get('device', '?')}\n{line2}", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"{stem}_{what}.png"
         fig.savefig(path, dpi=110)

@@ -2,29 +2,22 @@
 
 Import path: ``from glide.kernels import tree_attention``. The package is ``glide.kernels``, not
 a top-level ``kernels``, because transformers probes for a distribution called ``kernels``.
+Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors.
 """
 
 from . import reference
 from ._dispatch import interpreter_enabled, use_triton
+from .attention import attention_config, cross_attention, tree_attention
+from .compact import compact_kv
+from .topk import cape_topk
 
-__all__ = ["reference", "interpreter_enabled", "use_triton"]
-
-# The launchers register themselves below as they land.
-try:  # pragma: no cover - filled in by the kernel modules
-    from .attention import cross_attention, tree_attention  # noqa: F401
-
-    __all__ += ["tree_attention", "cross_attention"]
-except ImportError:
-    pass
-try:  # pragma: no cover
-    from .topk import cape_topk  # noqa: F401
-
-    __all__ += ["cape_topk"]
-except ImportError:
-    pass
-try:  # pragma: no cover
-    from .compact import compact_kv  # noqa: F401
-
-    __all__ += ["compact_kv"]
-except ImportError:
-    pass
+__all__ = [
+    "tree_attention",
+    "cross_attention",
+    "cape_topk",
+    "compact_kv",
+    "attention_config",
+    "reference",
+    "interpreter_enabled",
+    "use_triton",
+]

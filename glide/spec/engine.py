@@ -1,0 +1,231 @@
+"""The decode loop: prefill, then draft -> one tree-verification forward -> accept -> compact.
+
+Autoregressive decoding is the same loop with no draft (the tree is just the root), on a
+lean path: one ``model.decode`` per step and no compaction.
+
+Each step makes one host sync, to learn how many tokens each sequence emitted and whether all
+are done; sequences that finished stay in the batch but commit nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .drafts import Draft, DraftContext
+from .tree import build_tree, raise_problems
+from .verify import check_sampling, process_logits, sample, verify_greedy, verify_sampling
+
+__all__ = ["SequenceOutput", "generate_ids"]
+
+
+@dataclass
+class SequenceOutput:
+    """One sequence's result.
+
+    Attributes
+    ----------
+    output_ids : list of int
+        New tokens only, EOS included if emitted, at most ``max_new_tokens``.
+    target_forwards : int
+        Target forwards after the prefill while this sequence was active.
+    seconds : float
+        Wall time from the end of the prefill until this sequence finished.
+    accepted : list of int
+        New tokens after each of those forwards (the first token, from the prefill, is not
+        in it).
+    """
+
+    output_ids: list[int] = field(default_factory=list)
+    target_forwards: int = 0
+    seconds: float = 0.0
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """New tokens per target forward (``nan`` if there was none)."""
+        return sum(self.accepted) / len(self.accepted) if self.accepted else math.nan
+
+
+class _Batch:
+    """Device-side state of the batch: committed tokens, lengths, who is still active."""
+
+    def __init__(self, prompts, capacity, max_new_tokens, eos_token_ids, device):
+        B = len(prompts)
+        # One extra "sink" column takes the writes of tokens that are not kept.
+        self.tokens = torch.zeros(B, capacity + 1, dtype=torch.int64, device=device)
+        for b, p in enumerate(prompts):
+            self.tokens[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        self.lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
+        self.num_new = torch.zeros(B, dtype=torch.int64, device=device)
+        self.active = torch.ones(B, dtype=torch.bool, device=device)
+        self.root = torch.zeros(B, dtype=torch.int64, device=device)
+        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.int64, device=device)
+        self.max_new = max_new_tokens
+        self.rows = torch.arange(B, device=device)
+
+    def context(self, model, cache) -> DraftContext:
+        # Views of the state: updated in place, so one context serves the whole run.
+        return DraftContext(model, cache, self.tokens[:, :-1], self.lengths, self.root, self.active)
+
+    def emit(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Append ``new[b, :count[b]]`` (B, A), cut at EOS and ``max_new_tokens``; return the kept
+        counts (0 for finished sequences)."""
+        A = new.shape[1]
+        slots = torch.arange(A, device=new.device)
+        count = torch.where(self.active, torch.minimum(count, self.max_new - self.num_new), 0)
+        is_eos = torch.isin(new, self.eos) & (slots < count[:, None])
+        hit = is_eos.any(-1)
+        count = torch.where(hit, is_eos.int().argmax(-1) + 1, count)
+        pos = torch.where(slots < count[:, None], self.lengths[:, None] + slots, self.tokens.shape[1] - 1)
+        self.tokens.scatter_(1, pos, new)
+        self.lengths += count
+        self.num_new += count
+        self.root.copy_(self.tokens[self.rows, self.lengths - 1])
+        self.active &= ~hit & (self.num_new < self.max_new)
+        return count
+
+
+def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tree_size):
+    check_sampling(temperature, top_p)
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)) or len(p) == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in p):
+            raise ValueError(f"prompts[{i}] holds a token id outside [0, {vocab})")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    need = max(len(p) for p in prompts) + max_new_tokens + tree_size
+    limit = model.config.max_position_embeddings
+    if need > limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is too long: the longest prompt plus max_new_tokens plus "
+            f"the tree ({tree_size}) needs {need} positions, the model has {limit}"
+        )
+    if draft is not None:
+        if not isinstance(draft, Draft):
+            raise TypeError(f"draft must be a glide.spec.drafts.Draft, got {type(draft).__name__}")
+        draft.check(model)
+
+
+def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=(), seed: int = 0,
+                 on_tokens=None) -> list[SequenceOutput]:
+    """Generate from a batch of prompts, speculatively with ``draft`` or autoregressively.
+
+    Greedy speculative output equals greedy autoregressive output token for token; sampled
+    output has the same law (see :mod:`glide.spec.verify`).
+
+    Parameters
+    ----------
+    model : LlamaModel
+    prompts : list of list of int
+        ``batch`` non-empty prompts of any lengths.
+    draft : Draft, optional
+        ``None`` decodes autoregressively.
+    max_new_tokens : int
+        Per sequence, the first token (from the prefill) included.
+    temperature : float
+        ``0`` is greedy.
+    top_p : float, in (0, 1]
+    eos_token_ids : iterable of int
+        A sequence stops after emitting any of these.
+    seed : int
+        Seeds the ``torch.Generator`` behind all sampling.
+    on_tokens : callable, optional
+        ``on_tokens(seq_index, new_token_ids)`` after every step that emitted tokens.
+
+    Returns
+    -------
+    list of SequenceOutput, one per prompt
+
+    Raises
+    ------
+    ValueError
+        Naming ``prompts``, ``max_new_tokens``, ``temperature``, ``top_p`` or ``draft``.
+    """
+    tree_size = 1 + (draft.max_nodes if draft is not None else 0)
+    _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tree_size)
+    B, dev = len(prompts), model.device
+    capacity = max(len(p) for p in prompts) + max_new_tokens
+    cache = model.new_cache(B, capacity + tree_size)
+    state = _Batch(prompts, capacity, max_new_tokens, eos_token_ids or (), dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    greedy = temperature == 0.0
+
+    def pick(logits):  # (B, V) -> (B,)
+        return logits.argmax(-1) if greedy else sample(process_logits(logits, temperature, top_p), gen)
+
+    outputs = [SequenceOutput() for _ in range(B)]
+    logits = model.prefill([list(p) for p in prompts], cache)
+    start = time.perf_counter()
+    first = pick(logits)[:, None]
+    ones = torch.ones(B, dtype=torch.int64, device=dev)
+    running = _report(outputs, state.emit(first, ones), first, state.active, None, start, on_tokens)
+    ctx = state.context(model, cache)
+    if draft is not None and running:
+        draft.begin(ctx)
+    while running:
+        was_active = state.active.clone()
+        if draft is None:
+            new = pick(model.decode(state.root, cache))[:, None]
+            count = state.emit(new, ones)
+            problems = None
+        else:
+            proposal = draft.propose(ctx)
+            if proposal.num_nodes > draft.max_nodes:
+                raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes "
+                                 f"{draft.max_nodes}")
+            problems = proposal.problems(model.config.vocab_size)
+            tree = build_tree(state.root, proposal, max_depth=(max_new_tokens - state.num_new - 1).clamp(min=0))
+            logits = model.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
+            if greedy:
+                verdict = verify_greedy(tree, logits)
+            else:
+                verdict = verify_sampling(tree, process_logits(logits, temperature, top_p), gen)
+            new = verdict.tokens
+            count = state.emit(new, verdict.path_lens)
+            cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS
+            # KVCache.compact raises its host-side length bound by the tree size, which drifts
+            # past max_seq after a few steps; committing nothing makes the cache re-measure it.
+            cache.commit(torch.zeros_like(count))
+            draft.observe(ctx)
+        running = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
+                          model.config.vocab_size)
+    return outputs
+
+
+def _report(outputs, count, new, active, was_active, start, on_tokens, problems=None, vocab=None) -> bool:
+    """The step's one host sync: hand out the emitted tokens, note who finished, and return
+    whether any sequence is still active. ``was_active`` is ``None`` for the prefill's token."""
+    B = len(outputs)
+    forward = was_active if was_active is not None else torch.zeros_like(active)
+    packed = torch.cat([count[:, None], active[:, None].long(), forward[:, None].long(), new], 1)
+    flat = packed.flatten()
+    if problems is not None:  # the draft's validity checks ride on the same transfer
+        flat = torch.cat([flat, problems.long()])
+    flat = flat.tolist()
+    if problems is not None:
+        raise_problems(flat[packed.numel():], vocab)
+    now = time.perf_counter()
+    width = packed.shape[1]
+    for b in range(B):
+        n, still, counted = flat[b * width: b * width + 3]
+        out = outputs[b]
+        if counted:
+            out.target_forwards += 1
+            out.accepted.append(n)
+        if n:
+            ids = flat[b * width + 3: b * width + 3 + n]
+            out.output_ids.extend(ids)
+            if on_tokens is not None:
+                on_tokens(b, ids)
+        if (counted or was_active is None) and not still:
+            out.seconds = now - start
+    return any(flat[b * width + 1] for b in range(B))

@@ -1,0 +1,262 @@
+"""The decode loop on a tiny random-weight float64 model.
+
+Greedy speculative decoding must reproduce greedy AR decoding token for token with any draft;
+sampled speculative decoding must have the AR law. The model runs its PyTorch reference
+attention and cache compaction here (fast); one test runs the Triton interpreter path.
+"""
+
+import math
+
+import pytest
+import torch
+
+import glide.model.cache as cache_module
+from glide.kernels.reference import compact_kv_ref
+from glide.model import LlamaModel, ModelConfig
+from glide.spec.drafts import ModelDraft, OracleDraft, PromptLookupDraft, RandomTreeDraft, WrongDraft
+import glide.spec.engine as engine_module
+from glide.spec.engine import generate_ids
+from glide.spec.verify import process_logits, sample, walk
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 3]]
+MAX_NEW = 24
+
+
+def tiny_model(vocab=37, seed=0, layers=2, max_pos=128, std=0.3, hidden=32, dtype=torch.float64):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden + 16, num_layers=layers,
+                      num_heads=hidden // 8, num_kv_heads=hidden // 16, head_dim=8,
+                      max_position_embeddings=max_pos)
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg, dtype=dtype, init_std=std)
+    model.attn_backend = "reference"
+    return model
+
+
+@pytest.fixture(autouse=True)
+def reference_compaction(request, monkeypatch):
+    """Compact the cache with the PyTorch reference unless a test runs the Triton path."""
+    if "triton_interpreter" not in request.node.name:
+        monkeypatch.setattr(cache_module, "compact_kv",
+                            lambda kv, lens, idx, n, **kw: compact_kv_ref(kv, lens, idx, n))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def ar(model):
+    return [o.output_ids for o in generate_ids(model, PROMPTS, max_new_tokens=MAX_NEW)]
+
+
+@pytest.fixture(scope="module")
+def eos_id(ar):
+    """A token the first sequence emits mid-way, never before: stopping there must bite."""
+    for k in range(3, MAX_NEW - 3):
+        if ar[0][k] not in ar[0][:k]:
+            return ar[0][k]
+    pytest.fail("no usable EOS id in the AR run")
+
+
+def _truncate(ids, eos):
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def _drafts(ar):
+    return {
+        **{f"random{s}": RandomTreeDraft(10, seed=s, references=ar, p_correct=0.6) for s in range(4)},
+        "random_blind": RandomTreeDraft(12, seed=9, p_invalid=0.1),
+        "model_other": ModelDraft(tiny_model(seed=1), (3, 2, 1)),
+        "model_self": ModelDraft(tiny_model(seed=0), (2, 2, 1)),
+        "lookup": PromptLookupDraft(3, 4),
+        "oracle": OracleDraft(ar, 4, width=2),
+        "wrong": WrongDraft(ar, 3, width=2),
+    }
+
+
+DRAFT_NAMES = ["random0", "random1", "random2", "random3", "random_blind", "model_other",
+               "model_self", "lookup", "oracle", "wrong"]
+
+
+def test_ar_emits_max_new_tokens_and_is_deterministic(model, ar):
+    assert [len(a) for a in ar] == [MAX_NEW] * 3
+    again = generate_ids(model, PROMPTS, max_new_tokens=MAX_NEW)
+    assert [o.output_ids for o in again] == ar
+    assert all(o.target_forwards == MAX_NEW - 1 and o.mean_accepted == 1.0 for o in again)
+    # batch composition does not change a sequence's output
+    solo = generate_ids(model, PROMPTS[1:2], max_new_tokens=MAX_NEW)
+    assert solo[0].output_ids == ar[1]
+
+
+@pytest.mark.parametrize("name", DRAFT_NAMES)
+def test_speculative_greedy_equals_ar_greedy(model, ar, eos_id, name):
+    want = [_truncate(a, eos_id) for a in ar]
+    assert len(want[0]) < MAX_NEW  # the EOS does stop the first sequence early
+    ar_eos = generate_ids(model, PROMPTS, max_new_tokens=MAX_NEW, eos_token_ids=[eos_id])
+    assert [o.output_ids for o in ar_eos] == want
+    draft = _drafts(ar)[name]
+    streamed = {b: [] for b in range(len(PROMPTS))}
+    out = generate_ids(model, PROMPTS, draft, max_new_tokens=MAX_NEW, eos_token_ids=[eos_id],
+                       on_tokens=lambda b, ids: streamed[b].extend(ids))
+    for b, o in enumerate(out):
+        assert o.output_ids == want[b], (name, b)
+        assert streamed[b] == want[b]
+        assert o.target_forwards == len(o.accepted)
+        assert sum(o.accepted) == len(o.output_ids) - 1  # the first token came from the prefill
+        assert o.seconds > 0
+    # a sequence that stops early took fewer forwards than the one that ran longest
+    if name not in ("wrong",):
+        assert out[0].target_forwards <= max(o.target_forwards for o in out)
+
+
+def test_random_drafts_do_get_accepted(model, ar):
+    # guards the equality test above against trees that never match
+    out = generate_ids(model, PROMPTS, _drafts(ar)["random0"], max_new_tokens=MAX_NEW)
+    assert max(max(o.accepted) for o in out) >= 3
+
+
+def test_oracle_accepts_everything_and_wrong_accepts_nothing(model, ar):
+    depth = 4
+    out = generate_ids(model, PROMPTS, OracleDraft(ar, depth, width=3), max_new_tokens=MAX_NEW)
+    remaining, expect = MAX_NEW - 1, []
+    while remaining:
+        expect.append(min(depth + 1, remaining))
+        remaining -= expect[-1]
+    for o, a in zip(out, ar):
+        assert o.output_ids == a
+        assert o.accepted == expect
+        assert o.target_forwards == len(expect)
+        assert math.isclose(o.mean_accepted, (MAX_NEW - 1) / len(expect))
+    out = generate_ids(model, PROMPTS, WrongDraft(ar, 3, width=2), max_new_tokens=MAX_NEW)
+    for o, a in zip(out, ar):
+        assert o.output_ids == a and o.mean_accepted == 1.0 and o.target_forwards == MAX_NEW - 1
+
+
+def test_max_new_tokens_one_and_eos_first(model, ar):
+    out = generate_ids(model, PROMPTS, OracleDraft(ar, 3), max_new_tokens=1)
+    assert [o.output_ids for o in out] == [[a[0]] for a in ar]
+    assert all(o.target_forwards == 0 for o in out)
+    out = generate_ids(model, PROMPTS, OracleDraft(ar, 3), max_new_tokens=MAX_NEW, eos_token_ids=[ar[1][0]])
+    assert out[1].output_ids == [ar[1][0]] and out[1].target_forwards == 0
+    assert out[0].output_ids == _truncate(ar[0], ar[1][0])
+
+
+@pytest.mark.parametrize("use_draft", [False, True])
+def test_sampling_is_reproducible_with_a_seed(model, ar, use_draft):
+    def run(seed):
+        draft = ModelDraft(tiny_model(seed=1), (2, 2)) if use_draft else None
+        return [o.output_ids for o in generate_ids(model, PROMPTS, draft, max_new_tokens=12,
+                                                   temperature=0.9, top_p=0.95, seed=seed)]
+    a, b, c = run(3), run(3), run(4)
+    assert a == b and a != c
+    assert all(len(x) == 12 for x in a)
+
+
+# ---------------------------------------------------------------- the sampled law
+V_SMALL = 6
+N_SAMPLES = 20000
+
+
+def _exact_first_three(model, prompt, temperature, top_p):
+    """Law of the first three tokens, from the model's conditionals: (V, V, V)."""
+    V = V_SMALL
+
+    def cond(prompts):
+        cache = model.new_cache(len(prompts), 16)
+        return process_logits(model.prefill(prompts, cache), temperature, top_p)
+
+    p1 = cond([prompt])[0]
+    p2 = cond([prompt + [a] for a in range(V)])  # (V, V)
+    p3 = cond([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def _broken_verifier(tree, probs, gen):
+    """Takes the target's favourite whenever a child carries it, else samples: not exact."""
+    picked = sample(probs, gen)
+    top = probs.argmax(-1)
+    slots = torch.arange(tree.size)
+    proposed = ((tree.tokens[:, None, :] == top[:, :, None]) & (tree.parents[:, None, :] == slots[None, :, None])).any(-1)
+    return walk(tree, torch.where(proposed, top, picked))
+
+
+def _sampled_tv(temperature, top_p):
+    small = dict(vocab=V_SMALL, layers=1, hidden=16, std=0.3)
+    model = tiny_model(seed=5, **small)
+    # Deterministic top-2 candidates from a draft that shares the target's weights, so that
+    # second-level nodes get accepted too; the first verification may emit up to 3 tokens.
+    draft = ModelDraft(tiny_model(seed=5, **small), (2, 2))
+    prompt = [1, 4, 2]
+    law = _exact_first_three(model, prompt, temperature, top_p).reshape(-1)
+    out = generate_ids(model, [prompt] * N_SAMPLES, draft, max_new_tokens=4, temperature=temperature,
+                       top_p=top_p, seed=5)
+    ids = torch.tensor([o.output_ids[:3] for o in out])
+    idx = ids[:, 0] * V_SMALL ** 2 + ids[:, 1] * V_SMALL + ids[:, 2]
+    emp = torch.bincount(idx, minlength=V_SMALL ** 3).double() / N_SAMPLES
+    first = torch.tensor([o.accepted[0] for o in out])
+    return 0.5 * (emp - law).abs().sum().item(), first
+
+
+# E[TV] <= sqrt(K / n) / 2 and TV is 1/n-Lipschitz per sample (McDiarmid, delta = 1e-6)
+TV_BOUND = 0.5 * math.sqrt(V_SMALL ** 3 / N_SAMPLES) + math.sqrt(math.log(1e6) / (2 * N_SAMPLES))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.3, 0.9)])
+def test_speculative_sampling_has_the_ar_law(temperature, top_p):
+    tv, first = _sampled_tv(temperature, top_p)
+    assert tv < TV_BOUND, f"TV {tv:.4f} >= {TV_BOUND:.4f}"
+    # not vacuous: the draft's candidates were accepted, often two levels deep
+    assert (first >= 2).double().mean() > 0.5 and (first == 3).double().mean() > 0.2
+
+
+def test_engine_law_check_catches_a_broken_verifier(monkeypatch):
+    monkeypatch.setattr(engine_module, "verify_sampling", _broken_verifier)
+    tv, _ = _sampled_tv(1.3, 0.9)
+    assert tv > TV_BOUND, f"a broken verifier passed: TV {tv:.4f} <= {TV_BOUND:.4f}"
+
+
+# ---------------------------------------------------------------- the Triton path
+def test_engine_through_triton_interpreter():
+    from glide.kernels._dispatch import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+    model = tiny_model(dtype=torch.float32)  # the kernels take float32 and half types
+    want = [o.output_ids for o in generate_ids(model, PROMPTS[:2], max_new_tokens=8)]
+    model.attn_backend = "auto"  # tree attention and compaction through Triton
+    out = generate_ids(model, PROMPTS[:2], RandomTreeDraft(6, seed=2, references=want, p_correct=0.7),
+                       max_new_tokens=8)
+    assert [o.output_ids for o in out] == want
+    assert max(max(o.accepted) for o in out) >= 2
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(max_new_tokens=126), "max_new_tokens"),  # 3 + 126 + 1 > 128 positions
+        (dict(prompts=[]), "prompts"),
+        (dict(prompts=[[1, 2], []]), "prompts"),
+        (dict(prompts=[[1, 99]]), "prompts"),
+        (dict(draft=ModelDraft(tiny_model(vocab=40), (2,))), "draft"),
+        (dict(draft=WrongDraft([[1]], 2, width=37)), "draft"),
+    ],
+)
+def test_bad_input_names_the_argument(model, kwargs, name):
+    args = dict(prompts=[[1, 2, 3]], draft=None, max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        generate_ids(model, args.pop("prompts"), args.pop("draft"), **args)
+
+
+def test_tree_too_large_for_the_model_names_max_new_tokens(model):
+    # 3 + 100 new tokens fit 128 positions, but not with a 30-node tree on top
+    generate_ids(model, [[1, 2, 3]], max_new_tokens=100)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_ids(model, [[1, 2, 3]], RandomTreeDraft(30), max_new_tokens=100)

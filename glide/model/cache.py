@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from glide.kernels import compact_kv
-except ImportError:  # pragma: no cover - the launcher has not landed; same semantics
-    from glide.kernels.reference import compact_kv_ref
-
-    def compact_kv(kv, cache_seqlens, path_idx, path_lens, backend="auto"):
-        return compact_kv_ref(kv, cache_seqlens, path_idx, path_lens)
-
+from glide.kernels import compact_kv
 
 __all__ = ["KVCache"]
 
@@ -41,6 +34,8 @@ class KVCache:
     lens : torch.Tensor, shape (batch,), int64
         Committed length of each sequence. Change it in place only (``copy_``, ``+=``) or through
         the methods, so that its identity is kept.
+    compact_backend : {"auto", "reference", "triton"}
+        Passed to :func:`glide.kernels.compact_kv`.
     """
 
     def __init__(self, num_layers, batch_size, num_kv_heads, max_seq, head_dim,
@@ -53,6 +48,7 @@ class KVCache:
         self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, max_seq, head_dim,
                               dtype=dtype, device=device)
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=self.kv.device)
+        self.compact_backend = "auto"
         # Host-side upper bound on max(lens), valid while `lens` is this tensor at this version:
         # lets the model check for overflow without a device sync on every step.
         self._bound = 0
@@ -158,7 +154,8 @@ class KVCache:
                 f"{bound} + {path_idx.shape[1]} > max_seq {self.max_seq}"
             )
         L, _, B, H, S, D = self.kv.shape
-        compact_kv(self.kv.view(L * 2, B, H, S, D), self.lens, path_idx, path_lens)
+        compact_kv(self.kv.view(L * 2, B, H, S, D), self.lens, path_idx, path_lens,
+                   backend=self.compact_backend)
         self.lens += path_lens
         self._set_bound(bound + path_idx.shape[1])
 

@@ -13,7 +13,6 @@ weights; this needs the ``gguf`` package and takes ~15 s for the embedded model 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -100,7 +99,10 @@ def load_hf(path=None, dtype=torch.float32, device="cpu"):
     where = str(directory / gguf) if gguf else str(directory)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError, EnvironmentError) as exc:
+    except ImportError:
+        raise  # a missing optional package (gguf, accelerate) says so itself
+    except Exception as exc:  # transformers raises many types for unreadable files
+
         raise ValueError(f"model: could not load {where!r}: {type(exc).__name__}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)

@@ -129,9 +129,9 @@ class PromptLookupDraft(Draft):
 class ModelDraft(Draft):
     """A small causal LM with the target's vocabulary, expanding the top-k at each level.
 
-    The draft keeps its own cache: each step it first runs the tokens committed since the
-    last step (the previous root, the accepted ones and the new root), then expands the tree
-    one level per forward. Meant for tests and as a baseline, not for speed.
+    The draft keeps its own cache, like the target's: the committed tokens without the root.
+    Each step it runs the tokens committed since the last step plus the root, then expands
+    the tree one level per forward. Meant for tests and as a baseline, not for speed.
 
     Parameters
     ----------
@@ -168,33 +168,35 @@ class ModelDraft(Draft):
         self.cache = self.model.new_cache(B, need)
 
     def _catch_up(self, ctx: DraftContext) -> torch.Tensor:
-        """Run the newly committed tokens; return the draft's logits at the root, (B, V)."""
+        """Run the tokens committed since the last step, root included; keep all but the root
+        in the draft's cache (like the target's). Returns the logits at the root, (B, V)."""
         cache, dev = self.cache, ctx.tokens.device
-        new = ctx.lengths - cache.lens  # >= 1 for active sequences
-        T = max(int(new.max()), 1)  # host sync: fine for a test draft
+        new = ctx.lengths - cache.lens  # >= 1: the root is never kept
+        T = int(new.max())  # host sync: fine for a test draft
         idx = cache.lens[:, None] + torch.arange(T, device=dev)
         ids = ctx.tokens.gather(1, idx.clamp(max=ctx.tokens.shape[1] - 1))
+        ids = torch.where(idx < ctx.lengths[:, None], ids, 0)  # padding: any valid id
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(ids.shape[0], T, T)
-        logits = self.model.forward(ids, idx, causal, cache, logits_index=(new - 1).clamp(min=0))
-        cache.commit(new.clamp(min=0))
+        logits = self.model.forward(ids, idx, causal, cache, logits_index=new - 1)
+        cache.commit(new - 1)
         return logits
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        logits = self._catch_up(ctx)  # the root is now in the draft's cache
+        logits = self._catch_up(ctx)
         B, dev = logits.shape[0], logits.device
         tokens = torch.zeros(B, 0, dtype=torch.int64, device=dev)
         parents = torch.zeros_like(tokens)
         probs = torch.zeros(B, 0, dtype=logits.dtype, device=dev)
         frontier = torch.zeros(B, 1, dtype=torch.int64, device=dev)  # tree slots of the last level
         level_logits = logits[:, None, :]
+        minus_one = torch.full((B, 1), -1, dtype=torch.int64, device=dev)
         for depth, k in enumerate(self.branching, start=1):
             if depth > 1:
-                # Re-run every node so far (slots 1..N) as a tree over the draft's prefix.
-                local = parents - 1  # slot -> node index; children of the root get -1
-                mask = ancestor_mask(local)
+                # Re-run the root and every node so far as a tree over the draft's prefix.
+                mask = ancestor_mask(torch.cat([minus_one, parents], 1))
                 pos = self.cache.lens[:, None] + mask.sum(-1) - 1
-                out = self.model.forward(tokens, pos, mask, self.cache)
-                level_logits = out.gather(1, (frontier - 1)[:, :, None].expand(-1, -1, out.shape[-1]))
+                out = self.model.forward(torch.cat([ctx.root[:, None], tokens], 1), pos, mask, self.cache)
+                level_logits = out.gather(1, frontier[:, :, None].expand(-1, -1, out.shape[-1]))
             p, ids = torch.softmax(level_logits, -1).topk(k, dim=-1)  # (B, F, k)
             F = frontier.shape[1]
             tokens = torch.cat([tokens, ids.reshape(B, F * k)], 1)

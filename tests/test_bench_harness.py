@@ -5,16 +5,11 @@ Fast and CPU-only; nothing here asserts a speed.
 
 import json
 import math
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-# bench/ is a top-level folder of the repository, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import e2e, harness, kernels, plot, sweeps, traffic  # noqa: E402
+# bench/ is a top-level folder of the repository; pyproject's pytest `pythonpath` finds it.
+from bench import e2e, harness, kernels, plot, sweeps, traffic
 
 # ------------------------------------------------------------------------- bytes accounting
 

@@ -56,9 +56,8 @@ class _Batch:
     def __init__(self, prompts, capacity, max_new_tokens, eos_token_ids, device):
         B = len(prompts)
         # One extra "sink" column takes the writes of tokens that are not kept.
-        self.tokens = torch.zeros(B, capacity + 1, dtype=torch.int64, device=device)
-        for b, p in enumerate(prompts):
-            self.tokens[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        padded = [list(p) + [0] * (capacity + 1 - len(p)) for p in prompts]
+        self.tokens = torch.tensor(padded, dtype=torch.int64).to(device)
         self.lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
         self.num_new = torch.zeros(B, dtype=torch.int64, device=device)
         self.active = torch.ones(B, dtype=torch.bool, device=device)
@@ -162,6 +161,11 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     def pick(logits):  # (B, V) -> (B,)
         return logits.argmax(-1) if greedy else sample(process_logits(logits, temperature, top_p), gen)
 
+    def verify(tree, logits):  # (B, T, V) -> Verdict
+        if greedy:
+            return verify_greedy(tree, logits)
+        return verify_sampling(tree, process_logits(logits, temperature, top_p), gen)
+
     outputs = [SequenceOutput() for _ in range(B)]
     logits = model.prefill([list(p) for p in prompts], cache)
     start = time.perf_counter()
@@ -173,32 +177,34 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         draft.begin(ctx)
     while running:
         was_active = state.active.clone()
-        if draft is None:
+        if draft is None:  # AR: the tree is just the root, so commit it without compaction
             new = pick(model.decode(state.root, cache))[:, None]
-            count = state.emit(new, ones)
-            problems = None
+            count, problems = state.emit(new, ones), None
         else:
-            proposal = draft.propose(ctx)
-            if proposal.num_nodes > draft.max_nodes:
-                raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes "
-                                 f"{draft.max_nodes}")
-            problems = proposal.problems(model.config.vocab_size)
-            tree = build_tree(state.root, proposal, max_depth=(max_new_tokens - state.num_new - 1).clamp(min=0))
-            logits = model.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
-            if greedy:
-                verdict = verify_greedy(tree, logits)
-            else:
-                verdict = verify_sampling(tree, process_logits(logits, temperature, top_p), gen)
-            new = verdict.tokens
-            count = state.emit(new, verdict.path_lens)
-            cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS
-            # KVCache.compact raises its host-side length bound by the tree size, which drifts
-            # past max_seq after a few steps; committing nothing makes the cache re-measure it.
-            cache.commit(torch.zeros_like(count))
-            draft.observe(ctx)
+            new, count, problems = _speculative_step(model, cache, draft, ctx, state, verify)
         running = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
                           model.config.vocab_size)
     return outputs
+
+
+def _speculative_step(model, cache, draft, ctx, state, verify):
+    """Draft a tree, verify it in one forward, keep the accepted path. Returns the emitted
+    tokens (B, T), how many of them each sequence kept, and the draft's validity flags."""
+    proposal = draft.propose(ctx)
+    if proposal.num_nodes > draft.max_nodes:
+        raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
+    problems = proposal.problems(model.config.vocab_size)
+    # never accept more than a sequence may still emit: this also bounds the positions used
+    tree = build_tree(state.root, proposal, max_depth=(state.max_new - state.num_new - 1).clamp(min=0))
+    logits = model.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
+    verdict = verify(tree, logits)
+    count = state.emit(verdict.tokens, verdict.path_lens)
+    cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS
+    # KVCache.compact raises its host-side length bound by the tree size, which drifts past
+    # max_seq after a few steps; committing nothing makes the cache re-measure it.
+    cache.commit(torch.zeros_like(count))
+    draft.observe(ctx)
+    return verdict.tokens, count, problems
 
 
 def _report(outputs, count, new, active, was_active, start, on_tokens, problems=None, vocab=None) -> bool:

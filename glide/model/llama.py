@@ -7,8 +7,9 @@ Every attention call is :func:`glide.kernels.tree_attention` over the static :cl
 - verification: the tree's ancestor mask, with ``position_ids = lens + depth``.
 
 The maths is transformers' ``LlamaForCausalLM`` (RMSNorm in float32, rotate-half RoPE, GQA,
-SwiGLU), with q/k/v fused into one matmul and gate/up into another. The forward does no host sync
-of its own: overflow is checked against the cache's host-side length bound.
+SwiGLU), with q/k/v fused into one matmul and gate/up into another. The forward syncs with the
+device only when the cache's host-side length bound cannot vouch that ``T`` more tokens fit
+(the attention launcher may sync on its own).
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ class DecoderLayer(nn.Module):
         kv_layer[:, b_idx, :, write_pos] = qkv[:, :, Hq:].view(B, T, 2, Hkv, D)
         attn = tree_attention(
             qkv[:, :, :Hq], kv_layer[0], kv_layer[1], lens, tree_mask, self.sm_scale,
-            backend=attn_backend,
+            check_lens=False, backend=attn_backend,  # the forward checked the room once
         )
         x = x + self.o_proj(attn.reshape(B, T, Hq * D))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)

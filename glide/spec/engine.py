@@ -200,9 +200,6 @@ def _speculative_step(model, cache, draft, ctx, state, verify):
     verdict = verify(tree, logits)
     count = state.emit(verdict.tokens, verdict.path_lens)
     cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS
-    # KVCache.compact raises its host-side length bound by the tree size, which drifts past
-    # max_seq after a few steps; committing nothing makes the cache re-measure it.
-    cache.commit(torch.zeros_like(count))
     draft.observe(ctx)
     return verdict.tokens, count, problems
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "tree_visibility",
+    "masked_attention",
     "tree_attention_ref",
     "cross_attention_ref",
     "cape_topk_ref",
@@ -27,10 +29,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_attention(q, k_cache, v_cache, allowed, sm_scale):
+def masked_attention(q, k_cache, v_cache, allowed, sm_scale=None):
     """Attention of ``q`` over the first ``allowed.shape[-1]`` cache positions.
 
-    q: (B, T, Hq, D); k_cache, v_cache: (B, Hkv, S_max, D); allowed: (B, T, S) bool.
+    q: (B, T, Hq, D); k_cache, v_cache: (B, Hkv, S_max, D); allowed: (B, T, S) bool, from
+    :func:`tree_visibility` for tree attention (a runner builds it once for all its layers).
     Query head ``h`` reads KV head ``h // (Hq // Hkv)``. A query row with no allowed key
     returns zeros. This is also the CPU fallback of the runner, hence SDPA (one fused call,
     ~9x faster than einsum + softmax at decode shapes on the 2-core CPU) rather than spelled-out
@@ -70,20 +73,33 @@ def tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale=N
     -------
     torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim), dtype of ``q``
     """
-    B, T = q.shape[:2]
-    lens = cache_seqlens.to(device=q.device, dtype=torch.long)
+    return masked_attention(q, k_cache, v_cache, tree_visibility(cache_seqlens, tree_mask), sm_scale)
+
+
+def tree_visibility(cache_seqlens, tree_mask):
+    """Which cache positions each tree node sees, as a dense mask (reference only).
+
+    Parameters
+    ----------
+    cache_seqlens : torch.Tensor, shape (batch,), integer
+    tree_mask : torch.Tensor, shape (batch, tree_len, tree_len), bool
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, tree_len, max(cache_seqlens) + tree_len), bool
+        ``[b, i, s]``: ``s < cache_seqlens[b]``, or ``s = cache_seqlens[b] + j`` with
+        ``tree_mask[b, i, j]``.
+    """
+    B, T = tree_mask.shape[:2]
+    dev = tree_mask.device
+    lens = cache_seqlens.to(device=dev, dtype=torch.long)
     S = int(lens.max()) + T  # host sync: acceptable in a reference
-    pos = torch.arange(S, device=q.device)
+    pos = torch.arange(S, device=dev)
     rel = pos[None, :] - lens[:, None]  # (B, S): tree index of each position
     in_prefix = rel < 0
     in_tree = (rel >= 0) & (rel < T)
-    tm = torch.gather(
-        tree_mask.to(device=q.device, dtype=torch.bool),
-        2,
-        rel.clamp(0, T - 1)[:, None, :].expand(B, T, S),
-    )
-    allowed = in_prefix[:, None, :] | (in_tree[:, None, :] & tm)
-    return _masked_attention(q, k_cache, v_cache, allowed, sm_scale)
+    tm = torch.gather(tree_mask.to(torch.bool), 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))
+    return in_prefix[:, None, :] | (in_tree[:, None, :] & tm)
 
 
 def cross_attention_ref(q, k_cache, v_cache, kv_lens, sm_scale=None):
@@ -108,7 +124,7 @@ def cross_attention_ref(q, k_cache, v_cache, kv_lens, sm_scale=None):
     S = max(int(lens.max()), 1)
     pos = torch.arange(S, device=q.device)
     allowed = (pos[None, :] < lens[:, None])[:, None, :].expand(B, Tq, S)
-    return _masked_attention(q, k_cache, v_cache, allowed, sm_scale)
+    return masked_attention(q, k_cache, v_cache, allowed, sm_scale)
 
 
 def cape_topk_ref(logits, k, temperature=1.0):

@@ -256,15 +256,20 @@ def generate(
     check_draft_applies(method, draft_path)  # before a slow load
 
     target, tokenizer = loaded if loaded is not None else load(method, model_path, dev, dt)
+    if tokenizer is None:
+        raise ArgumentError("model", f"{model_path} has no tokenizer files; glide generate needs one")
     config = target.config
     encoded = [encode_chat(tokenizer, p.text) for p in items]
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target)
+    # our engine also reserves room for one verification tree past the last token
+    reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
     max_pos = int(getattr(config, "max_position_embeddings"))
     for p, ids in zip(items, encoded):
-        if len(ids) + max_new_tokens > max_pos:
+        if len(ids) + max_new_tokens + reserve > max_pos:
             raise ArgumentError(
                 "max_new_tokens",
-                f"prompt {p.id!r} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
-                f"exceeds the model's {max_pos} positions",
+                f"prompt {p.id!r} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                f"(and {reserve} slots for verification) it exceeds the model's {max_pos} positions",
             )
     eos = eos_ids(config, tokenizer)
 
@@ -274,7 +279,6 @@ def generate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc=f"glide {method}", unit="prompt")
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target)
     order = list(range(len(items)))
     for chunk in _batches(order, batch_size):
         ids = [encoded[i] for i in chunk]
@@ -339,6 +343,8 @@ def _our_generate(target, ids, draft, max_new_tokens, temperature, top_p, seed, 
         def on_tokens(b, new_ids):  # decode the whole reply so multi-token characters render
             sent[b].extend(int(t) for t in new_ids)
             text = tokenizer.decode(sent[b], skip_special_tokens=True)
+            # a character split across tokens decodes as U+FFFD until its last byte arrives
+            text = text.rstrip("\ufffd")
             if len(text) > len(shown[b]):
                 on_text(chunk[b], text[len(shown[b]):])
                 shown[b] = text
@@ -381,14 +387,14 @@ def _hf_generate(hf_model, ids, max_new_tokens, temperature, top_p, seed, eos, t
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     torch.manual_seed(seed)
-    clock = _FirstTokenClock() if len(ids) == 1 else None
+    clock = _FirstTokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(
             input_ids=input_ids.to(dev), attention_mask=attn.to(dev), streamer=clock, **kwargs
         )
     end = time.perf_counter()
-    decode_start = clock.first if clock is not None and clock.first is not None else start
+    decode_start = clock.first if clock.first is not None else start
     results = []
     for b in range(len(ids)):
         new = out[b, width:].tolist()

@@ -63,29 +63,46 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _open_out(path):
+    """Open ``--out`` before any work, so that a bad path fails fast and names the flag."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise api.ArgumentError("out", f"directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise api.ArgumentError("out", f"{path} is a directory")
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise api.ArgumentError("out", f"cannot write {path}: {exc.strerror}") from None
+
+
 def _generate(args) -> int:
-    if args.out is not None:
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(parent):
-            return _fail(f"argument --out: directory {parent} does not exist")
     prompts = [api.Prompt(text=args.prompt, id=0)] if args.prompt is not None else api.read_prompts(args.prompts)
+    out_file = _open_out(args.out) if args.out is not None else None
     single = len(prompts) == 1
-    stream = single and args.out is None and sys.stdout.isatty()
+    # transformers' generate() has no text callback here: hf prints its reply at the end
+    stream = single and out_file is None and sys.stdout.isatty() and args.method != "hf"
 
     def on_text(_index, piece):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    rows = api.generate(
-        prompts, method=args.method, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        batch_size=args.batch_size, model=args.model, draft=args.draft, device=args.device,
-        dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
-    )
-    if args.out is not None:
-        with open(args.out, "w", encoding="utf-8") as fh:
+    try:
+        rows = api.generate(
+            prompts, method=args.method, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            batch_size=args.batch_size, model=args.model, draft=args.draft, device=args.device,
+            dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
+        )
+    except BaseException:
+        if out_file is not None:
+            out_file.close()
+            os.unlink(args.out)  # leave no empty results file behind
+        raise
+    if out_file is not None:
+        with out_file:
             for row in rows:
-                fh.write(json.dumps(row) + "\n")
+                out_file.write(json.dumps(row) + "\n")
     elif stream:
         sys.stdout.write("\n")
     else:
@@ -111,6 +128,10 @@ def main(argv=None) -> int:
     except NotImplementedError as exc:
         return _fail(str(exc))
     except (FileNotFoundError, ValueError, TypeError) as exc:
+        # the loaders' messages start with the argument they blame, e.g. "model: ..."
+        name, sep, rest = str(exc).partition(": ")
+        if sep and name in _FLAGS:
+            return _fail(f"argument {_FLAGS[name]}: {rest}")
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -128,3 +128,20 @@ def test_cli_writes_rows_and_hf_matches_ar_in_float32(tmp_path):
         assert all(set(r) == FIELDS and 1 <= r["new_tokens"] <= 12 for r in rows)
         out[method] = [r["output_ids"] for r in rows]
     assert out["hf"] == out["ar"]
+
+
+class PairTokenizer(ByteTokenizer):
+    """Every character takes two tokens; half a character decodes as U+FFFD, as with UTF-8."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = [int(i) for i in ids]
+        text = "".join(chr(0x1F400 + (a * 7 + b) % 64) for a, b in zip(ids[::2], ids[1::2]))
+        return text + ("\ufffd" if len(ids) % 2 else "")
+
+
+def test_streaming_never_shows_half_characters(loaded):
+    model, _ = loaded
+    pieces = []
+    (row,) = api.generate(["hello"], method="ar", max_new_tokens=10, loaded=(model, PairTokenizer()),
+                          on_text=lambda i, s: pieces.append(s))
+    assert len(pieces) == 5 and "".join(pieces) == row["output_text"] and "\ufffd" not in row["output_text"]

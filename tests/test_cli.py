@@ -127,3 +127,17 @@ def test_cli_subprocess_has_no_traceback():
     )
     assert proc.returncode == 2
     assert "--temperature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_is_a_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--out", str(tmp_path))
+    assert code == 2 and "--out" in err and "is a directory" in err
+
+
+def test_corrupt_model_names_the_flag(capsys, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a gguf file")
+    out = tmp_path / "o.jsonl"
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--model", str(bad), "--out", str(out))
+    assert code == 2 and "argument --model" in err and "Traceback" not in err
+    assert not out.exists()  # no empty results file left behind

@@ -427,3 +427,20 @@ def test_sampling_seeded_runs_reproduce():
     b = _simulate(verify_sampling, table, 300, seed=10)
     c = _simulate(verify_sampling, table, 300, seed=11)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_invalid_nodes_never_reach_the_forward_with_bad_ids():
+    # a draft may pad invalid nodes with -1; the tree fed to the target must hold valid ids
+    prop = Proposal(tokens=torch.tensor([[5, -1, -1]]), parents=torch.tensor([[0, 1, 0]]),
+                    valid=torch.tensor([[True, False, False]]))
+    tree = build_tree(torch.tensor([3]), prop)
+    assert tree.tokens.tolist() == [[3, 5, 0, 0]]
+    assert tree.parents.tolist() == [[-1, 0, -1, -1]]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-12])
+def test_tiny_temperature_tends_to_the_one_hot(temperature):
+    logits = torch.tensor([[0.0, 3.0, -1.0, 2.5], [1e4, -1e4, 0.0, 1e4 - 1]])
+    probs = process_logits(logits, temperature)
+    assert torch.isfinite(probs).all()
+    assert probs.argmax(-1).tolist() == [1, 0] and torch.allclose(probs.max(-1).values, torch.ones(2))

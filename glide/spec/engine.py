@@ -168,6 +168,8 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
 
     outputs = [SequenceOutput() for _ in range(B)]
     logits = model.prefill([list(p) for p in prompts], cache)
+    if logits.device.type == "cuda":  # keep the asynchronous prefill out of the decode time
+        torch.cuda.synchronize(logits.device)
     start = time.perf_counter()
     first = pick(logits)[:, None]
     ones = torch.ones(B, dtype=torch.int64, device=dev)

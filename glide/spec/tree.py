@@ -211,7 +211,8 @@ def build_tree(root: torch.Tensor, proposal: Proposal, max_depth: torch.Tensor |
     proposal.check_shapes(B)
     dev = root.device
     minus_one = torch.full((B, 1), -1, dtype=torch.int64, device=dev)
-    tokens = torch.cat([root[:, None].to(torch.int64), proposal.tokens], 1)
+    # invalid nodes may carry any id (e.g. -1 padding): give them a harmless one for the forward
+    tokens = torch.cat([root[:, None].to(torch.int64), torch.where(proposal.valid, proposal.tokens, 0)], 1)
     parents = torch.cat([minus_one, torch.where(proposal.valid, proposal.parents, -1)], 1)
     mask = ancestor_mask(parents)
     depth = mask.sum(-1) - 1

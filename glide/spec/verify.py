@@ -48,8 +48,8 @@ __all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampl
 
 def check_sampling(temperature: float, top_p: float) -> None:
     """Raise ValueError naming ``temperature`` or ``top_p`` when out of range."""
-    if not temperature >= 0.0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0.0 <= temperature < float("inf"):  # also rejects NaN
+        raise ValueError(f"temperature must be finite and >= 0 (0 means greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -79,7 +79,8 @@ def process_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     if temperature == 0.0:
         top = logits.argmax(-1, keepdim=True)
         return torch.zeros_like(logits).scatter_(-1, top, 1.0)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # subtracting the row max first keeps a tiny temperature finite (it tends to the one-hot)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p >= 1.0:
         return probs
     # A stable descending sort keeps equal probabilities in token-id order.

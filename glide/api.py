@@ -55,12 +55,17 @@ def check_method(method: str) -> str:
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise ArgumentError("temperature", f"must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if temperature == float("inf"):
-        raise ArgumentError("temperature", "must be finite")
-    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
-        raise ArgumentError("top_p", f"must be in (0, 1], got {top_p!r}")
+    """The engine's own rule (:func:`glide.spec.verify.check_sampling`), as an ArgumentError."""
+    from glide.spec.verify import check_sampling as engine_rule
+
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ArgumentError(name, f"must be a number, got {value!r}")
+    try:
+        engine_rule(temperature, top_p)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")
+        raise ArgumentError(name, rest) from None
 
 
 def check_positive_int(name: str, value) -> int:

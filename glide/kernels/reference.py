@@ -30,26 +30,31 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def masked_attention(q, k_cache, v_cache, allowed, sm_scale=None):
-    """Attention of ``q`` over the first ``allowed.shape[-1]`` cache positions.
+    """Attention of ``q`` over the first ``S`` cache positions, those ``allowed`` for each query.
 
     q: (B, T, Hq, D); k_cache, v_cache: (B, Hkv, S_max, D); allowed: (B, T, S) bool, from
-    :func:`tree_visibility` for tree attention (a runner builds it once for all its layers).
+    :func:`tree_visibility` for tree attention (a runner builds it once for all its layers), or
+    an int ``S >= 1`` when every query sees all of the first ``S`` positions (a decode step over
+    sequences of one length: no mask to build, apply or check for empty rows).
     Query head ``h`` reads KV head ``h // (Hq // Hkv)``. A query row with no allowed key
     returns zeros. This is also the CPU fallback of the runner, hence SDPA (one fused call,
     ~9x faster than einsum + softmax at decode shapes on the 2-core CPU) rather than spelled-out
     matmuls; it runs in float64 for float64 inputs and in float32 otherwise.
     """
     D = q.shape[-1]
-    S = allowed.shape[-1]
+    dense = isinstance(allowed, torch.Tensor)
+    S = allowed.shape[-1] if dense else allowed
     cdt = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     k = k_cache[:, :, :S].to(cdt)
     v = v_cache[:, :, :S].to(cdt)
     out = F.scaled_dot_product_attention(
-        q.to(cdt).transpose(1, 2), k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True
+        q.to(cdt).transpose(1, 2), k, v, attn_mask=allowed[:, None] if dense else None,
+        scale=scale, enable_gqa=True,
     )  # (B, Hq, T, D)
-    seen = allowed.any(-1)[:, None, :, None]  # SDPA gives NaN for a row with no allowed key
-    out = torch.where(seen, out, torch.zeros((), dtype=cdt, device=q.device))
+    if dense:
+        seen = allowed.any(-1)[:, None, :, None]  # SDPA gives NaN for a row with no allowed key
+        out = torch.where(seen, out, torch.zeros((), dtype=cdt, device=q.device))
     return out.transpose(1, 2).to(q.dtype)
 
 

@@ -50,8 +50,10 @@ class KVCache:
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=self.kv.device)
         self.compact_backend = "auto"
         # Host-side upper bound on max(lens), valid while `lens` is this tensor at this version:
-        # lets the model check for overflow without a device sync on every step.
+        # lets the model check for overflow without a device sync on every step. `_same` says
+        # that the bound is exact and every sequence has that length (see `uniform_length`).
         self._bound = 0
+        self._same = True
         self._bound_key = self._lens_key()
 
     # ------------------------------------------------------------------ shape
@@ -116,8 +118,9 @@ class KVCache:
             if n < 0:
                 raise ValueError(f"n must be non-negative, got {n}")
             bound = self.check_room(n, f"commit(n={n})")
+            same = self._same
             self.lens += n
-            self._set_bound(bound + n)
+            self._set_bound(bound + n, same)
         else:
             raise TypeError(f"n must be an int or a (batch,) integer tensor, got {type(n).__name__}")
 
@@ -152,12 +155,12 @@ class KVCache:
         compact_kv(self.kv.view(L * 2, B, H, S, D), self.lens, path_idx, path_lens,
                    check_values=False, backend=self.compact_backend)
         self.lens += path_lens
-        self._set_bound(bound + path_idx.shape[1])
+        self._set_bound(bound + path_idx.shape[1], same=False)
 
     def reset(self) -> None:
         """Forget every sequence (``lens = 0``); the K/V memory is kept and overwritten later."""
         self.lens.zero_()
-        self._set_bound(0)
+        self._set_bound(0, same=True)
 
     def max_len_bound(self, exact: bool = False) -> int:
         """A host-side upper bound on ``lens.max()``.
@@ -167,8 +170,20 @@ class KVCache:
         other change to ``lens``, or when ``exact`` is true.
         """
         if exact or self._bound_key != self._lens_key():
-            self._set_bound(int(self.lens.max()) if self.lens.numel() else 0)
+            lo, hi = torch.stack(torch.aminmax(self.lens)).tolist()  # one sync for both
+            self._set_bound(hi, same=lo == hi)
         return self._bound
+
+    def uniform_length(self):
+        """The length every sequence has, when the host knows it without a device sync; else ``None``.
+
+        Known after :meth:`reset`, after ``commit(int)`` from a known common length, and after a
+        measurement (:meth:`max_len_bound`, :meth:`check_room` after another change to ``lens``)
+        that found all lengths equal, as with one sequence. Not after :meth:`compact`.
+        """
+        if self._same and self._bound_key == self._lens_key():
+            return self._bound
+        return None
 
     def check_room(self, extra: int, what: str = "the new tokens") -> int:
         """Check that ``extra`` more slots fit after every sequence; return the length bound used.
@@ -194,8 +209,9 @@ class KVCache:
     def _lens_key(self):
         return (id(self.lens), self.lens._version)
 
-    def _set_bound(self, bound: int) -> None:
+    def _set_bound(self, bound: int, same: bool) -> None:
         self._bound = bound
+        self._same = same
         self._bound_key = self._lens_key()
 
     def _forget_bound(self) -> None:

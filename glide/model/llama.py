@@ -35,8 +35,11 @@ def _is_int_tensor(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype in (torch.int64, torch.int32)
 
 
+_linear_pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # None: a build without it
+
+
 def _mkldnn_ok(dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or _linear_pointwise is None:
         return False
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -68,25 +71,26 @@ class FastLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self._derived = {}
-        self._key = None
+        self._key = None  # the weight's (data_ptr, dtype, _version) that the fields below describe
+        self._fast = False  # CPU weight with oneDNN support for its dtype
+        self._t = self._packed = None  # derived copies, built on first use
 
     def forward(self, x):
+        # Runs ~120 times a decode step: the per-call checks are kept to a few attribute reads.
         w = self.weight
-        if not self.enabled or w.device.type != "cpu" or not _mkldnn_ok(w.dtype) or x.dtype != w.dtype:
-            return F.linear(x, w)
         key = (w.data_ptr(), w.dtype, w._version)
         if key != self._key:
-            self._derived, self._key = {}, key
+            self._key, self._t, self._packed = key, None, None
+            self._fast = w.device.type == "cpu" and _mkldnn_ok(w.dtype)
+        if not (self._fast and self.enabled) or x.dtype != w.dtype:
+            return F.linear(x, w)
         if w.dtype == torch.float32 and x.numel() == self.in_features:
-            wt = self._derived.get("t")
-            if wt is None:
-                wt = self._derived["t"] = w.detach().t().contiguous()
-            return x @ wt
-        packed = self._derived.get("mkldnn")
-        if packed is None:
-            packed = self._derived["mkldnn"] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self._PACK_ROWS)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            if self._t is None:
+                self._t = w.detach().t().contiguous()
+            return x @ self._t
+        if self._packed is None:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self._PACK_ROWS)
+        return _linear_pointwise(x, self._packed, None, "none", [], "")
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"

@@ -1,5 +1,6 @@
-"""A transformers Llama verifying a token tree through glide's tree_attention (Triton kernel under
-TRITON_INTERPRET=1), checked against transformers' own eager attention with an explicit mask."""
+"""A transformers Llama verifying a token tree through glide's tree_attention (Triton kernel:
+compiled on CUDA, TRITON_INTERPRET=1 on CPU), checked against transformers' own eager attention
+with an explicit mask. The model runs in float32 on DEVICE, so both sides share one device."""
 
 import copy
 
@@ -9,6 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import glide.kernels.attention as attn_mod  # noqa: E402
+import glide.kernels.compact as compact_mod  # noqa: E402
 from glide.kernels.hf_adapter import (  # noqa: E402
     ATTN_IMPLEMENTATION,
     compact_hf_cache,
@@ -17,6 +20,7 @@ from glide.kernels.hf_adapter import (  # noqa: E402
 )
 from tolerances import assert_close  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PREFIX = 5
 # Two trees of 6 slots (slot 0 is the root); parents precede children.
 PARENTS = [[-1, 0, 0, 1, 1, 2], [-1, 0, 1, 2, 0, 4]]
@@ -35,7 +39,7 @@ def model():
     )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(DEVICE)
 
 
 def _ancestor_mask(parents):
@@ -48,21 +52,21 @@ def _ancestor_mask(parents):
             while j >= 0:
                 mask[b, i, j] = True
                 j = row[j]
-    return mask
+    return mask.to(DEVICE)
 
 
 def _eager(model, ids, cache, allowed, position_ids):
     """transformers' eager attention with an additive 4D mask built from ``allowed`` (B, T, S)."""
     model.set_attn_implementation("eager")
-    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None]
+    additive = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
     return model(input_ids=ids, attention_mask=additive, position_ids=position_ids, cache=cache, use_cache=True).logits
 
 
 @pytest.fixture(scope="module")
 def prefix_state(model):
     gen = torch.Generator().manual_seed(1)
-    prefix_ids = torch.randint(0, 111, (2, PREFIX), generator=gen)
-    tree_ids = torch.randint(0, 111, (2, len(PARENTS[0])), generator=gen)
+    prefix_ids = torch.randint(0, 111, (2, PREFIX), generator=gen).to(DEVICE)
+    tree_ids = torch.randint(0, 111, (2, len(PARENTS[0])), generator=gen).to(DEVICE)
     model.set_attn_implementation("eager")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -79,13 +83,13 @@ def test_tree_logits_match_eager_with_explicit_mask(model, prefix_state):
     enable_tree_attention(model)
     ours = verify_tree_hf(model, tree_ids, tree_mask, copy.deepcopy(cache), backend="triton")
 
-    allowed = torch.cat([torch.ones(2, 6, PREFIX, dtype=torch.bool), tree_mask], dim=-1)
+    allowed = torch.cat([torch.ones(2, 6, PREFIX, dtype=torch.bool, device=DEVICE), tree_mask], dim=-1)
     theirs = _eager(model, tree_ids, copy.deepcopy(cache), allowed, PREFIX + depth)
     assert ours.shape == (2, 6, 111)
     assert_close(ours, theirs, dtype=torch.float32, name="tree logits")
 
     # A tree flattened the wrong way (causal instead of ancestors) must not pass as equal.
-    causal = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 6, 6)
+    causal = torch.ones(6, 6, dtype=torch.bool, device=DEVICE).tril().expand(2, 6, 6)
     wrong = _eager(model, tree_ids, copy.deepcopy(cache), torch.cat([allowed[..., :PREFIX], causal], -1), PREFIX + depth)
     assert not torch.allclose(ours, wrong, atol=1e-3)
 
@@ -99,12 +103,12 @@ def test_accepted_path_then_decode_matches_plain_decoding(model, prefix_state):
     verify_tree_hf(model, tree_ids, tree_mask, cache, backend="triton")
 
     # Accept root -> slot 1 -> slot 3 in sequence 0 and root -> slot 4 -> slot 5 in sequence 1.
-    path_idx = torch.tensor([[0, 1, 3], [0, 4, 5]])
-    compact_hf_cache(cache, PREFIX, path_idx, torch.tensor([3, 3]), backend="triton")
+    path_idx = torch.tensor([[0, 1, 3], [0, 4, 5]], device=DEVICE)
+    compact_hf_cache(cache, PREFIX, path_idx, torch.tensor([3, 3], device=DEVICE), backend="triton")
     assert cache.get_seq_length() == PREFIX + 3
 
     # One more token through the adapter's default causal path.
-    next_ids = torch.tensor([[7], [42]])
+    next_ids = torch.tensor([[7], [42]], device=DEVICE)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     ours = model(input_ids=next_ids, cache=cache, use_cache=True).logits[:, -1]
 
@@ -129,6 +133,29 @@ def test_bad_inputs(model, prefix_state):
     with pytest.raises(ValueError, match="tree_ids"):
         verify_tree_hf(model, tree_ids[0], tree_mask, copy.deepcopy(cache))
     with pytest.raises(ValueError, match="padding"):
-        model(input_ids=tree_ids, attention_mask=torch.tensor([[1] * 6, [0] + [1] * 5]))
+        model(input_ids=tree_ids, attention_mask=torch.tensor([[1] * 6, [0] + [1] * 5], device=DEVICE))
     with pytest.raises(ValueError, match="path_lens"):
-        compact_hf_cache(copy.deepcopy(cache), 2, torch.tensor([[0, 1], [0, 2]]), torch.tensor([2, 1]))
+        path_idx = torch.tensor([[0, 1], [0, 2]], device=DEVICE)
+        compact_hf_cache(copy.deepcopy(cache), 2, path_idx, torch.tensor([2, 1], device=DEVICE))
+
+
+@torch.no_grad()
+def test_auto_backend_runs_the_kernels(model, prefix_state, monkeypatch):
+    # The adapter's default backend on DEVICE ("cuda", or "cpu" under TRITON_INTERPRET=1) must
+    # launch the kernels: with the references made to raise, a silent fallback fails here.
+    _, tree_ids, cache = prefix_state
+    tree_mask = _ancestor_mask(PARENTS)
+    enable_tree_attention(model)
+    want = verify_tree_hf(model, tree_ids, tree_mask, copy.deepcopy(cache), backend="reference")
+
+    def no_ref(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the kernel")
+
+    monkeypatch.setattr(attn_mod, "tree_attention_ref", no_ref)
+    monkeypatch.setattr(compact_mod, "compact_kv_ref", no_ref)
+    cache = copy.deepcopy(cache)
+    got = verify_tree_hf(model, tree_ids, tree_mask, cache)
+    assert_close(got, want, dtype=torch.float32, name="tree logits (auto backend)")
+    path_idx = torch.tensor([[0, 2, 5], [0, 1, 2]], device=DEVICE)
+    compact_hf_cache(cache, PREFIX, path_idx, torch.tensor([3, 3], device=DEVICE))
+    model(input_ids=tree_ids[:, :1], cache=cache, use_cache=True)  # default causal path

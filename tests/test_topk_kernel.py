@@ -1,31 +1,56 @@
-"""cape_topk (Triton, under TRITON_INTERPRET=1 on CPU) against the float64 reference."""
+"""cape_topk (Triton: compiled on CUDA, TRITON_INTERPRET=1 on CPU) against the float64 reference."""
 
 import pytest
 import torch
 
+import glide.kernels.topk as topk_mod
 from glide.kernels import cape_topk
 from glide.kernels.reference import cape_topk_ref
 from glide.kernels.topk import MAX_K, _chunking
 from tolerances import assert_close
+
+# Inputs are drawn on the CPU (same numbers on every machine) and moved to DEVICE; the float64
+# references are computed on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Outputs are computed in float32 whatever the input dtype (half inputs are exact in float32),
 # so every case is held to the float32 tolerance.
 F32 = torch.float32
 
 
+def _to_device(x):
+    """``x`` on DEVICE: tensors moved, tuples mapped, anything else unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.to(DEVICE)
+    if isinstance(x, tuple):
+        return tuple(_to_device(t) for t in x)
+    return x
+
+
+def _strided_copy(t):
+    """``t`` on DEVICE with the same strides (``.to`` would make a contiguous copy)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE)
+    return out.copy_(t)
+
+
 def _poisoned(num_rows, k):
-    probs = torch.full((num_rows, k), float("nan"), dtype=torch.float32)
-    ids = torch.full((num_rows, k), -1, dtype=torch.int64)
+    probs = torch.full((num_rows, k), float("nan"), dtype=torch.float32, device=DEVICE)
+    ids = torch.full((num_rows, k), -1, dtype=torch.int64, device=DEVICE)
     return probs, ids
 
 
 def _check(logits, k, temperature, **kwargs):
-    """Run the kernel into NaN-poisoned outputs and check it against float64 softmax."""
+    """Run the kernel on DEVICE into NaN-poisoned outputs and check it against float64 softmax.
+
+    ``logits`` is a CPU tensor (possibly a strided view); the kernel sees it moved to DEVICE
+    with the same strides. Returns ``probs, ids`` on the CPU.
+    """
     num_rows, vocab = logits.shape
     out = _poisoned(num_rows, k)
-    probs, ids = cape_topk(logits, k, temperature, out=out, backend="triton", **kwargs)
+    probs, ids = cape_topk(_strided_copy(logits), k, temperature, out=out, backend="triton", **kwargs)
     assert probs.data_ptr() == out[0].data_ptr() and ids.data_ptr() == out[1].data_ptr()
     assert probs.dtype == torch.float32 and ids.dtype == torch.int64
+    probs, ids = probs.cpu(), ids.cpu()
 
     ref_probs, _ = cape_topk_ref(logits.double(), k, temperature)
     assert_close(probs, ref_probs, dtype=F32, name="probs")
@@ -104,16 +129,32 @@ def test_equal_logits_prefer_smaller_id():
 
 
 def test_allocates_outputs_and_reference_backend_agrees():
-    logits = torch.randn(3, 777, generator=torch.Generator().manual_seed(4))
+    logits = torch.randn(3, 777, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     probs, ids = cape_topk(logits, 3, temperature=0.7)
     ref_probs, ref_ids = cape_topk(logits, 3, temperature=0.7, backend="reference")
     assert probs.shape == (3, 3) and ids.shape == (3, 3)
+    assert probs.device == logits.device and ids.device == logits.device
     assert_close(probs, ref_probs, dtype=F32, name="probs")
     assert torch.equal(ids, ref_ids)
 
 
+def test_auto_backend_runs_the_kernel(monkeypatch):
+    # On DEVICE ("cuda", or "cpu" under TRITON_INTERPRET=1) the default backend must launch the
+    # kernel: with the reference made to raise, a silent fallback fails here.
+    def no_ref(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the kernel")
+
+    logits = torch.randn(2, 333, generator=torch.Generator().manual_seed(5))
+    want, _ = cape_topk_ref(logits.double(), 4, 0.8)
+    monkeypatch.setattr(topk_mod, "cape_topk_ref", no_ref)
+    for backend in ("auto", "triton"):
+        probs, ids = cape_topk(logits.to(DEVICE), 4, temperature=0.8, backend=backend)
+        assert_close(probs, want, dtype=F32, name=f"probs ({backend})")
+        assert ids.device.type == DEVICE
+
+
 def test_zero_rows():
-    probs, ids = cape_topk(torch.zeros(0, 50), 2)
+    probs, ids = cape_topk(torch.zeros(0, 50, device=DEVICE), 2)
     assert probs.shape == (0, 2) and ids.shape == (0, 2)
 
 
@@ -144,5 +185,6 @@ def test_zero_rows():
 def test_bad_inputs(kwargs, error, match):
     args = dict(logits=torch.zeros(2, 10), k=2, temperature=1.0)
     args.update(kwargs)
+    args = {name: _to_device(value) for name, value in args.items()}
     with pytest.raises(error, match=match):
         cape_topk(**args)

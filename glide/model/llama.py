@@ -111,9 +111,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float() if x.dtype in _HALF_DTYPES else x
-        # F.rms_norm is bit-identical to transformers' x * rsqrt(mean(x^2) + eps), in fewer ops.
-        return self.weight * F.rms_norm(h, self.weight.shape, eps=self.eps).to(x.dtype)
+        # F.rms_norm is bit-identical to transformers' weight * (x * rsqrt(mean(x^2) + eps)), in
+        # fewer ops. For half inputs it normalises in float32 and rounds once, as transformers'
+        # x.float() ... .to(dtype) does (checked bit for bit), without those two copies; the
+        # weight is then applied in the half dtype, as transformers does.
+        if x.dtype in _HALF_DTYPES:
+            return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, eps=self.eps)
 
 
 class DecoderLayer(nn.Module):

@@ -260,3 +260,14 @@ def test_tree_too_large_for_the_model_names_max_new_tokens(model):
     generate_ids(model, [[1, 2, 3]], max_new_tokens=100)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_ids(model, [[1, 2, 3]], RandomTreeDraft(30), max_new_tokens=100)
+
+
+def test_runs_under_inference_mode(model, ar):
+    """Callers commonly wrap generation in torch.inference_mode; nothing may depend on version
+    counters there, for the cache made inside it or for a model built inside it."""
+    with torch.inference_mode():
+        out = generate_ids(model, PROMPTS, PromptLookupDraft(), max_new_tokens=MAX_NEW)
+    assert [o.output_ids for o in out] == ar
+    with torch.inference_mode():
+        built = tiny_model()
+    assert [o.output_ids for o in generate_ids(built, PROMPTS, max_new_tokens=MAX_NEW)] == ar

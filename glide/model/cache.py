@@ -207,7 +207,10 @@ class KVCache:
 
     # ------------------------------------------------------------------ internals
     def _lens_key(self):
-        return (id(self.lens), self.lens._version)
+        # Inference tensors (made under torch.inference_mode) keep no version counter: then
+        # only this class's own methods are trusted to change `lens`.
+        version = -1 if self.lens.is_inference() else self.lens._version
+        return (id(self.lens), version)
 
     def _set_bound(self, bound: int, same: bool) -> None:
         self._bound = bound

@@ -271,3 +271,19 @@ def test_runs_under_inference_mode(model, ar):
     with torch.inference_mode():
         built = tiny_model()
     assert [o.output_ids for o in generate_ids(built, PROMPTS, max_new_tokens=MAX_NEW)] == ar
+
+
+def test_outside_writes_to_lens_are_seen_under_inference_mode():
+    """Rolling a cache back by writing `lens` in place must take effect even when the cache was
+    made under inference_mode (the next token then sees the rolled-back prefix only)."""
+    model = tiny_model(seed=3)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        model.prefill([[1, 2, 3, 4, 5]], cache)
+        model.decode(torch.tensor([6]), cache)
+        cache.lens.copy_(torch.tensor([3]))
+        got = model.decode(torch.tensor([7]), cache)
+        fresh = model.new_cache(1, 16)
+        model.prefill([[1, 2, 3]], fresh)
+        want = model.decode(torch.tensor([7]), fresh)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

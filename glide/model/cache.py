@@ -47,7 +47,10 @@ class KVCache:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, max_seq, head_dim,
                               dtype=dtype, device=device)
-        self.lens = torch.zeros(batch_size, dtype=torch.int64, device=self.kv.device)
+        # A normal tensor even when made under torch.inference_mode: its version counter is
+        # how outside in-place writes to `lens` are noticed (inference tensors keep none).
+        with torch.inference_mode(False):
+            self.lens = torch.zeros(batch_size, dtype=torch.int64, device=self.kv.device)
         self.compact_backend = "auto"
         # Host-side upper bound on max(lens), valid while `lens` is this tensor at this version:
         # lets the model check for overflow without a device sync on every step. `_same` says
@@ -207,10 +210,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ internals
     def _lens_key(self):
-        # Inference tensors (made under torch.inference_mode) keep no version counter: then
-        # only this class's own methods are trusted to change `lens`.
-        version = -1 if self.lens.is_inference() else self.lens._version
-        return (id(self.lens), version)
+        return (id(self.lens), self.lens._version)
 
     def _set_bound(self, bound: int, same: bool) -> None:
         self._bound = bound

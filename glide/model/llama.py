@@ -79,8 +79,10 @@ class FastLinear(nn.Module):
     def forward(self, x):
         # Runs ~120 times a decode step: the per-call checks are kept to a few attribute reads.
         w = self.weight
-        # an inference tensor has no version counter (it cannot be written outside inference mode)
-        key = (w.data_ptr(), w.dtype, -1 if w.is_inference() else w._version)
+        if w.is_inference():
+            # made under inference_mode: no version counter tells when a derived copy goes stale
+            return F.linear(x, w)
+        key = (w.data_ptr(), w.dtype, w._version)
         if key != self._key:
             self._key, self._packed = key, None
             self._fast = w.device.type == "cpu" and _mkldnn_ok(w.dtype)

@@ -287,3 +287,22 @@ def test_outside_writes_to_lens_are_seen_under_inference_mode():
         model.prefill([[1, 2, 3]], fresh)
         want = model.decode(torch.tensor([7]), fresh)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_unused_tree_slots_are_not_run(model, ar, monkeypatch):
+    """A draft that proposes nothing valid costs one-token forwards (the engine trims the tree);
+    a draft with valid nodes still gets them verified."""
+    widths = []
+    forward = type(model).forward
+
+    def spy(self, input_ids, *args, **kwargs):
+        widths.append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    out = generate_ids(model, PROMPTS, RandomTreeDraft(6, seed=0, p_invalid=1.0), max_new_tokens=8)
+    assert [o.output_ids for o in out] == [a[:8] for a in ar]
+    assert set(widths[1:]) == {1}  # widths[0] is the prefill
+    widths.clear()
+    generate_ids(model, PROMPTS, OracleDraft(ar, 4, width=2), max_new_tokens=8)
+    assert max(widths[1:]) > 1

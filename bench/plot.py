@@ -5,7 +5,9 @@
 - kernel sweeps: ``<sweep>_time.png`` (median time vs context length, or vs rows for top-k,
   one line per impl, p20-p80 band) and ``<sweep>_bandwidth.png`` (achieved GB/s as a fraction
   of the copy bandwidth measured in the same run);
-- ``e2e.json``: ``e2e.png``, decode tokens/s by method and batch size.
+- ``e2e.json``: ``e2e.png``, decode tokens/s by method and batch size;
+- ``verify-cost.json``: ``verify-cost.png``, one forward's time by verified-tree size;
+- ``ar-vs-hf.json``: ``ar-vs-hf.png``, decode tokens/s of ``ar`` and ``hf`` by dtype.
 
 Each kernel panel shows one slice of the sweep: every shape field except the x axis is held
 at its first value in the file, and the panel title says which.
@@ -132,6 +134,55 @@ def plot_e2e(data: dict[str, Any], out_dir: Path, stem: str = "e2e") -> list[Pat
     return [path]
 
 
+def plot_verify_cost(data: dict[str, Any], out_dir: Path, stem: str = "verify-cost") -> list[Path]:
+    """One target forward's time by verified-tree size, a line per dtype and context."""
+    rows = data["rows"]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for key in dict.fromkeys((r["dtype"], r["context"]) for r in rows):
+        pts = sorted((r["tree_len"], r["median_ms"], r["p20_ms"], r["p80_ms"]) for r in rows
+                     if (r["dtype"], r["context"]) == key)
+        xs = [p[0] for p in pts]
+        ax.plot(xs, [p[1] for p in pts], marker="o", label=f"{key[0]}, context {key[1]}")
+        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens verified in one forward")
+    ax.set_ylabel("ms per forward (median, p20-p80)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"verification cost - {data['meta'].get('device', '?')}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_ar_vs_hf(data: dict[str, Any], out_dir: Path, stem: str = "ar-vs-hf") -> list[Path]:
+    """Decode tokens/s of each method by dtype, from ``bench.ar_vs_hf``'s summary."""
+    summary = data.get("summary") or []
+    if not summary:
+        return []
+    methods = [k[: -len("_tokens_per_s")] for k in summary[0] if k.endswith("_tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(5.0, 4.0))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        xs = [j + i * width for j in range(len(summary))]
+        ax.bar(xs, [s[f"{m}_tokens_per_s"] for s in summary], width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(summary))])
+    ax.set_xticklabels([f"{s['dtype']}\n(identical {s.get('identical_outputs', '?')})" for s in summary])
+    ax.set_ylabel("decode tokens/s")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"greedy decode - {data['meta'].get('device', '?')}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
     """Plot one results file; PNGs go to ``out_dir`` (default: the file's folder)."""
     path = Path(path)
@@ -139,6 +190,11 @@ def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir) if out_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = data["rows"]
+    sweep = data.get("meta", {}).get("sweep")
+    if sweep == "verify_cost":
+        return plot_verify_cost(data, out_dir, path.stem)
+    if sweep == "ar_vs_hf":
+        return plot_ar_vs_hf(data, out_dir, path.stem)
     if rows and "method" in rows[0]:
         return plot_e2e(data, out_dir, path.stem)
     return plot_kernels(data, out_dir, path.stem)

@@ -254,3 +254,20 @@ def test_plot_e2e_results(tmp_path):
     harness.write_results(src, rows, {"device": "test"})
     out = plot.plot_file(src, tmp_path / "pngs")
     assert [p.name for p in out] == ["e2e.png"] and _png(out[0])
+
+
+def test_plot_verify_cost_and_ar_vs_hf(tmp_path):
+    rows = [dict(dtype="bfloat16", batch=1, context=c, tree_len=t, median_ms=t + c / 100,
+                 p20_ms=t, p80_ms=t + 1, reps=5, vs_one_token=1.0)
+            for c in (128, 512) for t in (1, 2, 4)]
+    src = tmp_path / "verify-cost.json"
+    harness.write_results(src, rows, {"device": "test", "sweep": "verify_cost"})
+    out = plot.plot_file(src)
+    assert [p.name for p in out] == ["verify-cost.png"] and _png(out[0])
+    src = tmp_path / "ar-vs-hf.json"
+    src.write_text(json.dumps({"meta": {"device": "test", "sweep": "ar_vs_hf"}, "rows": [
+        {"dtype": "float32", "method": "hf", "id": 0}], "summary": [
+        {"dtype": "float32", "hf_tokens_per_s": 10.0, "ar_tokens_per_s": 17.0,
+         "identical_outputs": "1/1"}]}))
+    out = plot.plot_file(src)
+    assert [p.name for p in out] == ["ar-vs-hf.png"] and _png(out[0])

@@ -68,6 +68,21 @@ def _resolve(path) -> tuple[Path, str | None]:
     raise ValueError(f"model: directory {str(p)!r} holds several .gguf files {ggufs}; pass one of them")
 
 
+def _dequantize_gguf() -> dict:
+    """Ask transformers for plain dense weights from a GGUF file.
+
+    Newer transformers can keep GGUF weights packed and run its own matmul kernels when the
+    ``kernels`` package is installed; the ``hf`` baseline must then still run the same dense
+    weights as our runner, and :func:`from_hf` needs plain ``nn.Linear`` weights to copy.
+    Older transformers always dequantise and have no ``GgufConfig``.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_hf(path=None, dtype=torch.float32, device="cpu"):
     """Load a transformers causal LM and its tokenizer, offline.
 
@@ -97,8 +112,11 @@ def load_hf(path=None, dtype=torch.float32, device="cpu"):
     directory, gguf = _resolve(path)
     kwargs = {"gguf_file": gguf} if gguf else {}
     where = str(directory / gguf) if gguf else str(directory)
+    model_kwargs = dict(kwargs)
+    if gguf:
+        model_kwargs.update(_dequantize_gguf())
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **model_kwargs)
     except ImportError:
         raise  # a missing optional package (gguf, accelerate) says so itself
     except Exception as exc:  # transformers raises many types for unreadable files

@@ -18,7 +18,8 @@ Must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces e
     python -m tests.aot_compile --out results.json [--shard 0/2]
 
 It writes ``{"ptxas": ..., "cases": {case: [job, ...]}, "jobs": {job: result}}``, where a
-result holds ``kernel``, ``arch``, ``constexprs``, ``num_warps``, ``num_stages`` and either
+result holds ``kernel``, ``arch``, ``constexprs``, ``num_warps``, ``num_stages``, ``pointers``
+(the pointer arguments' types) and either
 ``shared`` (bytes), ``ptx_bytes``, ``cubin_bytes``, ``seconds`` or ``error``. With
 ``--shard i/n`` it compiles only every n-th distinct job; each shard still lists every case.
 """
@@ -224,7 +225,7 @@ def _job_key(fn, src, options, arch):
     return f"{fn.__name__}-sm{arch}-{hashlib.sha1(desc.encode()).hexdigest()[:10]}"
 
 
-def _compile(fn, src, options, arch):
+def _compile(fn, src, options, arch, with_ptx=False):
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -237,6 +238,7 @@ def _compile(fn, src, options, arch):
                     if fn.params[path[0]].is_constexpr},
         num_warps=options.num_warps,
         num_stages=options.num_stages,
+        pointers={k: v for k, v in src.signature.items() if v.startswith("*")},
     )
     t0 = time.perf_counter()
     try:
@@ -251,6 +253,8 @@ def _compile(fn, src, options, arch):
         ptx_bytes=len(k.asm.get("ptx", "")),
         cubin_bytes=len(k.asm.get("cubin", b"")),
     )
+    if with_ptx:
+        res["ptx"] = k.asm["ptx"]
     return res
 
 
@@ -268,8 +272,9 @@ def _ptxas_version():
         return None
 
 
-def run(shard=0, num_shards=1, names=None):
-    """Record every case (or the ``names`` given) and compile this shard's distinct jobs."""
+def run(shard=0, num_shards=1, names=None, with_ptx=False):
+    """Record every case (or the ``names`` given) and compile this shard's distinct jobs
+    (keeping each job's PTX text under ``"ptx"`` if ``with_ptx``)."""
     from triton.backends.compiler import GPUTarget
 
     out = {"ptxas": _ptxas_version(), "kernels": jit_kernels(), "cases": {}, "jobs": {}}
@@ -291,7 +296,7 @@ def run(shard=0, num_shards=1, names=None):
             keys.append(key)
         out["cases"][spec["name"]] = keys
     for key in sorted(jobs)[shard::num_shards]:
-        out["jobs"][key] = _compile(*jobs[key])
+        out["jobs"][key] = _compile(*jobs[key], with_ptx=with_ptx)
     return out
 
 

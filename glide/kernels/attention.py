@@ -5,8 +5,9 @@ Both run one Triton kernel (:mod:`glide.kernels._jit.attention`): ``cross_attent
 allocation, the choice of block sizes and KV splits, and the dispatch to the reference.
 
 Block sizes and the number of KV splits come from :func:`attention_config`, a heuristic, so a
-benchmark can record exactly what ran. None of its constants has been measured yet: they are
-marked "unmeasured" where they are set and should be replaced by numbers from an H100 sweep.
+benchmark can record exactly what ran. Its tile sizes follow compile-time facts only (sm_90
+register spills and shared memory from ``ptxas``); no constant has been timed on a GPU yet:
+they should be replaced by numbers from an H100 sweep.
 """
 
 from __future__ import annotations
@@ -64,24 +65,38 @@ def attention_config(
     head_dim: int,
     max_keys: int,
     *,
+    dtype: torch.dtype = torch.bfloat16,
     num_splits: int | None = None,
     device: torch.device | None = None,
 ) -> AttentionConfig:
     """Block sizes, warps and KV splits for one attention launch (the heuristic).
 
+    The tile sizes are set from compile-time facts only: ``ptxas -v`` for sm_90 on every
+    config the launchers choose (``python -m bench.aot_report`` -> profiles/compile-sm90.json).
+    The rule is no register spills and, for 16-bit inputs, at most ~113 KiB of shared memory
+    so that two programs share an H100 SM (228 KiB, 1 KiB reserved per block). No GPU has
+    timed any of them: runtime speed is unmeasured and an H100 sweep should replace them.
+
     - ``BLOCK_M``: the ``q_len * group`` query rows of a KV head, rounded up to a power of two,
-      clamped to [16, 64] (``tl.dot`` needs 16 rows; 64 rows keep the fp32 accumulator in
-      registers at head_dim 128).
-    - ``BLOCK_N``: 128 keys when ``BLOCK_M <= 32`` and ``head_dim <= 64`` (decode and small
-      trees: fewer, larger loads), else 64. With ``num_stages`` 3 that keeps the pipelined K/V
-      buffers at ``3 * 2 * BLOCK_N * BLOCK_D * 2`` bytes = 96 KiB in 16 bits, so two programs
-      fit an H100 SM's 228 KiB of shared memory. Unmeasured.
+      clamped to [16, 64] (``tl.dot`` needs 16 rows). float32 caps it at 32 (16 above
+      head_dim 64): its ``ieee`` dots run on FMA units, whose operands take far more
+      registers than the 16-bit tensor-core path. Before this cap, float32 at BLOCK_M 32-64
+      spilled 27-30 KB of stores per thread (3.5 KB at BLOCK_M 64, head_dim 64), and no
+      BLOCK_N / warps / stages tried at BLOCK_M 32-64 with head_dim 128 was spill-free.
+    - ``BLOCK_N``: 16 bits, 128 keys when ``BLOCK_M <= 32`` and ``head_dim <= 64`` (decode and
+      small trees: fewer, larger loads), else 64. float32, 64.
+    - ``num_stages``: 3 in 16 bits, but 2 at ``BLOCK_M * BLOCK_D >= 64 * 128``: three stages
+      of 64x128 K/V tiles plus Q need 112-116 KiB (more than half an SM), two need 80-84 KiB.
+      float32, 2 (three stages needed 140-176 KiB, one program per SM; two need <= 76 KiB).
+    - ``num_warps``: 4, but 8 at ``BLOCK_M * BLOCK_D >= 64 * 128`` in 16 bits (4 warps took
+      252-255 registers per thread with the tree mask, and 20 bytes of spill with 3 stages;
+      8 warps take 195) and at BLOCK_M 32 in float32 (4 warps spilled 684 bytes at
+      BLOCK_N 64; 8 warps take 90 registers).
     - ``num_splits`` (flash-decoding): the base grid is ``batch * num_kv_heads * m_tiles``
       programs. If that is below the device's SM count, the key range is split into
       ``ceil(num_sms / base)`` chunks so one wave fills the GPU (132 SMs on an H100 at
       batch 1), but never into chunks shorter than ``_MIN_TILES_PER_SPLIT`` tiles, nor more
       than ``_MAX_SPLITS``. Unmeasured.
-    - ``num_warps`` 4, ``num_stages`` 3 (2 above head_dim 128). Unmeasured.
 
     Parameters
     ----------
@@ -90,6 +105,9 @@ def attention_config(
     max_keys : int
         The longest key range of any sequence (``max(cache_seqlens) + q_len`` for a tree,
         ``max(kv_lens)`` for cross attention).
+    dtype : torch.dtype
+        Dtype of q, k and v: ``torch.float32`` gets smaller tiles; float16 and bfloat16 the
+        same ones. Defaults to bfloat16, the models' dtype.
     num_splits : int, optional
         Force this many KV splits (tests, benchmarks); ``None`` applies the heuristic.
     device : torch.device, optional
@@ -101,9 +119,20 @@ def attention_config(
     """
     group = num_q_heads // num_kv_heads
     rows = q_len * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 128 if block_m <= 32 and block_d <= 64 else 64
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if dtype == torch.float32:
+        # sm_90 ptxas, float32 (see the docstring): M16 N64 w4 80-91 registers, 40-76 KiB;
+        # M32 N64 D64 w8 90 registers, 48 KiB.
+        block_m = min(block_m, 32 if block_d <= 64 else 16)
+        block_n, num_stages = 64, 2
+        num_warps = 8 if block_m >= 32 else 4
+    else:
+        block_n = 128 if block_m <= 32 and block_d <= 64 else 64
+        # A 64x128 float32 accumulator alone is 64 registers per thread at 4 warps.
+        large = block_m * block_d >= 64 * 128
+        num_stages = 2 if large else 3
+        num_warps = 8 if large else 4
     m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         base = batch * num_kv_heads * m_tiles
@@ -115,8 +144,8 @@ def attention_config(
         block_n=block_n,
         block_d=block_d,
         num_splits=int(num_splits),
-        num_warps=4,
-        num_stages=3 if block_d <= 128 else 2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
@@ -254,7 +283,9 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    cfg = attention_config(B, T, Hq, Hkv, D, max_keys, num_splits=num_splits, device=q.device)
+    cfg = attention_config(
+        B, T, Hq, Hkv, D, max_keys, dtype=q.dtype, num_splits=num_splits, device=q.device
+    )
     has_tree = tree_mask is not None
     if has_tree:
         mask = tree_mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1

@@ -189,7 +189,7 @@ def _config(kernel: str, case: dict, device: torch.device) -> dict | None:
             else:
                 q_len, keys = case["q_len"], case["context"]
             cfg = attention_config(case["batch"], q_len, case["num_q_heads"], case["num_kv_heads"],
-                                   case["head_dim"], keys, device=device)
+                                   case["head_dim"], keys, dtype=DTYPES[case["dtype"]], device=device)
             return cfg.as_dict()
         if kernel == "cape_topk":
             import triton

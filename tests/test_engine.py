@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 
-import glide.model.cache as cache_module
-from glide.kernels.reference import compact_kv_ref
 from glide.model import LlamaModel, ModelConfig
 from glide.spec.drafts import ModelDraft, OracleDraft, PromptLookupDraft, RandomTreeDraft, WrongDraft
 import glide.spec.engine as engine_module
@@ -30,14 +28,6 @@ def tiny_model(vocab=37, seed=0, layers=2, max_pos=128, std=0.3, hidden=32, dtyp
     model = LlamaModel(cfg, dtype=dtype, init_std=std)
     model.attn_backend = "reference"
     return model
-
-
-@pytest.fixture(autouse=True)
-def reference_compaction(request, monkeypatch):
-    """Compact the cache with the PyTorch reference unless a test runs the Triton path."""
-    if "triton_interpreter" not in request.node.name:
-        monkeypatch.setattr(cache_module, "compact_kv",
-                            lambda kv, lens, idx, n, **kw: compact_kv_ref(kv, lens, idx, n))
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +296,10 @@ def test_unused_tree_slots_are_not_run(model, ar, monkeypatch):
     widths.clear()
     generate_ids(model, PROMPTS, OracleDraft(ar, 4, width=2), max_new_tokens=8)
     assert max(widths[1:]) > 1
+
+
+def test_the_model_backend_also_picks_the_compaction():
+    model = tiny_model()
+    assert model.new_cache(1, 8).compact_backend == "reference"
+    model.attn_backend = "auto"
+    assert model.new_cache(1, 8).compact_backend == "auto"

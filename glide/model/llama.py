@@ -186,7 +186,8 @@ class LlamaModel(nn.Module):
     lm_head : FastLinear
         ``lm_head.weight`` is ``embed_tokens.weight`` when the embeddings are tied.
     attn_backend : {"auto", "reference", "triton"}
-        Passed to :func:`glide.kernels.tree_attention`.
+        Passed to :func:`glide.kernels.tree_attention`, and to :func:`glide.kernels.compact_kv`
+        through the caches that :meth:`new_cache` makes from then on.
     """
 
     def __init__(self, config: ModelConfig, dtype=torch.float32, device="cpu", init_std=0.02):
@@ -254,8 +255,10 @@ class LlamaModel(nn.Module):
                 f"max_seq ({max_seq}) exceeds the model's max_position_embeddings "
                 f"({c.max_position_embeddings})"
             )
-        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq, c.head_dim,
-                       dtype=self.dtype, device=self.device)
+        cache = KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq, c.head_dim,
+                        dtype=self.dtype, device=self.device)
+        cache.compact_backend = self.attn_backend  # one switch for every kernel the runner uses
+        return cache
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()

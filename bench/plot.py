@@ -96,12 +96,15 @@ def plot_kernels(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
             line2 += f" - copy {copy:.1f} GB/s"
         line2 += f" - {str(meta.get('git_sha', ''))[:12]}"
         fig.suptitle(f"{meta.get('device', '?')}\n{line2}", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"{stem}_{what}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"{stem}_{what}.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_e2e(data: dict[str, Any], out_dir: Path, stem: str = "e2e") -> list[Path]:
@@ -127,11 +130,7 @@ def plot_e2e(data: dict[str, Any], out_dir: Path, stem: str = "e2e") -> list[Pat
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"end to end - {data['meta'].get('device', '?')}", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{stem}.png")]
 
 
 def plot_verify_cost(data: dict[str, Any], out_dir: Path, stem: str = "verify-cost") -> list[Path]:
@@ -152,11 +151,7 @@ def plot_verify_cost(data: dict[str, Any], out_dir: Path, stem: str = "verify-co
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"verification cost - {data['meta'].get('device', '?')}", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{stem}.png")]
 
 
 def plot_ar_vs_hf(data: dict[str, Any], out_dir: Path, stem: str = "ar-vs-hf") -> list[Path]:
@@ -176,11 +171,7 @@ def plot_ar_vs_hf(data: dict[str, Any], out_dir: Path, stem: str = "ar-vs-hf") -
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"greedy decode - {data['meta'].get('device', '?')}", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{stem}.png")]
 
 
 def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:

@@ -26,7 +26,8 @@ from glide.kernels._dispatch import BACKENDS, use_triton
 from .cache import KVCache
 from .config import ModelConfig
 
-__all__ = ["LlamaModel", "RMSNorm", "DecoderLayer", "FastLinear"]
+__all__ = ["LlamaModel", "RMSNorm", "DecoderLayer", "FastLinear", "rope_tables", "apply_rope", "kv_writer",
+           "tree_attender"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,6 +45,79 @@ def _mkldnn_ok(dtype) -> bool:
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return dtype == torch.float32
+
+
+def rope_tables(config: ModelConfig, dtype, device):
+    """cos and signed sin tables, shape (max_position_embeddings, head_dim).
+
+    Built in float32 like transformers (float64 for a float64 model), scaled by the attention
+    scaling, then cast once to ``dtype``. The first half of ``sin`` is negated so that
+    ``rotate_half(x) * sin == roll(x, D/2) * signed_sin`` (see :func:`apply_rope`).
+    """
+    c = config
+    inv_freq, scaling = c.rope_frequencies()
+    tdt = torch.float64 if dtype == torch.float64 else torch.float32
+    pos = torch.arange(c.max_position_embeddings, dtype=torch.int64).to(tdt)
+    freqs = pos[:, None] * inv_freq.to(tdt)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    half = c.head_dim // 2
+    sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos.to(dtype=dtype, device=device), sin.to(dtype=dtype, device=device)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE with a signed ``sin`` table (:func:`rope_tables`), out of place.
+
+    ``x`` is ``(..., head_dim)``; ``cos``/``sin`` broadcast to it.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def kv_writer(lens, same_len, B, T):
+    """The K/V write of every layer of one forward: token ``j`` of sequence ``b`` to ``lens[b] + j``.
+
+    Returns ``store(kv_layer, kv)`` with ``kv_layer`` (2, B, Hkv, max_seq, D) and ``kv``
+    (B, T, 2, Hkv, D). When every sequence has the host-known length ``same_len`` (decode with
+    one sequence) that is one slice copy, ``[same_len, same_len + T)``, instead of an index_put
+    (7 vs 11 us a layer at decode shapes on the 2-core EPYC).
+    """
+    if same_len is not None:
+        def store(kv_layer, kv):  # kv (B, T, 2, Hkv, D) -> slice (2, B, Hkv, T, D)
+            kv_layer.narrow(3, same_len, T).copy_(kv.permute(2, 0, 3, 1, 4))
+    else:
+        write_pos = lens[:, None] + torch.arange(T, device=lens.device)
+        b_idx = torch.arange(B, device=lens.device)[:, None].expand(B, T)
+
+        def store(kv_layer, kv):
+            # Advanced indices on dims 1 and 3 put (B, T) first: the slot is (B, T, 2, Hkv, D).
+            kv_layer[:, b_idx, :, write_pos] = kv
+    return store
+
+
+def tree_attender(lens, same_len, tree_mask, backend="auto"):
+    """Tree attention for every layer of one forward: ``attend(q, k_cache, v_cache, sm_scale)``.
+
+    The Triton launcher, or on the reference path the reference itself with its dense
+    visibility mask built once for all layers instead of once per layer (which with the
+    launcher's checks cost ~40% of a CPU decode step's non-matmul time; unmeasured
+    elsewhere). When every sequence has the host-known length ``same_len`` and ``tree_mask``
+    is all true (a decode step), every new token sees the first ``same_len + T`` positions
+    and the reference runs with no mask at all. The caller checks the cache's room first:
+    the launcher is called without its length sync.
+    """
+    if use_triton(lens.device, backend):
+        def attend(q, k, v, sm_scale):
+            return tree_attention(q, k, v, lens, tree_mask, sm_scale, check_lens=False, backend=backend)
+    else:
+        if same_len is not None and bool(tree_mask.all()):  # one host sync a forward
+            allowed = same_len + tree_mask.shape[-1]
+        else:
+            allowed = reference.tree_visibility(lens, tree_mask)
+
+        def attend(q, k, v, sm_scale):
+            return reference.masked_attention(q, k, v, allowed, sm_scale)
+    return attend
 
 
 class FastLinear(nn.Module):
@@ -79,6 +153,8 @@ class FastLinear(nn.Module):
     def forward(self, x):
         # Runs ~120 times a decode step: the per-call checks are kept to a few attribute reads.
         w = self.weight
+        if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):  # training a draft
+            return F.linear(x, w)
         if w.is_inference():
             # made under inference_mode: no version counter tells when a derived copy goes stale
             return F.linear(x, w)
@@ -146,9 +222,9 @@ class DecoderLayer(nn.Module):
             This layer's cache.
         store : callable(kv_layer, kv) -> None
             Writes ``kv``, shape (batch, T, 2, num_kv_heads, head_dim), at each new token's
-            cache position (``LlamaModel._store``).
+            cache position (:func:`kv_writer`).
         attend : callable(q, k_cache, v_cache, sm_scale) -> out
-            Tree attention with this forward's lengths and mask bound in (``LlamaModel._attention``).
+            Tree attention with this forward's lengths and mask bound in (:func:`tree_attender`).
         """
         B, T, _ = x.shape
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -156,7 +232,7 @@ class DecoderLayer(nn.Module):
         # RoPE on q and k together: rotate_half(x) * sin == roll(x, D/2) * (sin with its first
         # half negated), one op instead of slice/neg/cat.
         qk = qkv[:, :, : Hq + Hkv]
-        qk.copy_(torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin))
+        qk.copy_(apply_rope(qk, cos, sin))
         store(kv_layer, qkv[:, :, Hq:].view(B, T, 2, Hkv, D))
         attn = attend(qkv[:, :, :Hq], kv_layer[0], kv_layer[1], self.sm_scale)
         x = x + self.o_proj(attn.reshape(B, T, Hq * D))
@@ -202,7 +278,7 @@ class LlamaModel(nn.Module):
         self.lm_head = FastLinear(c.hidden_size, c.vocab_size, dtype, device)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = self._rope_tables(dtype, device)
+        cos, sin = rope_tables(c, dtype, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if init_std is not None:
@@ -212,24 +288,6 @@ class LlamaModel(nn.Module):
                 nn.init.normal_(p, std=init_std)
         self.requires_grad_(False)
         self._masks = {}
-
-    def _rope_tables(self, dtype, device):
-        """cos and signed sin tables, shape (max_position_embeddings, head_dim).
-
-        Built in float32 like transformers (float64 for a float64 model), scaled by the
-        attention scaling, then cast once to the model dtype. The first half of ``sin`` is
-        negated so that ``rotate_half(x) * sin == roll(x, D/2) * signed_sin``.
-        """
-        c = self.config
-        inv_freq, scaling = c.rope_frequencies()
-        tdt = torch.float64 if dtype == torch.float64 else torch.float32
-        pos = torch.arange(c.max_position_embeddings, dtype=torch.int64).to(tdt)
-        freqs = pos[:, None] * inv_freq.to(tdt)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * scaling, emb.sin() * scaling
-        half = c.head_dim // 2
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return cos.to(dtype=dtype, device=device), sin.to(dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -262,7 +320,7 @@ class LlamaModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
-    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None):
+    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None, logits_rows=None):
         """Run ``T`` new tokens per sequence and write their K/V into ``cache``.
 
         Token ``j`` of sequence ``b`` sees the committed prefix ``[0, lens[b])`` and the new
@@ -280,11 +338,15 @@ class LlamaModel(nn.Module):
             Needs ``lens + T <= max_seq``.
         logits_index : torch.Tensor, shape (batch,), int64, optional
             Compute the LM head only at row ``logits_index[b]`` of each sequence.
+        logits_rows : torch.Tensor, shape (batch, T), bool, optional
+            Compute the LM head only at these rows (e.g. a corpus pass that needs the
+            teacher's logits on responses only). Not with ``logits_index``.
 
         Returns
         -------
         torch.Tensor, float32 (float64 for a float64 model)
-            Shape (batch, T, vocab), or (batch, vocab) with ``logits_index``.
+            Shape (batch, T, vocab), or (batch, vocab) with ``logits_index``, or
+            (logits_rows.sum(), vocab) with ``logits_rows``.
         """
         B, T = self._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
         dev = input_ids.device
@@ -293,58 +355,19 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[position_ids].unsqueeze(2)
         sin = self.rope_sin[position_ids].unsqueeze(2)
         h = self.embed_tokens(input_ids)
-        store = self._store(lens, same_len, B, T)
-        attend = self._attention(lens, same_len, tree_mask)
+        store = kv_writer(lens, same_len, B, T)
+        attend = tree_attender(lens, same_len, tree_mask, self.attn_backend)
         for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
             h = layer(h, cos, sin, kv_layer, store, attend)
         if logits_index is not None:
             h = h[torch.arange(B, device=dev), logits_index]
+        elif logits_rows is not None:
+            if not isinstance(logits_rows, torch.Tensor) or logits_rows.dtype != torch.bool or \
+                    logits_rows.shape != (B, T):
+                raise ValueError(f"logits_rows must be a ({B}, {T}) bool tensor")
+            h = h[logits_rows]
         logits = self.lm_head(self.norm(h))
         return logits if logits.dtype == torch.float64 else logits.float()
-
-    @staticmethod
-    def _store(lens, same_len, B, T):
-        """The K/V write of every layer of one forward: token ``j`` of sequence ``b`` to ``lens[b] + j``.
-
-        When every sequence has the host-known length ``same_len`` (decode with one sequence)
-        that is one slice copy, ``[same_len, same_len + T)``, instead of an index_put (7 vs 11 us
-        a layer at decode shapes on the 2-core EPYC).
-        """
-        if same_len is not None:
-            def store(kv_layer, kv):  # kv (B, T, 2, Hkv, D) -> slice (2, B, Hkv, T, D)
-                kv_layer.narrow(3, same_len, T).copy_(kv.permute(2, 0, 3, 1, 4))
-        else:
-            write_pos = lens[:, None] + torch.arange(T, device=lens.device)
-            b_idx = torch.arange(B, device=lens.device)[:, None].expand(B, T)
-
-            def store(kv_layer, kv):
-                # Advanced indices on dims 1 and 3 put (B, T) first: the slot is (B, T, 2, Hkv, D).
-                kv_layer[:, b_idx, :, write_pos] = kv
-        return store
-
-    def _attention(self, lens, same_len, tree_mask):
-        """Tree attention for every layer of one forward.
-
-        The Triton launcher, or on the reference path the reference itself with its dense
-        visibility mask built once for all layers instead of once per layer (which with the
-        launcher's checks cost ~40% of a CPU decode step's non-matmul time; unmeasured
-        elsewhere). When every sequence has the host-known length ``same_len`` and ``tree_mask``
-        is all true (a decode step), every new token sees the first ``same_len + T`` positions
-        and the reference runs with no mask at all.
-        """
-        if use_triton(lens.device, self.attn_backend):
-            def attend(q, k, v, sm_scale):  # the forward checked the room once: no length sync
-                return tree_attention(q, k, v, lens, tree_mask, sm_scale, check_lens=False,
-                                      backend=self.attn_backend)
-        else:
-            if same_len is not None and bool(tree_mask.all()):  # one host sync a forward
-                allowed = same_len + tree_mask.shape[-1]
-            else:
-                allowed = reference.tree_visibility(lens, tree_mask)
-
-            def attend(q, k, v, sm_scale):
-                return reference.masked_attention(q, k, v, allowed, sm_scale)
-        return attend
 
     def prefill(self, prompts, cache: KVCache) -> torch.Tensor:
         """Reset ``cache`` and run the prompts; ``cache.lens`` becomes the prompt lengths.

@@ -1,0 +1,139 @@
+"""``GlideDraft``: the GliDe draft behind the engine's :class:`~glide.spec.drafts.Draft` interface.
+
+Each step it drafts a greedy chain of ``gamma`` tokens under the root. Its own cache holds the
+draft's self-attention K/V; its cross-attention reads the target's cache in place
+(:func:`glide.kernels.cross_attention`, or the reference on the CPU), so every draft query sees
+the whole verified target cache, which ends just before the root.
+
+Keeping the draft's cache right without bookkeeping: a step writes the K/V of positions
+``r - 1 .. r + gamma - 1`` (the token before the root, the root at ``r``, then ``d_1 ..
+d_{gamma-1}``). After verification accepts ``a`` draft tokens the new root sits at ``r + a + 1``,
+and every position below ``r + a`` holds the K/V of the committed token there: positions below
+``r - 1`` by induction, and ``r - 1 .. r + min(a, gamma - 1)`` were just written with committed
+tokens. So each step starts by trusting positions ``< r' - 1`` of the new root ``r'`` and
+rewrites ``r' - 1`` and ``r'`` in one two-row forward: no host sync, no ragged catch-up, and
+nothing to do in :meth:`GlideDraft.observe`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glide.kernels import cross_attention, reference
+from glide.kernels._dispatch import use_triton
+from glide.spec.drafts import Draft, DraftContext
+from glide.spec.tree import Proposal
+
+from .config import check_fingerprint
+from .model import GlideDraftModel
+
+__all__ = ["GlideDraft"]
+
+
+class GlideDraft(Draft):
+    """Propose a chain of ``gamma`` greedy draft tokens, with their draft probabilities.
+
+    Parameters
+    ----------
+    model : GlideDraftModel
+        Attached to the target (see :func:`glide.draft.checkpoint.load_draft`).
+    gamma : int
+        Chain length (draft tokens per step).
+    """
+
+    def __init__(self, model: GlideDraftModel, gamma: int = 4):
+        if not isinstance(model, GlideDraftModel):
+            raise TypeError(f"draft: model must be a GlideDraftModel, got {type(model).__name__}")
+        if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
+            raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
+        self.model = model
+        self.gamma = gamma
+        self.max_nodes = gamma
+        self.cache = None
+
+    # ------------------------------------------------------------------ Draft interface
+    def check(self, model) -> None:
+        c = self.model.config
+        check_fingerprint(c.fingerprint, model)
+        if c.target.vocab_size != model.config.vocab_size:
+            raise ValueError(f"draft: vocab_size {c.target.vocab_size} differs from the target's "
+                             f"{model.config.vocab_size}")
+        if self.model.device != model.device or self.model.dtype != model.dtype:
+            raise ValueError(f"draft: it is {self.model.dtype} on {self.model.device}, the target "
+                             f"{model.dtype} on {model.device}; load it for this target")
+
+    def begin(self, ctx: DraftContext) -> None:
+        """Fill the draft's cache over the prompts (the prompt is ``tokens[:lengths - 1]``)."""
+        B, cap = ctx.tokens.shape
+        m = self.model
+        self.cache = m.new_cache(B, cap + self.max_nodes + 2)
+        prompt_lens = ctx.lengths - 1
+        P = int(prompt_lens.max())  # once a generation: a host sync is fine here
+        dev = ctx.tokens.device
+        ids = ctx.tokens[:, :P]
+        pos = torch.arange(P, device=dev).expand(B, P)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril().expand(B, P, P)
+        self.cache.reset()
+        # The prompt's queries read the target's prompt positions before their own (a root's view).
+        tk = [ctx.cache.k(m.config.target_layer(i)) for i in range(len(m.layers))]
+        tv = [ctx.cache.v(m.config.target_layer(i)) for i in range(len(m.layers))]
+        seen = (torch.arange(P, device=dev)[None, None, :] < pos[:, :, None])  # (B, P, P)
+
+        def cross(i, q):
+            return reference.masked_attention(q, tk[i], tv[i], seen)
+        m.step(ids, pos, causal, self.cache, cross, need_logits=False)
+
+    def propose(self, ctx: DraftContext) -> Proposal:
+        m, cache = self.model, self.cache
+        B, dev = ctx.root.shape[0], ctx.root.device
+        root_pos = ctx.lengths - 1
+        cache.lens.copy_(root_pos - 1)
+        cross = self._cross(ctx)
+        prev = ctx.tokens.gather(1, (root_pos - 1)[:, None])
+        ids = torch.cat([prev, ctx.root[:, None]], 1)
+        pos = torch.stack([root_pos - 1, root_pos], 1)
+        causal = torch.ones(2, 2, dtype=torch.bool, device=dev).tril().expand(B, 2, 2)
+        logits = m.step(ids, pos, causal, cache, cross, logits_index=torch.ones_like(root_pos))
+        cache.commit(2)
+        tokens, probs = [], []
+        one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
+        for j in range(1, self.gamma + 1):
+            tok, p = self._pick(logits)
+            tokens.append(tok)
+            probs.append(p)
+            if j < self.gamma:
+                logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross)[:, 0]
+                cache.commit(1)
+        tokens = torch.stack(tokens, 1)
+        parents = torch.arange(self.gamma, device=dev).expand(B, self.gamma).contiguous()
+        valid = ctx.active[:, None].expand(B, self.gamma).contiguous()
+        return Proposal(tokens, parents, valid, torch.stack(probs, 1))
+
+    # ------------------------------------------------------------------ pieces
+    def _pick(self, logits):
+        """Greedy draft token (a target token id) and its draft probability."""
+        top, col = logits.max(-1)
+        p = torch.exp(top - torch.logsumexp(logits, -1))
+        return self.model.vocab_ids[col], p
+
+    def _cross(self, ctx: DraftContext):
+        """Cross-attention of each draft layer over the target's verified cache, read in place."""
+        m, tcache = self.model, ctx.cache
+        layers = [m.config.target_layer(i) for i in range(len(m.layers))]
+        lens = tcache.lens
+        if use_triton(lens.device, m.attn_backend):
+            def cross(i, q):
+                return cross_attention(q, tcache.k(layers[i]), tcache.v(layers[i]), lens,
+                                       check_lens=False, backend=m.attn_backend)
+            return cross
+        S = tcache.uniform_length()
+        if S is None:  # ragged lengths: one mask for every step and layer of this proposal
+            S = max(int(lens.max()), 1)
+            allowed = (torch.arange(S, device=lens.device)[None, :] < lens[:, None])[:, None, :]
+        else:
+            allowed = None
+
+        def cross(i, q):
+            vis = S if allowed is None else allowed.expand(q.shape[0], q.shape[1], S)
+            return reference.masked_attention(q, tcache.k(layers[i]), tcache.v(layers[i]), vis)
+        return cross

@@ -1,0 +1,216 @@
+"""The GliDe draft: its decoding path against its training path, its cache bookkeeping inside the
+engine, lossless greedy output, and its checkpoints."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from glide.draft import GlideDraft, block_cross_mask, load_draft, save_draft
+from glide.spec.drafts import DraftContext
+from glide.spec.engine import generate_ids
+
+from glide_helpers import tiny_draft, tiny_target, trained_pair
+
+VOCAB = 23
+
+
+PROMPTS = [[1, 5, 7, 9, 3], [4, 8], [9, 10, 11, 12, 13, 14, 15, 16, 3]]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+def _context(target, prompt, first):
+    """The engine's state right after the prefill of one prompt and its first token."""
+    P = len(prompt)
+    cache = target.new_cache(1, P + 16)
+    target.prefill([prompt], cache)
+    tokens = torch.zeros(1, P + 12, dtype=torch.int64)
+    tokens[0, :P] = torch.tensor(prompt)
+    tokens[0, P] = first
+    lengths = torch.tensor([P + 1])
+    return DraftContext(target, cache, tokens, lengths, torch.tensor([first]), torch.tensor([True]))
+
+
+# ---------------------------------------------------------------- decoding == training
+@pytest.mark.parametrize("layers,vocab", [(1, None), (1, list(range(0, VOCAB, 2))), (2, None)])
+def test_proposal_equals_the_training_forward(target, layers, vocab):
+    """The chain drafted step by step over the caches equals one teacher-forced training
+    forward whose cross mask lets every draft row see the target up to the root."""
+    draft = tiny_draft(target, layers=layers, vocab=vocab)
+    prompt, first = [1, 5, 7, 9, 3, 6, 2], 4
+    ctx = _context(target, prompt, first)
+    g = GlideDraft(draft, gamma=4)
+    g.begin(ctx)
+    prop = g.propose(ctx)
+    P = len(prompt)
+    seq = torch.tensor([prompt + [first] + prop.tokens[0, :3].tolist()])
+    S = seq.shape[1]
+    pos = torch.arange(S)
+    # the root, the token before it (rewritten by each step) and the drafted rows read the
+    # target before the root; earlier prompt rows (filled by `begin`) read it before themselves
+    visible = pos[None, :] < torch.where(pos >= P - 1, P, pos)[:, None]
+    kv = [(ctx.cache.k(draft.config.target_layer(i))[:, :, :S], ctx.cache.v(draft.config.target_layer(i))[:, :, :S])
+          for i in range(layers)]
+    logits = draft(seq, kv, visible[None])[0, P:]  # rows of the root and d1..d3
+    probs = logits.softmax(-1)
+    want_tok = draft.vocab_ids[probs.argmax(-1)]
+    assert prop.tokens[0].tolist() == want_tok.tolist()
+    torch.testing.assert_close(prop.draft_probs[0], probs.max(-1).values, rtol=1e-10, atol=1e-12)
+    assert prop.parents[0].tolist() == [0, 1, 2, 3] and prop.valid.all()
+
+
+class _CheckedGlide(GlideDraft):
+    """At every step, compare the incremental proposal with one from a fresh draft that rebuilds
+    its cache over the whole committed history."""
+
+    def __init__(self, model, gamma):
+        super().__init__(model, gamma)
+        self.steps = 0
+
+    def propose(self, ctx):
+        got = super().propose(ctx)
+        fresh = GlideDraft(self.model, self.gamma)
+        fresh.begin(ctx)  # begin reads tokens[:lengths - 1]: every committed token but the root
+        want = fresh.propose(ctx)
+        live = ctx.active
+        assert torch.equal(got.tokens[live], want.tokens[live])
+        torch.testing.assert_close(got.draft_probs[live], want.draft_probs[live], rtol=1e-9, atol=1e-12)
+        self.steps += 1
+        return got
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_pair(str(tmp_path_factory.mktemp("trained")))
+
+
+PROMPTS_SMALL = [[1, 3, 0, 4, 3], [4, 0], [0, 1, 3, 4, 3, 1, 0, 0, 3, 6, 5]]
+
+
+def test_incremental_cache_equals_a_rebuilt_one(trained):
+    t, d, _ = trained
+    g = _CheckedGlide(d, gamma=3)
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    out = generate_ids(t, PROMPTS_SMALL, g, max_new_tokens=40)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    accepted = [a for o in out for a in o.accepted]
+    # every case of the bookkeeping: nothing, part of the chain, and all of it accepted
+    assert g.steps > 10 and set(accepted) >= {1, 2, 4}
+
+
+def test_training_makes_the_draft_accepted(trained):
+    """The trained draft's chains are accepted far more often than an untrained draft's."""
+    t, d, _ = trained
+    untrained = tiny_draft(t, seed=4)
+    runs = [generate_ids(t, PROMPTS_SMALL, GlideDraft(m, 3), max_new_tokens=40) for m in (d, untrained)]
+    mat = [sum(a for o in r for a in o.accepted) / sum(len(o.accepted) for o in r) for r in runs]
+    assert mat[0] > 1.7 and mat[0] > mat[1] + 0.5, mat
+
+
+@pytest.mark.parametrize("layers,cross,gamma", [(1, True, 4), (2, True, 3), (1, False, 5)])
+def test_greedy_glide_equals_ar(target, layers, cross, gamma):
+    draft = tiny_draft(target, layers=layers, cross=cross)
+    ar = generate_ids(target, PROMPTS, None, max_new_tokens=24, eos_token_ids=(2,))
+    sp = generate_ids(target, PROMPTS, GlideDraft(draft, gamma), max_new_tokens=24, eos_token_ids=(2,))
+    assert [o.output_ids for o in sp] == [o.output_ids for o in ar]
+    assert all(len(o.accepted) > 0 for o in sp)
+
+
+def test_engine_through_triton_interpreter():
+    """The same run with the Triton kernels (interpreted): cross_attention reads the target's
+    cache, tree_attention the draft's."""
+    t, d = tiny_target(dtype=torch.float32), None
+    d = tiny_draft(t, seed=4)
+    ref = generate_ids(t, PROMPTS[:2], GlideDraft(d, 3), max_new_tokens=8)
+    t.attn_backend = d.attn_backend = "triton"
+    tri = generate_ids(t, PROMPTS[:2], GlideDraft(d, 3), max_new_tokens=8)
+    assert [o.output_ids for o in tri] == [o.output_ids for o in ref]
+
+
+# ---------------------------------------------------------------- the training mask
+@pytest.mark.parametrize("block,shift", [(5, 0), (5, 3), (2, 1), (1, 0)])
+def test_block_cross_mask_follows_its_rule(block, shift):
+    S = 17
+    m = block_cross_mask(S, block, shift)
+    for q in range(S):
+        start = (q - shift) // block * block + shift
+        assert m[q].tolist() == [k < start for k in range(S)]
+    batched = block_cross_mask(S, block, torch.tensor([shift, 0]))
+    assert torch.equal(batched[0], m) and torch.equal(batched[1], block_cross_mask(S, block, 0))
+
+
+def test_no_query_sees_its_own_or_later_target_positions():
+    m = block_cross_mask(40, 5, torch.arange(5))
+    q = torch.arange(40)
+    assert not (m & (q[None, None, :] >= q[None, :, None])).any()
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(target, tmp_path):
+    d = tiny_draft(target, vocab=[2, 0, 5, 7, 11])
+    save_draft(d, tmp_path / "d", card={"note": "test"}, dtype=torch.float64)
+    back = load_draft(tmp_path / "d", target)
+    assert back.config == d.config and back.vocab_ids.tolist() == [2, 0, 5, 7, 11]
+    for (k, a), (_, b) in zip(sorted(d.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), k
+    out1 = generate_ids(target, PROMPTS, GlideDraft(d), max_new_tokens=10)
+    out2 = generate_ids(target, PROMPTS, GlideDraft(back), max_new_tokens=10)
+    assert [o.accepted for o in out1] == [o.accepted for o in out2]
+
+
+def test_another_target_is_refused(target, tmp_path):
+    save_draft(tiny_draft(target), tmp_path / "d")
+    with pytest.raises(ValueError, match="^draft: .*another target"):
+        load_draft(tmp_path / "d", tiny_target(seed=9))
+    with pytest.raises(ValueError, match="^draft: .*vocab_size=23.*29"):
+        load_draft(tmp_path / "d", tiny_target(vocab=29))
+
+
+def test_same_target_in_another_dtype_is_accepted(target, tmp_path):
+    save_draft(tiny_draft(target), tmp_path / "d")
+    t32 = copy.deepcopy(target).to(torch.float32)  # the same weights, rounded
+    assert load_draft(tmp_path / "d", t32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_json", "nan", "missing", "wrong_format"])
+def test_damaged_checkpoints_fail_naming_draft(target, tmp_path, damage):
+    p = save_draft(tiny_draft(target), tmp_path / "d")
+    w, c = p / "model.safetensors", p / "config.json"
+    if damage == "truncate":
+        w.write_bytes(w.read_bytes()[:100])
+    elif damage == "garbage_json":
+        c.write_text("{not json")
+    elif damage == "missing":
+        w.unlink()
+    elif damage == "wrong_format":
+        meta = json.loads(c.read_text())
+        meta["format"] = "something-else"
+        c.write_text(json.dumps(meta))
+    else:
+        from safetensors.torch import load_file, save_file
+        state = load_file(str(w))
+        state["norm.weight"][0] = float("nan")
+        save_file(state, str(w))
+    with pytest.raises(ValueError, match="^draft: "):
+        load_draft(p, target)
+
+
+def test_missing_path_names_draft(target, tmp_path):
+    with pytest.raises(FileNotFoundError, match="^draft: "):
+        load_draft(tmp_path / "nowhere", target)
+
+
+def test_draft_in_another_dtype_is_refused_by_the_engine(target):
+    d = tiny_draft(copy.deepcopy(target).to(torch.float32))
+    with pytest.raises(ValueError, match="^draft: .*float32"):
+        generate_ids(target, PROMPTS, GlideDraft(d), max_new_tokens=4)
+
+
+def test_gamma_must_be_positive(target):
+    with pytest.raises(ValueError, match="gamma"):
+        GlideDraft(tiny_draft(target), gamma=0)

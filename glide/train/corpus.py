@@ -1,0 +1,218 @@
+"""The self-distilled corpus: the target answers the training prompts itself.
+
+The target writes every response through our runner with batched decoding, so the corpus
+follows the target's own distribution (which is what the draft must predict). Prompts are
+split by :func:`glide.train.prompts.is_heldout`; only training prompts are ever answered here.
+
+On disk a corpus is a folder of shards, each written atomically (temporary file, then rename),
+so an interrupted run resumes at the first missing shard::
+
+    corpus/
+      meta.json               the settings; a resumed run must match them
+      shard-00000.npz ...     one per `shard_size` prompts
+
+A shard holds ``tokens`` (uint16 or int32: prompt then response, concatenated over samples),
+``offsets`` (int64, samples + 1), ``prompt_lens`` (int32), ``temperature`` (float32) and
+``ids`` (the source prompt ids, unicode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .prompts import SourcePrompt, is_heldout
+
+__all__ = ["CorpusSettings", "Sample", "build_corpus", "load_corpus", "atomic_write"]
+
+
+@dataclass
+class CorpusSettings:
+    """How a corpus is generated (stored in ``meta.json``).
+
+    Attributes
+    ----------
+    max_prompts : int
+        Training prompts to answer (in source order, after dropping held-out and long ones).
+    max_prompt_tokens : int
+        Longer prompts (after the chat template) are skipped.
+    max_new_tokens : int
+        Response length cap.
+    temperatures : list of float
+        Prompt ``i`` is answered at ``temperatures[i % len]``: by default half greedy, half
+        sampled at 1, so the draft sees both kinds of context.
+    batch_size : int
+    shard_size : int
+        Prompts per shard (a multiple of ``batch_size`` keeps batches full).
+    seed : int
+    """
+
+    max_prompts: int = 4096
+    max_prompt_tokens: int = 384
+    max_new_tokens: int = 256
+    temperatures: tuple = (0.0, 1.0)
+    batch_size: int = 32
+    shard_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    id: str
+    tokens: np.ndarray  # prompt then response
+    prompt_len: int
+    temperature: float
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then rename onto ``path``: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _select(prompts: list[SourcePrompt], tokenizer, s: CorpusSettings):
+    from glide.api import encode_chat
+
+    chosen = []
+    for p in prompts:
+        if is_heldout(p.id):
+            continue
+        ids = encode_chat(tokenizer, p.text)
+        if len(ids) > s.max_prompt_tokens:
+            continue
+        chosen.append((p.id, ids))
+        if len(chosen) == s.max_prompts:
+            break
+    return chosen
+
+
+def _save_shard(path: Path, samples: list[Sample], vocab: int) -> None:
+    dt = np.uint16 if vocab <= 65536 else np.int32
+    tokens = np.concatenate([x.tokens for x in samples]).astype(dt)
+    offsets = np.cumsum([0] + [len(x.tokens) for x in samples]).astype(np.int64)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, tokens=tokens, offsets=offsets,
+                     prompt_lens=np.array([x.prompt_len for x in samples], dtype=np.int32),
+                     temperature=np.array([x.temperature for x in samples], dtype=np.float32),
+                     ids=np.array([x.id for x in samples]))
+
+    atomic_write(path, write)
+
+
+def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, settings: CorpusSettings,
+                 eos_token_ids=(), progress: bool = True) -> Path:
+    """Answer the training prompts with the target and write the shards (resumable).
+
+    Parameters
+    ----------
+    model : LlamaModel
+        The target.
+    tokenizer : transformers tokenizer
+    prompts : list of SourcePrompt
+        Held-out ones are dropped here.
+    out_dir : path
+    settings : CorpusSettings
+    eos_token_ids : tuple of int
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``data`` if ``out_dir`` holds a corpus made with other settings.
+    """
+    from glide.spec.engine import generate_ids
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"settings": asdict(settings), "vocab_size": model.config.vocab_size,
+            "eos_token_ids": list(eos_token_ids)}
+    meta["settings"]["temperatures"] = list(settings.temperatures)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("settings") != meta["settings"] or old.get("vocab_size") != meta["vocab_size"]:
+            raise ValueError(f"data: {out} holds a corpus made with other settings ({meta_path}); "
+                             "use another output folder or delete it")
+    else:
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    chosen = _select(prompts, tokenizer, settings)
+    S = settings.shard_size
+    shards = [chosen[i:i + S] for i in range(0, len(chosen), S)]
+    todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.npz").exists()]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="corpus", unit="shard")
+    made = 0
+    t0 = time.perf_counter()
+    for k in todo:
+        samples = []
+        for j, (pid, ids) in enumerate(shards[k]):
+            i = k * S + j
+            samples.append((pid, ids, settings.temperatures[i % len(settings.temperatures)]))
+        result = []
+        for temp in sorted(set(t for _, _, t in samples)):
+            group = [x for x in samples if x[2] == temp]
+            group.sort(key=lambda x: len(x[1]))  # similar lengths batch with little padding
+            for b in range(0, len(group), settings.batch_size):
+                part = group[b:b + settings.batch_size]
+                outs = generate_ids(model, [x[1] for x in part], None,
+                                    max_new_tokens=settings.max_new_tokens, temperature=temp,
+                                    eos_token_ids=eos_token_ids,
+                                    seed=settings.seed * 1_000_003 + k * 1009 + b)
+                for (pid, ids, t), o in zip(part, outs):
+                    made += len(o.output_ids)
+                    result.append(Sample(pid, np.array(ids + o.output_ids, dtype=np.int64), len(ids), t))
+                if bar is not None:
+                    bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.0f}")
+        order = {pid: n for n, (pid, _, _) in enumerate(samples)}
+        result.sort(key=lambda x: order[x.id])
+        _save_shard(out / f"shard-{k:05d}.npz", result, model.config.vocab_size)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def load_corpus(path) -> list[Sample]:
+    """Every sample of every shard in ``path``, in shard order.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming ``data``.
+    """
+    path = Path(path)
+    files = sorted(path.glob("shard-*.npz"))
+    if not files:
+        raise FileNotFoundError(f"data: no corpus shards in {path}")
+    out = []
+    for f in files:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                toks, offs, plens = z["tokens"].astype(np.int64), z["offsets"], z["prompt_lens"]
+                temps, ids = z["temperature"], z["ids"]
+        except Exception as exc:  # a damaged shard: say which
+            raise ValueError(f"data: cannot read corpus shard {f}: {exc}") from None
+        for i in range(len(plens)):
+            out.append(Sample(str(ids[i]), toks[offs[i]:offs[i + 1]], int(plens[i]), float(temps[i])))
+    return out

@@ -1,0 +1,202 @@
+"""Target features for draft training, computed once by a frozen, no-grad target pass.
+
+For every corpus token the target's rotated K/V of the layers the draft reads, and the
+teacher's top-``k`` next-token log-probabilities (full softmax, temperature 1). Training then
+never runs the target again, however many epochs it makes.
+
+On disk (a folder, not committed: it is rebuilt from the corpus)::
+
+    meta.json        settings, the corpus fingerprint, and ``done`` (samples written so far)
+    kv.bin           (tokens, draft_layers, 2, kv_heads, head_dim), bfloat16 bits as int16
+    topk_ids.bin     (tokens, k), int32; -1 where no teacher was computed
+    topk_logp.bin    (tokens, k), float16
+
+Rows follow the corpus order (:func:`glide.train.corpus.load_corpus`). The teacher is computed
+only at positions that predict a response token (``q >= prompt_len - 1``): the LM head over
+49152 tokens is a large part of the pass, and the draft is trained on those positions.
+Samples are processed shortest first; ``done`` (a count in that order) advances only after a
+chunk's rows are flushed, so a killed run resumes at the last whole chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .corpus import Sample, atomic_write
+
+__all__ = ["Features", "build_features", "open_features", "corpus_digest"]
+
+
+def corpus_digest(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.id.encode())
+        h.update(np.asarray(s.tokens, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Features:
+    kv: np.memmap  # (N, layers, 2, Hkv, D) int16 (bfloat16 bits)
+    topk_ids: np.memmap
+    topk_logp: np.memmap
+    offsets: np.ndarray  # (samples + 1,)
+    meta: dict
+
+    def sample_kv(self, i: int) -> torch.Tensor:
+        """(layers, 2, Hkv, S, D) bfloat16 of sample ``i``."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        x = torch.from_numpy(np.array(self.kv[a:b])).view(torch.bfloat16)
+        return x.permute(1, 2, 3, 0, 4)
+
+    def sample_topk(self, i: int):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return (torch.from_numpy(np.asarray(self.topk_ids[a:b], dtype=np.int64)),
+                torch.from_numpy(np.asarray(self.topk_logp[a:b], dtype=np.float32)))
+
+
+def _shapes(model, num_layers, k, total):
+    c = model.config
+    return {"kv": (total, num_layers, 2, c.num_kv_heads, c.head_dim), "topk": (total, k)}
+
+
+def _open(path: Path, meta: dict, mode: str) -> Features:
+    total = meta["total_tokens"]
+    kv_shape = (total, meta["num_layers"], 2, meta["num_kv_heads"], meta["head_dim"])
+    k = meta["topk"]
+    return Features(
+        kv=np.memmap(path / "kv.bin", dtype=np.int16, mode=mode, shape=kv_shape),
+        topk_ids=np.memmap(path / "topk_ids.bin", dtype=np.int32, mode=mode, shape=(total, k)),
+        topk_logp=np.memmap(path / "topk_logp.bin", dtype=np.float16, mode=mode, shape=(total, k)),
+        offsets=np.array(meta["offsets"], dtype=np.int64), meta=meta)
+
+
+def build_features(model, samples: list[Sample], out_dir, num_layers: int = 1, topk: int = 16,
+                   tokens_per_batch: int = 4096, progress: bool = True) -> Features:
+    """Run the target over the corpus and store what the draft trains on (resumable).
+
+    Parameters
+    ----------
+    model : LlamaModel
+        The frozen target, in the dtype the draft will decode with.
+    samples : list of Sample
+    out_dir : path
+    num_layers : int
+        Draft layers: the K/V of the target's last ``num_layers`` layers are kept.
+    topk : int
+        Teacher log-probabilities kept per position.
+    tokens_per_batch : int
+        Padded tokens per target forward.
+
+    Returns
+    -------
+    Features
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    lengths = [len(s.tokens) for s in samples]
+    meta = {"version": 2, "corpus": corpus_digest(samples), "num_layers": num_layers, "topk": topk,
+            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "dtype": str(model.dtype),
+            "target_layers": list(range(c.num_layers - num_layers, c.num_layers)),
+            "total_tokens": int(sum(lengths)), "offsets": np.cumsum([0] + lengths).tolist(), "done": 0}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        same = all(old.get(k) == meta[k] for k in ("version", "corpus", "num_layers", "topk", "dtype", "total_tokens"))
+        if same:
+            meta["done"] = old["done"]
+    mode = "r+" if meta["done"] > 0 else "w+"
+    feats = _open(out, meta, mode)
+    if meta["done"] == 0:
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+    n = len(samples)
+    bar = None
+    if progress and meta["done"] < n:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=meta["total_tokens"], initial=int(meta["offsets"][meta["done"]]),
+                   desc="features", unit="tok", unit_scale=True)
+    # Batches of similar lengths (little padding), in a fixed order so that `done` (a count
+    # in that order) resumes exactly.
+    order = sorted(range(n), key=lambda k: (lengths[k], k))
+    t0, made = time.perf_counter(), 0
+    layers = meta["target_layers"]
+    i = meta["done"]
+    while i < n:
+        j, longest = i, 0
+        while j < n and (max(longest, lengths[order[j]]) * (j - i + 1) <= tokens_per_batch or j == i):
+            longest = max(longest, lengths[order[j]])
+            j += 1
+        chunk = [order[k] for k in range(i, j)]
+        B, S = len(chunk), longest
+        ids = torch.zeros(B, S, dtype=torch.int64)
+        rows = torch.zeros(B, S, dtype=torch.bool)  # teacher rows: q predicts response token q + 1
+        for b, k in enumerate(chunk):
+            s = samples[k]
+            ids[b, : len(s.tokens)] = torch.as_tensor(s.tokens)
+            rows[b, max(s.prompt_len - 1, 0): len(s.tokens) - 1] = True
+        ids, rows = ids.to(model.device), rows.to(model.device)
+        cache = model.new_cache(B, S)
+        pos = torch.arange(S, device=model.device).expand(B, S)
+        causal = torch.ones(S, S, dtype=torch.bool, device=model.device).tril().expand(B, S, S)
+        with torch.no_grad():
+            logits = model.forward(ids, pos, causal, cache, logits_rows=rows)
+            top, top_id = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+            top_lp = top - torch.logsumexp(logits, -1, keepdim=True)
+        pad = topk - top_id.shape[-1]  # a vocabulary smaller than k: pad with id -1
+        top_id = torch.nn.functional.pad(top_id, (0, pad), value=-1)
+        top_lp = torch.nn.functional.pad(top_lp, (0, pad), value=float("-inf"))
+        top_id, top_lp = top_id.cpu().numpy().astype(np.int32), top_lp.cpu().float().numpy().astype(np.float16)
+        rows_cpu = rows.cpu()
+        done_rows = 0
+        for b, k in enumerate(chunk):
+            s = samples[k]
+            L, a = len(s.tokens), int(meta["offsets"][k])
+            kv = torch.stack([cache.kv[l, :, b, :, :L] for l in layers])  # (layers, 2, Hkv, L, D)
+            feats.kv[a:a + L] = kv.permute(3, 0, 1, 2, 4).contiguous().to("cpu", torch.bfloat16).view(torch.int16).numpy()
+            r = rows_cpu[b, :L].numpy()
+            ids_b = np.full((L, topk), -1, dtype=np.int32)
+            lp_b = np.zeros((L, topk), dtype=np.float16)
+            m = int(r.sum())
+            ids_b[r], lp_b[r] = top_id[done_rows:done_rows + m], top_lp[done_rows:done_rows + m]
+            done_rows += m
+            feats.topk_ids[a:a + L] = ids_b
+            feats.topk_logp[a:a + L] = lp_b
+        for arr in (feats.kv, feats.topk_ids, feats.topk_logp):
+            arr.flush()
+        meta["done"] = i = j
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        size = sum(lengths[k] for k in chunk)
+        made += size
+        if bar is not None:
+            bar.update(size)
+            bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.0f}")
+    if bar is not None:
+        bar.close()
+    return open_features(out)
+
+
+def open_features(path) -> Features:
+    """Open finished features read-only.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming ``data``, if missing or unfinished.
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"data: no features in {path}")
+    meta = json.loads(meta_path.read_text())
+    if meta["done"] != len(meta["offsets"]) - 1:
+        raise ValueError(f"data: the features in {path} are unfinished ({meta['done']} of "
+                         f"{len(meta['offsets']) - 1} samples); run the features stage again")
+    return _open(path, meta, "r")

@@ -1,0 +1,378 @@
+"""The draft's training loop: teacher-forced, block-wise cross mask, resumable, DDP-ready.
+
+One step takes a global batch of corpus samples (split across ranks under ``torchrun``), runs
+the draft over whole sequences against the stored target features, and minimises, per
+position ``q`` that carries a loss,
+
+- ``kl``: the cross-entropy from the teacher's top-k next-token distribution (renormalised over
+  the draft vocabulary) to the draft's, i.e. the KL divergence up to the teacher's entropy;
+- ``ce``: the cross-entropy of the corpus token at ``q + 1``;
+- ``mix``: their mean.
+
+Only positions ``q >= prompt_len - 1`` carry a loss: they predict response tokens, which is all
+the draft does while decoding (the features hold the teacher there only). The loss is a sum
+divided by the global number of those positions in the batch, so a run on ``W`` ranks computes the same
+gradient as one process on the whole batch (``DistributedDataParallel`` averages over ranks; we
+multiply by ``W``).
+
+Determinism and resuming: batch order, block offsets and everything random derive from
+``(seed, step)``, so the state saved every ``save_every`` steps (weights, optimiser, step) is all
+a resumed run needs; a killed run continues where its last checkpoint left it, bit for bit on
+the same machine and thread count. Checkpoints are written to a temporary file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from glide.draft.checkpoint import new_draft_config, save_draft
+from glide.draft.config import DraftConfig
+from glide.draft.model import GlideDraftModel, block_cross_mask
+
+from .corpus import Sample, atomic_write
+from .features import Features
+
+__all__ = ["TrainSettings", "train_draft", "draft_vocabulary", "init_from_target", "batch_plan"]
+
+LOSSES = ("kl", "ce", "mix")
+INITS = ("random", "target-last")
+
+
+@dataclass
+class TrainSettings:
+    """A training recipe (stored in the checkpoint; a resumed run must match it).
+
+    Attributes
+    ----------
+    gamma : int
+        Draft tokens per step at decoding time; the cross mask's blocks are ``gamma + 1`` long.
+    num_layers : int
+    cross_attention : bool
+        ``False`` trains the vanilla ablation.
+    draft_vocab_size : int or None
+        Head rows: the most frequent corpus tokens; ``None`` for the whole vocabulary.
+    loss : {"kl", "ce", "mix"}
+    epochs : float
+    batch_size : int
+        Sequences per optimiser step, over all ranks.
+    max_len : int
+        Longer samples are cut.
+    lr, warmup_steps, weight_decay, clip : optimiser settings (AdamW, linear warm-up, cosine
+        decay to 10%).
+    init : {"random", "target-last"}
+        ``target-last`` starts from the target's last layer (self-attention, MLP, norms; the
+        cross-attention from its q and o projections).
+    seed : int
+    save_every : int
+        Steps between checkpoints.
+    """
+
+    gamma: int = 4
+    num_layers: int = 1
+    cross_attention: bool = True
+    draft_vocab_size: int | None = 16384
+    loss: str = "kl"
+    epochs: float = 2.0
+    batch_size: int = 8
+    max_len: int = 640
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    init: str = "random"
+    seed: int = 0
+    save_every: int = 50
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        for name in ("gamma", "num_layers", "batch_size", "max_len", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+def draft_vocabulary(samples: list[Sample], vocab_size: int, size: int | None,
+                     always=()) -> list[int] | None:
+    """The ``size`` most frequent token ids of the corpus (ties by id), ``always`` first.
+
+    ``None`` when ``size`` is ``None`` or covers the vocabulary.
+    """
+    if size is None or size >= vocab_size:
+        return None
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for s in samples:
+        np.add.at(counts, np.asarray(s.tokens, dtype=np.int64), 1)
+    order = np.lexsort((np.arange(vocab_size), -counts))
+    head = [int(t) for t in always if 0 <= t < vocab_size]
+    rest = [int(t) for t in order if int(t) not in set(head)]
+    return (head + rest)[:size]
+
+
+def init_from_target(draft: GlideDraftModel, target) -> None:
+    """Start from the target's last layer (see :class:`TrainSettings`, ``init``)."""
+    last = target.layers[-1]
+    t = draft.config.target
+    Hq_D = t.num_heads * t.head_dim
+    with torch.no_grad():
+        for layer in draft.layers:
+            layer.input_layernorm.weight.copy_(last.input_layernorm.weight)
+            layer.qkv_proj.weight.copy_(last.qkv_proj.weight)
+            layer.o_proj.weight.copy_(last.o_proj.weight)
+            layer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+            layer.gate_up_proj.weight.copy_(last.gate_up_proj.weight)
+            layer.down_proj.weight.copy_(last.down_proj.weight)
+            if layer.cross_q_proj is not None:
+                # no pre-norm on the cross query: fold the last layer's norm weight into it
+                wq = last.qkv_proj.weight[:Hq_D] * last.input_layernorm.weight[None, :]
+                layer.cross_q_proj.weight.copy_(wq)
+                layer.cross_o_proj.weight.copy_(last.o_proj.weight)
+        draft.norm.weight.copy_(target.norm.weight)
+
+
+def batch_plan(num_samples: int, lengths, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Global batches for the whole run, a pure function of its arguments.
+
+    Each epoch is a seeded permutation, cut into groups of ``16 * batch_size`` samples that are
+    sorted by length (little padding), cut into batches, and the epoch's batches shuffled.
+    """
+    lengths = np.asarray(lengths)
+    total = math.ceil(epochs * num_samples / batch_size)
+    plan, epoch = [], 0
+    while len(plan) < total:
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(num_samples)
+        batches = []
+        group = 16 * batch_size
+        for g in range(0, num_samples, group):
+            part = perm[g:g + group]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches += [part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size)]
+        order = rng.permutation(len(batches))
+        plan += [batches[i] for i in order]
+        epoch += 1
+    return plan[:total]
+
+
+def _lr_at(step: int, total: int, s: TrainSettings) -> float:
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    frac = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # (b, S)
+    kv: list  # per draft layer (k, v), each (b, Hkv, S, D) bfloat16
+    rows: torch.Tensor  # (b, S) bool: positions with a loss
+    weight: torch.Tensor  # (n,) per selected row
+    labels: torch.Tensor  # (n,) corpus next token (draft index, -1 if outside)
+    t_idx: torch.Tensor  # (n, k) teacher top-k (draft index, -1 if outside)
+    t_logp: torch.Tensor  # (n, k)
+    t_top1: torch.Tensor  # (n,) teacher argmax token id
+    shift: torch.Tensor  # (b,)
+
+
+def _make_batch(idx, samples, feats: Features, s: TrainSettings, vocab_index, step) -> _Batch:
+    b = len(idx)
+    lens = [min(len(samples[i].tokens), s.max_len) for i in idx]
+    S = max(lens)
+    L_layers = feats.meta["num_layers"]
+    Hkv, D = feats.meta["num_kv_heads"], feats.meta["head_dim"]
+    ids = torch.zeros(b, S, dtype=torch.int64)
+    kv = torch.zeros(L_layers, 2, b, Hkv, S, D, dtype=torch.bfloat16)
+    w = torch.zeros(b, S)
+    nxt = torch.zeros(b, S, dtype=torch.int64)
+    K = feats.meta["topk"]
+    tid = torch.zeros(b, S, K, dtype=torch.int64)
+    tlp = torch.zeros(b, S, K)
+    for r, i in enumerate(idx):
+        smp, L = samples[i], lens[r]
+        tok = torch.as_tensor(smp.tokens[:L], dtype=torch.int64)
+        ids[r, :L] = tok
+        kv[:, :, r, :, :L] = feats.sample_kv(i)[:, :, :, :L]
+        a, c = feats.sample_topk(i)
+        tid[r, :L], tlp[r, :L] = a[:L], c[:L]
+        nxt[r, : L - 1] = tok[1:]
+        P = smp.prompt_len
+        w[r, max(P - 1, 0): L - 1] = 1.0
+    rows = w > 0
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+    shift = torch.randint(0, s.gamma + 1, (b,), generator=g)
+    t_id = tid[rows]
+    t_idx = torch.where(t_id >= 0, vocab_index[t_id.clamp(min=0)], -1)
+    return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(L_layers)], rows, w[rows],
+                  vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift)
+
+
+def _loss_terms(logits, batch: _Batch, kind: str):
+    """Per-row losses (n,) and the draft's top-1 (draft index)."""
+    logq = torch.log_softmax(logits.float(), -1)
+    terms = []
+    if kind in ("kl", "mix"):
+        inside = batch.t_idx >= 0
+        p = torch.where(inside, batch.t_logp, float("-inf")).softmax(-1)
+        p = torch.nan_to_num(p)  # a row with no teacher token inside the draft vocabulary
+        terms.append(-(p * logq.gather(1, batch.t_idx.clamp(min=0))).sum(-1))
+    if kind in ("ce", "mix"):
+        ok = batch.labels >= 0
+        ce = -logq.gather(1, batch.labels.clamp(min=0)[:, None])[:, 0]
+        terms.append(torch.where(ok, ce, torch.zeros_like(ce)))
+    return sum(terms) / len(terms), logq.argmax(-1)
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_draft(target, samples: list[Sample], feats: Features, out_dir, settings: TrainSettings,
+                max_steps: int | None = None, progress: bool = True, card: dict | None = None,
+                export_dir=None) -> dict:
+    """Train a GliDe draft (or the vanilla ablation) and export it; resumes from ``out_dir``.
+
+    Parameters
+    ----------
+    target : LlamaModel
+        The frozen target (its embedding and head are shared; its config and fingerprint go
+        into the draft's config).
+    samples : list of Sample
+    feats : Features
+        From :func:`glide.train.features.build_features` over the same samples.
+    out_dir : path
+        Holds ``state.pt`` (the resumable checkpoint), ``log.jsonl`` and, at the end,
+        ``draft/`` (the exported draft) unless ``export_dir`` says otherwise.
+    settings : TrainSettings
+    max_steps : int, optional
+        Stop after this many steps in all (a checkpoint is saved there); the run can be resumed
+        later to the end of its plan.
+
+    Returns
+    -------
+    dict
+        Summary: steps, tokens, seconds, final loss, top-1 agreement with the teacher.
+    """
+    settings.check()
+    if feats.meta["num_layers"] < settings.num_layers:
+        raise ValueError(f"data: the features hold {feats.meta['num_layers']} target layers, the "
+                         f"draft needs {settings.num_layers}")
+    if len(samples) != len(feats.offsets) - 1:
+        raise ValueError("data: the features were made from another corpus")
+    rank, world = _rank_world()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    V = target.config.vocab_size
+    eos = list(target.config.eos_token_ids)
+    vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
+    config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
+    model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
+    if settings.init == "target-last":
+        init_from_target(model, target)
+    model.attach(target)
+    vocab_index = model.vocab_index.cpu()
+
+    lengths = [min(len(x.tokens), settings.max_len) for x in samples]
+    plan = batch_plan(len(samples), lengths, settings.batch_size, settings.epochs, settings.seed)
+    total = len(plan)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
+                            weight_decay=settings.weight_decay)
+    step, elapsed, tokens_seen = 0, 0.0, 0
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"resume: {state_path} was made with other settings; use another "
+                             "output folder or the same settings")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
+    ddp = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model)
+    stop = total if max_steps is None else min(total, max_steps)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=stop, initial=step, desc="train-draft", unit="step")
+    log_path = out / "log.jsonl"
+    last = {}
+    t_start = time.perf_counter() - elapsed
+    while step < stop:
+        idx = plan[step]
+        per = math.ceil(len(idx) / world)
+        mine = idx[rank * per:(rank + 1) * per]
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, settings)
+        batch = _make_batch(mine, samples, feats, settings, vocab_index, step) if mine else None
+        # the global weight: each rank's share of the mean, so W ranks == one process
+        wsum = torch.tensor([float(batch.weight.sum()) if batch else 0.0])
+        if world > 1:
+            dist.all_reduce(wsum)
+        opt.zero_grad(set_to_none=True)
+        cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = ddp(batch.ids, batch.kv, cross, batch.rows)
+        per_row, top1 = _loss_terms(logits, batch, settings.loss)
+        loss = (per_row * batch.weight).sum() / wsum.clamp(min=1e-9) * world
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+        opt.step()
+        step += 1
+        agree = (model.vocab_ids[top1] == batch.t_top1).float().mean()
+        ntok = int(batch.rows.sum())
+        stats = torch.tensor([float(loss.detach()) / world, float(agree) / world, float(ntok)])
+        if world > 1:
+            dist.all_reduce(stats)
+        tokens_seen += int(stats[2])
+        last = {"step": step, "loss": round(float(stats[0]), 5), "top1": round(float(stats[1]), 4),
+                "lr": _lr_at(step - 1, total, settings), "grad_norm": round(float(gnorm), 4),
+                "tokens": tokens_seen, "seconds": round(time.perf_counter() - t_start, 2)}
+        if rank == 0:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(last) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1']:.3f}",
+                                tok_s=f"{tokens_seen / max(last['seconds'], 1e-9):.0f}")
+        if step % settings.save_every == 0 or step == stop:
+            _save_state(state_path, model, opt, step, time.perf_counter() - t_start, tokens_seen,
+                        settings, rank)
+    if bar is not None:
+        bar.close()
+    summary = {"steps": step, "planned_steps": total, "tokens": tokens_seen,
+               "seconds": round(time.perf_counter() - t_start, 1), **{k: last.get(k) for k in ("loss", "top1")}}
+    if rank == 0 and step == total:
+        full_card = {"training": asdict(settings), "result": summary, **(card or {})}
+        save_draft(model, export_dir or out / "draft", card=full_card)
+    return summary
+
+
+def _save_state(path: Path, model, opt, step, elapsed, tokens, settings, rank) -> None:
+    if rank != 0:
+        return
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+             "tokens": tokens, "settings": asdict(settings)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))

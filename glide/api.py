@@ -179,23 +179,57 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def check_draft_applies(method: str, draft_path: str | None) -> None:
-    if method in ("glide", "cape"):
+DRAFT_METHODS = ("glide", "cape")
+
+
+def check_draft_applies(method: str, draft_path: str | None) -> str | None:
+    """Check ``draft`` against ``method`` before any slow load; return the draft folder to use.
+
+    ``glide`` takes ``draft_path`` or the draft shipped for the embedded model; its config is
+    read here, so a missing or corrupt draft fails before the target is loaded.
+    """
+    if method == "cape":
         raise NotImplementedError(
-            f"method {method!r} is not available yet: the GliDe draft has not landed. "
-            "Use --method ar, hf or lookup."
+            "method 'cape' is not available yet: CaPE trees have not landed. "
+            "Use --method glide, ar, hf or lookup."
         )
-    if draft_path is not None:
-        raise ArgumentError("draft", f"method {method!r} takes no draft; --draft is for glide and cape")
+    if method not in DRAFT_METHODS:
+        if draft_path is not None:
+            raise ArgumentError("draft", f"method {method!r} takes no draft; --draft is for glide and cape")
+        return None
+    from glide.draft.checkpoint import default_draft_path, read_draft_config
+
+    path = draft_path if draft_path is not None else default_draft_path()
+    if draft_path is None and not os.path.isdir(path):
+        raise ArgumentError("draft", f"no draft is shipped at {path}; train one with `glide train-draft` "
+                                     "and pass it with --draft")
+    try:
+        read_draft_config(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
+    return path
 
 
-def make_draft(method: str, draft_path: str | None, model):
-    """The draft for ``method``; ``None`` for the target-only methods."""
-    check_draft_applies(method, draft_path)
+def make_draft(method: str, draft_path: str | None, model, gamma: int = 4):
+    """The draft for ``method``; ``None`` for the target-only methods.
+
+    Raises
+    ------
+    ArgumentError
+        Naming ``draft`` when the draft does not fit ``model``.
+    """
+    path = check_draft_applies(method, draft_path)
     if method == "lookup":
         from glide.spec.drafts import PromptLookupDraft
 
         return PromptLookupDraft()
+    if method == "glide":
+        from glide.draft import GlideDraft, load_draft
+
+        try:
+            return GlideDraft(load_draft(path, model), gamma=gamma)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
     return None
 
 
@@ -209,6 +243,7 @@ def generate(
     batch_size: int = 1,
     model: str | None = None,
     draft: str | None = None,
+    gamma: int = 4,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
@@ -230,9 +265,14 @@ def generate(
     seed : int
     batch_size : int
         Prompts decoded together.
-    model, draft : str, optional
+    model : str, optional
         A transformers checkpoint directory or GGUF file; the embedded SmolLM2-135M-Instruct by
         default.
+    draft : str, optional
+        A GliDe draft folder (``glide``, ``cape``); the draft shipped for the embedded model by
+        default.
+    gamma : int
+        Draft tokens per step (``glide``, ``cape``).
     device : {"cpu", "cuda"}
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
     progress : bool
@@ -251,6 +291,7 @@ def generate(
     check_sampling(temperature, top_p)
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("batch_size", batch_size)
+    check_positive_int("gamma", gamma)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentError("seed", f"must be an integer, got {seed!r}")
     dev = resolve_device(device)
@@ -265,7 +306,7 @@ def generate(
         raise ArgumentError("model", f"{model_path} has no tokenizer files; glide generate needs one")
     config = target.config
     encoded = [encode_chat(tokenizer, p.text) for p in items]
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target)
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
     max_pos = int(getattr(config, "max_position_embeddings"))

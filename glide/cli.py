@@ -25,6 +25,7 @@ _FLAGS = {
     "batch_size": "--batch-size",
     "model": "--model",
     "draft": "--draft",
+    "gamma": "--gamma",
     "device": "--device",
     "dtype": "--dtype",
     "out": "--out",
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--model", metavar="PATH", help="checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--draft", metavar="PATH", help="GliDe draft checkpoint (glide, cape)")
+    g.add_argument("--draft", metavar="PATH",
+                   help="GliDe draft folder (glide, cape; default: the draft shipped for the embedded model)")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per step for glide and cape (default: 4)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16)")
     g.add_argument("--out", metavar="FILE.jsonl", help="write one JSON row per prompt here")
@@ -91,7 +94,8 @@ def _generate(args) -> int:
         rows = api.generate(
             prompts, method=args.method, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-            batch_size=args.batch_size, model=args.model, draft=args.draft, device=args.device,
+            batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
+            device=args.device,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )
     except BaseException:

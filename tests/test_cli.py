@@ -51,10 +51,17 @@ def test_cuda_without_cuda(capsys):
     assert code == 2 and "--device" in err and "CUDA" in err
 
 
-def test_glide_and_cape_say_not_available(capsys):
-    for method in ("glide", "cape"):
-        code, _, err = run_cli(capsys, "--prompt", "hi", "--method", method)
-        assert code == 2 and "not available yet" in err
+def test_cape_says_not_available(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--method", "cape")
+    assert code == 2 and "not available yet" in err
+
+
+def test_glide_with_a_bad_draft_names_the_flag(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for draft in (str(tmp_path), str(tmp_path / "missing")):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--method", "glide", "--draft", draft)
+        assert code == 2 and "argument --draft" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

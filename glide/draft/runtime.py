@@ -84,6 +84,24 @@ class GlideDraft(Draft):
         m.step(ids, pos, causal, self.cache, cross, need_logits=False)
 
     def propose(self, ctx: DraftContext) -> Proposal:
+        tokens, probs, _ = self.draft_chain(ctx)
+        B, dev = tokens.shape[0], tokens.device
+        parents = torch.arange(self.gamma, device=dev).expand(B, self.gamma).contiguous()
+        valid = ctx.active[:, None].expand(B, self.gamma).contiguous()
+        return Proposal(tokens, parents, valid, probs)
+
+    def draft_chain(self, ctx: DraftContext, keep_logits: bool = False):
+        """The greedy chain under the root.
+
+        Returns
+        -------
+        tokens : torch.Tensor, shape (batch, gamma), int64
+            Target token ids.
+        probs : torch.Tensor, shape (batch, gamma), float32
+            The draft's probability of each chain token given the chain before it.
+        logits : torch.Tensor, shape (batch, gamma, vocab_out), or None
+            The draft's logits at every depth (over ``draft_vocab``), with ``keep_logits``.
+        """
         m, cache = self.model, self.cache
         B, dev = ctx.root.shape[0], ctx.root.device
         root_pos = ctx.lengths - 1
@@ -95,19 +113,18 @@ class GlideDraft(Draft):
         causal = torch.ones(2, 2, dtype=torch.bool, device=dev).tril().expand(B, 2, 2)
         logits = m.step(ids, pos, causal, cache, cross, logits_index=torch.ones_like(root_pos))
         cache.commit(2)
-        tokens, probs = [], []
+        tokens, probs, rows = [], [], []
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
         for j in range(1, self.gamma + 1):
             tok, p = self._pick(logits)
             tokens.append(tok)
             probs.append(p)
+            if keep_logits:
+                rows.append(logits)
             if j < self.gamma:
                 logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross)[:, 0]
                 cache.commit(1)
-        tokens = torch.stack(tokens, 1)
-        parents = torch.arange(self.gamma, device=dev).expand(B, self.gamma).contiguous()
-        valid = ctx.active[:, None].expand(B, self.gamma).contiguous()
-        return Proposal(tokens, parents, valid, torch.stack(probs, 1))
+        return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits else None
 
     # ------------------------------------------------------------------ pieces
     def _pick(self, logits):

@@ -29,7 +29,8 @@ import torch
 
 from .prompts import SourcePrompt, is_heldout
 
-__all__ = ["CorpusSettings", "Sample", "build_corpus", "load_corpus", "atomic_write"]
+__all__ = ["CorpusSettings", "Sample", "build_corpus", "load_corpus", "load_corpus_shard", "corpus_shards",
+           "atomic_write"]
 
 
 @dataclass
@@ -193,26 +194,44 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
     return out
 
 
-def load_corpus(path) -> list[Sample]:
-    """Every sample of every shard in ``path``, in shard order.
+def corpus_shards(path) -> list[Path]:
+    """The shard files of a corpus folder, in order.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming ``data``, when there is none.
+    """
+    files = sorted(Path(path).glob("shard-*.npz"))
+    if not files:
+        raise FileNotFoundError(f"data: no corpus shards in {path}")
+    return files
+
+
+def load_corpus_shard(f) -> list[Sample]:
+    """The samples of one shard file.
+
+    Raises
+    ------
+    ValueError
+        Naming ``data``, for a damaged shard.
+    """
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            toks, offs, plens = z["tokens"].astype(np.int64), z["offsets"], z["prompt_lens"]
+            temps, ids = z["temperature"], z["ids"]
+    except Exception as exc:  # a damaged shard: say which
+        raise ValueError(f"data: cannot read corpus shard {f}: {exc}") from None
+    return [Sample(str(ids[i]), toks[offs[i]:offs[i + 1]], int(plens[i]), float(temps[i]))
+            for i in range(len(plens))]
+
+
+def load_corpus(path, shards: int | None = None) -> list[Sample]:
+    """Every sample of the first ``shards`` shards (all by default) in ``path``, in order.
 
     Raises
     ------
     FileNotFoundError, ValueError
         Naming ``data``.
     """
-    path = Path(path)
-    files = sorted(path.glob("shard-*.npz"))
-    if not files:
-        raise FileNotFoundError(f"data: no corpus shards in {path}")
-    out = []
-    for f in files:
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                toks, offs, plens = z["tokens"].astype(np.int64), z["offsets"], z["prompt_lens"]
-                temps, ids = z["temperature"], z["ids"]
-        except Exception as exc:  # a damaged shard: say which
-            raise ValueError(f"data: cannot read corpus shard {f}: {exc}") from None
-        for i in range(len(plens)):
-            out.append(Sample(str(ids[i]), toks[offs[i]:offs[i + 1]], int(plens[i]), float(temps[i])))
-    return out
+    return [s for f in corpus_shards(path)[:shards] for s in load_corpus_shard(f)]

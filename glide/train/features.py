@@ -31,7 +31,8 @@ import torch
 
 from .corpus import Sample, atomic_write
 
-__all__ = ["Features", "build_features", "open_features", "corpus_digest"]
+__all__ = ["Features", "FeatureSet", "build_features", "open_features", "corpus_digest",
+           "build_shard_features", "open_shard_features"]
 
 
 def corpus_digest(samples: list[Sample]) -> str:
@@ -49,6 +50,9 @@ class Features:
     topk_logp: np.memmap
     offsets: np.ndarray  # (samples + 1,)
     meta: dict
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
 
     def sample_kv(self, i: int) -> torch.Tensor:
         """(layers, 2, Hkv, S, D) bfloat16 of sample ``i``."""
@@ -200,3 +204,65 @@ def open_features(path) -> Features:
         raise ValueError(f"data: the features in {path} are unfinished ({meta['done']} of "
                          f"{len(meta['offsets']) - 1} samples); run the features stage again")
     return _open(path, meta, "r")
+
+
+class FeatureSet:
+    """Several :class:`Features` (one per corpus shard) read as one, samples in shard order."""
+
+    def __init__(self, parts: list[Features]):
+        if not parts:
+            raise ValueError("data: no features")
+        keys = ("num_layers", "num_kv_heads", "head_dim", "topk", "dtype")
+        for p in parts[1:]:
+            if any(p.meta[k] != parts[0].meta[k] for k in keys):
+                raise ValueError("data: the feature shards were made with different settings")
+        self.parts = parts
+        self.meta = {k: parts[0].meta[k] for k in keys}
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _locate(self, i: int):
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k], i - int(self.starts[k])
+
+    def sample_kv(self, i: int) -> torch.Tensor:
+        part, j = self._locate(i)
+        return part.sample_kv(j)
+
+    def sample_topk(self, i: int):
+        part, j = self._locate(i)
+        return part.sample_topk(j)
+
+
+def build_shard_features(model, corpus_dir, out_dir, shards=None, progress: bool = True, **kw) -> FeatureSet:
+    """:func:`build_features` for each corpus shard (``out_dir/shard-XXXXX/``), so that a corpus
+    can grow and features follow shard by shard. ``shards`` limits it to the first ``shards``."""
+    from .corpus import corpus_shards, load_corpus_shard
+
+    files = corpus_shards(corpus_dir)[:shards]
+    parts = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(files), desc="features", unit="shard")
+    for f in files:
+        sub = Path(out_dir) / f.stem
+        try:
+            part = open_features(sub)
+        except (FileNotFoundError, ValueError):
+            part = build_features(model, load_corpus_shard(f), sub, progress=False, **kw)
+        parts.append(part)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return FeatureSet(parts)
+
+
+def open_shard_features(corpus_dir, out_dir, shards=None) -> FeatureSet:
+    """The features of the first ``shards`` corpus shards (all by default), each finished."""
+    from .corpus import corpus_shards
+
+    return FeatureSet([open_features(Path(out_dir) / f.stem) for f in corpus_shards(corpus_dir)[:shards]])

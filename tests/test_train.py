@@ -1,0 +1,254 @@
+"""Draft training: prompt sources and the held-out split, corpus and feature files, the loss,
+resuming after a kill, and data-parallel runs under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glide.train.corpus import CorpusSettings, Sample, build_corpus, load_corpus
+from glide.train.features import build_features, open_features
+from glide.train.prompts import (
+    SourcePrompt,
+    conversation_key,
+    is_heldout,
+    iter_json_array,
+    read_prompt_source,
+)
+from glide.train.trainer import TrainSettings, batch_plan, draft_vocabulary, train_draft
+from glide_helpers import self_distilled_corpus, tiny_target
+
+WORKER = str(Path(__file__).with_name("train_worker.py"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- prompt sources
+def test_truncated_json_array_keeps_the_complete_records():
+    text = '[{"id": "a", "v": [1, 2]},\n {"id": "b", "v": "x, ]"}, {"id": "c", "v": [3'
+    assert [r["id"] for r in iter_json_array(text)] == ["a", "b"]
+
+
+def test_prompt_sources_in_every_format(tmp_path):
+    sharegpt = [{"id": "x_0", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
+                                                 {"from": "gpt", "value": "yo"}]},
+                {"id": "y_1", "conversations": [{"from": "gpt", "value": "no user turn"}]},
+                {"id": "z", "conversations": [{"from": "human", "value": "hi"}]}]  # duplicate text
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(sharegpt)[:-1] + ', {"id": "cut", "conv')  # cut off mid-record
+    assert read_prompt_source(p) == [SourcePrompt("x_0", "hi")]
+    j = tmp_path / "p.jsonl"
+    j.write_text('\ufeff{"prompt": "one"}\n\n{"id": 7, "messages": [{"role": "user", "content": "two"}]}\n'
+                 '{"conversations": [{"from": "human", "value": "three"}]}\n')
+    assert read_prompt_source(j) == [SourcePrompt("0", "one"), SourcePrompt("7", "two"), SourcePrompt("2", "three")]
+
+
+@pytest.mark.parametrize("content,needle", [("", "no usable prompt"), ('{"prompt": 1}\n', "no usable prompt"),
+                                            ('{"prompt": "a"}\n{oops\n', ":2: not valid JSON")])
+def test_bad_prompt_files_name_data(tmp_path, content, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=f"^data: .*{needle}"):
+        read_prompt_source(p)
+    with pytest.raises(FileNotFoundError, match="^data: "):
+        read_prompt_source(tmp_path / "missing.jsonl")
+
+
+def test_heldout_split_is_per_conversation_and_about_two_percent():
+    assert conversation_key("QWJhYvA_12") == "QWJhYvA" and conversation_key("plain") == "plain"
+    assert conversation_key("a_b") == "a_b"
+    ids = [f"conv{i}" for i in range(20000)]
+    frac = sum(map(is_heldout, ids)) / len(ids)
+    assert 0.015 < frac < 0.025
+    for i in ids[:500]:
+        assert is_heldout(i) == is_heldout(i + "_0") == is_heldout(i + "_3")
+
+
+def test_shipped_heldout_prompts_are_heldout_and_absent_from_the_corpus():
+    rows = [json.loads(x) for x in (REPO / "bench/prompts/heldout.jsonl").read_text().splitlines() if x.strip()]
+    assert rows and all(is_heldout(r["id"]) for r in rows)
+    assert {r["kind"] for r in rows} == {"chat", "code"}
+    corpus = REPO / "runs/smollm2/corpus"
+    if not corpus.exists():
+        pytest.skip("no committed corpus")
+    ids = {s.id for s in load_corpus(corpus)}
+    assert ids and not any(is_heldout(i) for i in ids)
+
+
+# ---------------------------------------------------------------- corpus and features
+class _Tok:
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 + ord(c) % 5 for c in text]}
+
+
+def test_corpus_resumes_and_skips_heldout_and_long_prompts(tmp_path):
+    t = tiny_target(vocab=7, eos=(), dtype=torch.float32)
+    prompts = [SourcePrompt(f"p{i}", "ab" * (1 + i % 4)) for i in range(40)]
+    prompts.append(SourcePrompt("long", "x" * 50))
+    s = CorpusSettings(max_prompts=12, max_prompt_tokens=20, max_new_tokens=6, batch_size=3, shard_size=4)
+    build_corpus(t, _Tok(), prompts, tmp_path / "c", s, progress=False)
+    full = load_corpus(tmp_path / "c")
+    assert len(full) == 12 and not any(is_heldout(x.id) or x.id == "long" for x in full)
+    assert all(len(x.tokens) == x.prompt_len + 6 for x in full)
+    assert [x.temperature for x in full[:4]] == [0.0, 1.0, 0.0, 1.0]
+    # lose the last shard: a rerun rebuilds exactly it
+    last = sorted((tmp_path / "c").glob("shard-*.npz"))[-1]
+    before = last.read_bytes()
+    last.unlink()
+    build_corpus(t, _Tok(), prompts, tmp_path / "c", s, progress=False)
+    assert last.read_bytes() == before
+    with pytest.raises(ValueError, match="^data: .*other settings"):
+        build_corpus(t, _Tok(), prompts, tmp_path / "c", CorpusSettings(max_prompts=5), progress=False)
+
+
+def test_features_hold_the_targets_kv_and_teacher_and_resume(tmp_path):
+    t = tiny_target(vocab=11, eos=(), dtype=torch.float32)
+    samples = self_distilled_corpus(t, n=9, new_tokens=7)
+    f = build_features(t, samples, tmp_path / "f", topk=3, tokens_per_batch=40, progress=False)
+    for i in (0, 4, 8):
+        s = samples[i]
+        L = len(s.tokens)
+        cache = t.new_cache(1, L)
+        ids = torch.tensor([list(s.tokens)])
+        causal = torch.ones(L, L, dtype=torch.bool).tril()[None]
+        logits = t.forward(ids, torch.arange(L)[None], causal, cache)[0]
+        kv = f.sample_kv(i)  # (layers, 2, Hkv, L, D)
+        torch.testing.assert_close(kv[0].float(), cache.kv[-1, :, 0, :, :L].to(torch.bfloat16).float())
+        ids_k, lp = f.sample_topk(i)
+        rows = torch.arange(L)
+        teach = (rows >= s.prompt_len - 1) & (rows < L - 1)
+        want_lp, want_id = torch.log_softmax(logits, -1).topk(3, -1)
+        assert torch.equal(ids_k[teach], want_id[teach]) and (ids_k[~teach] == -1).all()
+        torch.testing.assert_close(lp[teach], want_lp[teach], atol=2e-3, rtol=2e-3)
+    # an interrupted run: pretend only the first chunk was done, and scribble on the rest
+    meta = json.loads((tmp_path / "f/meta.json").read_text())
+    kv_before = np.array(f.kv)
+    meta["done"] = 2
+    (tmp_path / "f/meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="^data: .*unfinished"):
+        open_features(tmp_path / "f")
+    mm = np.memmap(tmp_path / "f/kv.bin", dtype=np.int16, mode="r+", shape=f.kv.shape)
+    mm[:] = 0
+    mm.flush()
+    f2 = build_features(t, samples, tmp_path / "f", topk=3, tokens_per_batch=40, progress=False)
+    order = sorted(range(len(samples)), key=lambda k: (len(samples[k].tokens), k))
+    redone = order[2:]
+    for k in redone:
+        a, b = f2.offsets[k], f2.offsets[k + 1]
+        assert np.array_equal(np.array(f2.kv[a:b]), kv_before[a:b])
+
+
+# ---------------------------------------------------------------- the loop
+def test_batch_plan_is_deterministic_and_covers_every_sample():
+    lengths = np.random.default_rng(0).integers(5, 50, 37)
+    a = batch_plan(37, lengths, 4, 2.0, seed=1)
+    assert a == batch_plan(37, lengths, 4, 2.0, seed=1) and a != batch_plan(37, lengths, 4, 2.0, seed=2)
+    assert len(a) == 19
+    first_epoch = sorted(i for b in a[:10] for i in b)
+    assert first_epoch == list(range(37))
+
+
+def test_draft_vocabulary_keeps_the_frequent_tokens_and_eos():
+    samples = [Sample("a", np.array([3, 3, 3, 1, 1, 2]), 1, 0.0), Sample("b", np.array([3, 4]), 1, 0.0)]
+    assert draft_vocabulary(samples, 9, 3, always=[8]) == [8, 3, 1]
+    assert draft_vocabulary(samples, 9, None) is None and draft_vocabulary(samples, 9, 9) is None
+
+
+def test_training_lowers_the_loss_and_the_teacher_agreement_rises(tmp_path):
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=24)
+    f = build_features(t, samples, tmp_path / "f", topk=4, progress=False)
+    train_draft(t, samples, f, tmp_path / "r", TrainSettings(batch_size=4, epochs=5, lr=3e-3, warmup_steps=4,
+                                                            draft_vocab_size=None), progress=False)
+    log = [json.loads(x) for x in (tmp_path / "r/log.jsonl").read_text().splitlines()]
+    first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
+    assert last < 0.8 * first, (first, last)
+    assert np.mean([r["top1"] for r in log[-5:]]) > np.mean([r["top1"] for r in log[:5]]) + 0.1
+    card = json.loads((tmp_path / "r/draft/config.json").read_text())["card"]
+    assert card["result"]["steps"] == len(log) == 30 and card["training"]["loss"] == "kl"
+
+
+@pytest.mark.parametrize("loss", ["ce", "mix"])
+def test_other_losses_train_too(tmp_path, loss):
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=16)
+    f = build_features(t, samples, tmp_path / "f", topk=4, progress=False)
+    s = train_draft(t, samples, f, tmp_path / "r", TrainSettings(batch_size=4, epochs=4, lr=3e-3, loss=loss,
+                                                                warmup_steps=2, draft_vocab_size=4),
+                    progress=False)
+    log = [json.loads(x) for x in (tmp_path / "r/log.jsonl").read_text().splitlines()]
+    assert s["steps"] == 16 and log[-1]["loss"] < log[0]["loss"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    t = tiny_target(seed=3, vocab=7, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=8)
+    f = build_features(t, samples, tmp_path / "f", topk=4, progress=False)
+    base = dict(batch_size=4, epochs=2, draft_vocab_size=None)
+    train_draft(t, samples, f, tmp_path / "r", TrainSettings(**base), max_steps=2, progress=False)
+    with pytest.raises(ValueError, match="^resume: .*other settings"):
+        train_draft(t, samples, f, tmp_path / "r", TrainSettings(**base, lr=1e-2), progress=False)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def _worker(root, run, *extra, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, WORKER, str(root), run, *map(str, extra)], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_run_resumes_with_no_lost_progress(tmp_path):
+    """SIGKILL a run once it has saved a checkpoint mid-way; the restarted run ends with the same
+    weights, bit for bit, as a run that was never interrupted."""
+    p = _worker(tmp_path, "straight")
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    p = _worker(tmp_path, "killed")
+    state, deadline = tmp_path / "killed" / "state.pt", time.time() + 300
+    while time.time() < deadline:
+        log = tmp_path / "killed" / "log.jsonl"
+        if state.exists() and log.exists() and len(log.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert not (tmp_path / "killed" / "draft").exists(), "the run finished before it was killed"
+    saved = torch.load(state, weights_only=False)["step"]
+    assert 3 <= saved < 36
+    p = _worker(tmp_path, "killed")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, b = _weights(tmp_path / "straight" / "draft"), _weights(tmp_path / "killed" / "draft")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 36 and sorted(set(steps)) == list(range(1, 37))
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    """Two gloo ranks, each on half of every global batch, train the same draft as one process."""
+    p = _worker(tmp_path, "single")
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        WORKER, str(tmp_path), "ddp"], env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = _weights(tmp_path / "single" / "draft"), _weights(tmp_path / "ddp" / "draft")
+    for k in a:  # stored in bfloat16: equal up to one rounding step
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-2, atol=1e-4)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 36
+    np.testing.assert_allclose(la, lb, rtol=1e-4)

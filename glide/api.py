@@ -22,7 +22,8 @@ import torch
 
 METHODS = ("hf", "ar", "lookup", "glide", "cape")
 """``hf``: transformers' ``generate()``; ``ar``: our runner, one token a step; ``lookup``: our
-runner with a prompt-lookup n-gram draft; ``glide``/``cape``: the GliDe draft (with CaPE trees)."""
+runner with a prompt-lookup n-gram draft; ``glide``: the GliDe draft's chain; ``cape``: the chain
+expanded by CaPE into a tree."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
@@ -188,11 +189,6 @@ def check_draft_applies(method: str, draft_path: str | None) -> str | None:
     ``glide`` takes ``draft_path`` or the draft shipped for the embedded model; its config is
     read here, so a missing or corrupt draft fails before the target is loaded.
     """
-    if method == "cape":
-        raise NotImplementedError(
-            "method 'cape' is not available yet: CaPE trees have not landed. "
-            "Use --method glide, ar, hf or lookup."
-        )
     if method not in DRAFT_METHODS:
         if draft_path is not None:
             raise ArgumentError("draft", f"method {method!r} takes no draft; --draft is for glide and cape")
@@ -210,7 +206,7 @@ def check_draft_applies(method: str, draft_path: str | None) -> str | None:
     return path
 
 
-def make_draft(method: str, draft_path: str | None, model, gamma: int = 4):
+def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None):
     """The draft for ``method``; ``None`` for the target-only methods.
 
     Raises
@@ -223,14 +219,30 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4):
         from glide.spec.drafts import PromptLookupDraft
 
         return PromptLookupDraft()
-    if method == "glide":
-        from glide.draft import GlideDraft, load_draft
+    if method in DRAFT_METHODS:
+        from glide.draft import CapeDraft, GlideDraft, load_draft
+        from glide.draft.cape import PAPER_BINS
 
         try:
-            return GlideDraft(load_draft(path, model), gamma=gamma)
+            net = load_draft(path, model)
         except (FileNotFoundError, ValueError) as exc:
             raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
+        if method == "glide":
+            return GlideDraft(net, gamma=gamma)
+        return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
     return None
+
+
+def check_bins(bins):
+    """CaPE's bin table (``None``: the paper's), as an ArgumentError naming ``bins``."""
+    if bins is None:
+        return None
+    from glide.draft.cape import check_bins as rule
+
+    try:
+        return rule(bins)
+    except ValueError as exc:
+        raise ArgumentError("bins", str(exc).removeprefix("bins ")) from None
 
 
 def generate(
@@ -244,6 +256,7 @@ def generate(
     model: str | None = None,
     draft: str | None = None,
     gamma: int = 4,
+    bins=None,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
@@ -272,7 +285,10 @@ def generate(
         A GliDe draft folder (``glide``, ``cape``); the draft shipped for the embedded model by
         default.
     gamma : int
-        Draft tokens per step (``glide``, ``cape``).
+        Draft tokens per step (``glide``; the spine of ``cape``).
+    bins : sequence of int or str, optional
+        ``cape``: candidates per depth by ``floor(10 * confidence)``; the paper's
+        ``8,8,8,6,6,6,4,4,2,2,2,2`` by default.
     device : {"cpu", "cuda"}
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
     progress : bool
@@ -292,6 +308,9 @@ def generate(
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("batch_size", batch_size)
     check_positive_int("gamma", gamma)
+    bins = check_bins(bins)
+    if bins is not None and method != "cape":
+        raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentError("seed", f"must be an integer, got {seed!r}")
     dev = resolve_device(device)
@@ -306,7 +325,7 @@ def generate(
         raise ArgumentError("model", f"{model_path} has no tokenizer files; glide generate needs one")
     config = target.config
     encoded = [encode_chat(tokenizer, p.text) for p in items]
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma)
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
     max_pos = int(getattr(config, "max_position_embeddings"))

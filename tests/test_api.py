@@ -72,6 +72,32 @@ def test_lookup_equals_ar_greedily_in_fewer_forwards(loaded):
         assert math.isclose(r["mean_accepted"], (r["new_tokens"] - 1) / r["target_forwards"])
 
 
+@pytest.fixture(scope="module")
+def draft_dir(loaded, tmp_path_factory):
+    """A random GliDe draft for the tiny model, saved as a draft folder."""
+    from glide.draft import GlideDraftModel, new_draft_config, save_draft
+
+    torch.manual_seed(1)
+    net = GlideDraftModel(new_draft_config(loaded[0]), dtype=torch.float64, init_std=0.3)
+    return str(save_draft(net, tmp_path_factory.mktemp("draft") / "d", dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method,kw", [("glide", {}), ("glide", {"gamma": 2}), ("cape", {}),
+                                       ("cape", {"bins": "3,3,3,3,3,2,2,2,1,1,1"})])
+def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
+    ar = run(loaded, "ar", batch_size=2)
+    sp = run(loaded, method, batch_size=2, draft=draft_dir, **kw)
+    assert [r["output_ids"] for r in sp] == [r["output_ids"] for r in ar]
+    assert all(set(r) == FIELDS and r["target_forwards"] <= a["target_forwards"] for r, a in zip(sp, ar))
+
+
+def test_a_draft_for_another_model_names_the_argument(loaded, draft_dir):
+    other = LlamaModel(loaded[0].config, dtype=torch.float64, init_std=0.3)  # same shape, new weights
+    with pytest.raises(api.ArgumentError) as info:
+        api.generate(PROMPTS, method="glide", loaded=(other, loaded[1]), draft=draft_dir, max_new_tokens=4)
+    assert info.value.argument == "draft" and "another target" in str(info.value)
+
+
 @pytest.mark.parametrize("method", ["ar", "lookup"])
 def test_batching_does_not_change_greedy_output(loaded, method):
     one = run(loaded, method, batch_size=1)

@@ -51,17 +51,24 @@ def test_cuda_without_cuda(capsys):
     assert code == 2 and "--device" in err and "CUDA" in err
 
 
-def test_cape_says_not_available(capsys):
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--method", "cape")
-    assert code == 2 and "not available yet" in err
+@pytest.mark.parametrize("bins", ["1,2", "0,1,1,1,1,1,1,1,1,1,1", "a,b", "99,1,1,1,1,1,1,1,1,1,1"])
+def test_bad_bins_name_the_flag(capsys, bins):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--method", "cape", "--bins", bins)
+    assert code == 2 and "argument --bins" in err and "Traceback" not in err
+
+
+def test_bins_need_cape(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--method", "glide", "--bins", "2,2,2,2,2,2,2,2,2,2,2")
+    assert code == 2 and "argument --bins" in err
 
 
 def test_glide_with_a_bad_draft_names_the_flag(capsys, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
     for draft in (str(tmp_path), str(tmp_path / "missing")):
-        code, _, err = run_cli(capsys, "--prompt", "hi", "--method", "glide", "--draft", draft)
-        assert code == 2 and "argument --draft" in err and "Traceback" not in err
+        for method in ("glide", "cape"):
+            code, _, err = run_cli(capsys, "--prompt", "hi", "--method", method, "--draft", draft)
+            assert code == 2 and "argument --draft" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

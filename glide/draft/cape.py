@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from glide.kernels import cape_topk
+from glide.kernels import cape_topk, reference
 from glide.spec.drafts import DraftContext
 from glide.spec.tree import Proposal
 
@@ -90,7 +90,10 @@ class CapeDraft(GlideDraft):
         B, G, W = spine.shape[0], self.gamma, self.width
         dev = spine.device
         n = cape_widths(probs, self.bins).clamp(max=W)  # (B, G), spine included
-        top_p, cols = cape_topk(logits.reshape(B * G, -1), W)
+        flat = logits.reshape(B * G, -1)
+        # the kernel takes 16/32-bit logits; a float64 draft (the exactness tests) uses its reference
+        top_p, cols = (reference.cape_topk_ref(flat, W) if flat.dtype == torch.float64
+                       else cape_topk(flat, W, backend=self.model.attn_backend))
         alt = self.model.vocab_ids[cols].view(B, G, W)[:, :, 1:]  # ranks 2..W; rank 1 is the spine
         alt_p = top_p.view(B, G, W)[:, :, 1:].to(probs.dtype)
         rank = torch.arange(W - 1, device=dev)

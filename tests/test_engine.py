@@ -171,12 +171,17 @@ def _broken_verifier(tree, probs, gen):
     return walk(tree, torch.where(proposed, top, picked))
 
 
-def _sampled_tv(temperature, top_p):
+def _sampled_tv(temperature, top_p, make_draft=None):
+    """TV distance between the law of the first three sampled tokens and the exact one, and
+    the number of tokens each first verification emitted. ``make_draft(model)`` gives the
+    draft; by default deterministic top-2 candidates from a draft that shares the target's
+    weights, so that second-level nodes get accepted too (up to 3 tokens a verification)."""
     small = dict(vocab=V_SMALL, layers=1, hidden=16, std=0.3)
     model = tiny_model(seed=5, **small)
-    # Deterministic top-2 candidates from a draft that shares the target's weights, so that
-    # second-level nodes get accepted too; the first verification may emit up to 3 tokens.
-    draft = ModelDraft(tiny_model(seed=5, **small), (2, 2))
+    if make_draft is None:
+        draft = ModelDraft(tiny_model(seed=5, **small), (2, 2))
+    else:
+        draft = make_draft(model)
     prompt = [1, 4, 2]
     law = _exact_first_three(model, prompt, temperature, top_p).reshape(-1)
     out = generate_ids(model, [prompt] * N_SAMPLES, draft, max_new_tokens=4, temperature=temperature,

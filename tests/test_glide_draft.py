@@ -286,3 +286,25 @@ def test_cape_greedy_equals_ar_and_accepts_more_than_the_chain(trained):
     def mat(out):
         return sum(a for o in out for a in o.accepted) / sum(len(o.accepted) for o in out)
     assert mat(cape) > mat(chain)
+
+
+# ---------------------------------------------------------------- the sampled law
+from test_engine import TV_BOUND, _sampled_tv  # noqa: E402
+
+
+def _glide_on(model, cls, **kw):
+    d = tiny_draft(model, seed=2, std=0.5)
+    return cls(d, **kw)
+
+
+@pytest.mark.parametrize("kind", ["glide", "cape"])
+def test_sampling_with_glide_and_cape_has_the_ar_law(kind):
+    """The engine's statistical test (first three tokens, TV distance to the exact law) with a
+    GliDe chain and with CaPE trees as the draft."""
+    if kind == "glide":
+        tv, first = _sampled_tv(1.0, 1.0, lambda m: _glide_on(m, GlideDraft, gamma=2))
+        assert (first >= 2).double().mean() > 0.03  # not vacuous: a random chain is accepted at times
+    else:
+        tv, first = _sampled_tv(1.3, 0.9, lambda m: _glide_on(m, CapeDraft, gamma=2, bins=(4,) * 6 + (2,) * 5))
+        assert (first >= 2).double().mean() > 0.5 and (first == 3).double().mean() > 0.02
+    assert tv < TV_BOUND, f"TV {tv:.4f} >= {TV_BOUND:.4f}"

@@ -4,6 +4,7 @@ engine, lossless greedy output, and its checkpoints."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,4 +308,96 @@ def test_sampling_with_glide_and_cape_has_the_ar_law(kind):
     else:
         tv, first = _sampled_tv(1.3, 0.9, lambda m: _glide_on(m, CapeDraft, gamma=2, bins=(4,) * 6 + (2,) * 5))
         assert (first >= 2).double().mean() > 0.5 and (first == 3).double().mean() > 0.02
+    assert tv < TV_BOUND, f"TV {tv:.4f} >= {TV_BOUND:.4f}"
+
+
+# ---------------------------------------------------------------- the dynamic tree
+from glide.draft.dynamic import Calibration, DynamicTreeDraft, VerifyCost  # noqa: E402
+
+
+def _flat_cost(per_slot):
+    return VerifyCost([1, 64], [1.0, 1.0 + 63 * per_slot])
+
+
+@pytest.mark.parametrize("kw", [dict(depth=4, top_k=3, beam=2, fixed_size=12),
+                                dict(depth=3, top_k=5, beam=3, fixed_size=1),
+                                dict(depth=5, top_k=2, beam=2, cost=_flat_cost(0.01))])
+def test_dynamic_tree_greedy_equals_ar(trained, kw):
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    dyn = DynamicTreeDraft(d, **kw)
+    out = generate_ids(t, PROMPTS_SMALL, dyn, max_new_tokens=40)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    longest = max(a for o in out for a in o.accepted)
+    assert longest == 2 if kw.get("fixed_size") == 1 else longest >= 3  # deep branches get accepted
+
+
+def test_dynamic_tree_shape_and_sizing(trained):
+    t, d, _ = trained
+    prompts = [[1, 3, 0, 4, 3], [4, 0]]
+    cheap = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(0.0))
+    dear = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(10.0))
+    for g in (cheap, dear):
+        generate_ids(t, prompts, g, max_new_tokens=12)
+    assert set(cheap.sizes) == {20} and set(dear.sizes) == {0}  # free slots: fill; dear ones: none
+    # a proposal: parents first, ranked by v, depth one below the parent
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=15)
+    B, cap = 2, 30
+    cache = t.new_cache(B, cap + 40)
+    first = t.prefill(prompts, cache).argmax(-1)
+    tokens = torch.zeros(B, cap, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+        tokens[b, len(p)] = first[b]
+    ctx = DraftContext(t, cache, tokens, torch.tensor([6, 3]), first, torch.tensor([True, True]))
+    g.begin(ctx)
+    prop = g.propose(ctx)
+    prop.validate(B, vocab_size=t.config.vocab_size)
+    assert prop.num_nodes == 15
+    v = prop.draft_probs
+    assert (v[:, :-1] >= v[:, 1:]).all()
+    slots = torch.arange(1, 16)
+    assert (prop.parents < slots).all()
+    pv = torch.cat([torch.ones(B, 1), v], 1).gather(1, prop.parents)
+    assert (v <= pv + 1e-6).all()  # a child never outranks its parent
+    tree = build_tree(first, prop)
+    for b in range(B):
+        kids = {}
+        for i in range(15):
+            kids.setdefault(int(prop.parents[b, i]), []).append(int(prop.tokens[b, i]))
+        assert all(len(k) == len(set(k)) for k in kids.values())
+        assert (tree.depth[b, 1:] == tree.depth[b].gather(0, prop.parents[b]) + 1).all()
+
+
+def test_calibration_records_what_was_accepted(trained):
+    t, d, _ = trained
+    rec = Calibration()
+    out = generate_ids(t, PROMPTS_SMALL, DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=10, record=rec),
+                       max_new_tokens=30)
+    rows = rec.table()
+    steps = sum(len(o.accepted) for o in out)
+    assert sum(r["nodes"] for r in rows) == 10 * steps
+    accepted_nodes = sum(a - 1 for o in out for a in o.accepted)
+    assert sum(r["observed"] * r["nodes"] for r in rows) == pytest.approx(accepted_nodes)
+    assert all(r["bucket"][0] <= r["predicted"] <= r["bucket"][1] for r in rows)
+    back = Calibration.from_dict(rec.to_dict())
+    v = torch.tensor([0.01, 0.5, 0.95])
+    assert torch.equal(back.mapping(v), rec.mapping(v))
+
+
+def test_verify_cost_is_measured_and_cached(tmp_path):
+    t = tiny_target(dtype=torch.float32)
+    c = VerifyCost.cached(t, 2, 20, path=tmp_path / "vc.json")
+    assert len(c.sizes) == len(c.seconds) and all(s > 0 for s in c.seconds)
+    again = VerifyCost.cached(t, 2, 20, path=tmp_path / "vc.json")
+    assert again.seconds == c.seconds  # read back, not measured again
+    (tmp_path / "vc.json").write_text("{broken")
+    assert len(VerifyCost.cached(t, 2, 20, path=tmp_path / "vc.json").seconds) == len(c.sizes)
+    assert VerifyCost([1, 3], [1.0, 2.0])(np.array([2, 5])).tolist() == [1.5, 3.0]
+
+
+def test_sampling_with_the_dynamic_tree_has_the_ar_law():
+    tv, first = _sampled_tv(1.0, 1.0, lambda m: _glide_on(m, DynamicTreeDraft, depth=2, top_k=3, beam=2,
+                                                        fixed_size=6))
+    assert (first >= 2).double().mean() > 0.3 and (first == 3).double().mean() > 0.01
     assert tv < TV_BOUND, f"TV {tv:.4f} >= {TV_BOUND:.4f}"

@@ -265,7 +265,7 @@ class GlideDraftModel(nn.Module):
 
     @torch.no_grad()
     def step(self, input_ids, position_ids, tree_mask, cache: KVCache, cross_attend, logits_index=None,
-             need_logits=True):
+             need_logits=True, last_rows=None):
         """Run ``T`` new tokens over the draft's cache; their K/V go to ``cache.lens + j``.
 
         Like the target's forward, ``cache.lens`` is not advanced.
@@ -285,12 +285,14 @@ class GlideDraftModel(nn.Module):
             Compute the head only at this row of each sequence.
         need_logits : bool
             ``False`` only fills the cache.
+        last_rows : int, optional
+            Compute the head only at the last ``last_rows`` rows.
 
         Returns
         -------
         torch.Tensor or None
-            float32 logits over ``draft_vocab``: (batch, T, vocab_out), or (batch, vocab_out)
-            with ``logits_index``.
+            float32 logits over ``draft_vocab``: (batch, T, vocab_out), (batch, vocab_out) with
+            ``logits_index``, or (batch, last_rows, vocab_out).
         """
         B, T = input_ids.shape
         cache.check_room(T, f"draft step with T={T} tokens")
@@ -312,4 +314,6 @@ class GlideDraftModel(nn.Module):
             return None
         if logits_index is not None:
             h = h[torch.arange(B, device=h.device), logits_index]
+        elif last_rows is not None:
+            h = h[:, T - last_rows:]
         return self._head(h)

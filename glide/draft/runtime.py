@@ -66,7 +66,7 @@ class GlideDraft(Draft):
         """Fill the draft's cache over the prompts (the prompt is ``tokens[:lengths - 1]``)."""
         B, cap = ctx.tokens.shape
         m = self.model
-        self.cache = m.new_cache(B, cap + self.max_nodes + 2)
+        self.cache = m.new_cache(B, cap + self.cache_extra())
         prompt_lens = ctx.lengths - 1
         P = int(prompt_lens.max())  # once a generation: a host sync is fine here
         dev = ctx.tokens.device
@@ -127,6 +127,10 @@ class GlideDraft(Draft):
         return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits else None
 
     # ------------------------------------------------------------------ pieces
+    def cache_extra(self) -> int:
+        """Draft cache slots beyond the committed tokens: the chain and the rewritten pair."""
+        return self.max_nodes + 2
+
     def _pick(self, logits):
         """Greedy draft token (a target token id) and its draft probability."""
         top, col = logits.max(-1)

@@ -1,0 +1,336 @@
+"""A budgeted dynamic draft tree: grown best-first from the GliDe draft, sized by measured cost.
+
+Each step:
+
+1. **Catch up.** The draft's cache is right up to the last root it saw (the tree's scratch slots
+   are not); one forward runs the committed tokens since then, ending at the new root
+   (``depth + 1`` rows, right-padded for ragged batches; padding lands past the root, where
+   nothing is trusted).
+2. **Grow.** Every candidate carries ``v``, the product of the draft's probabilities along its
+   path: the draft's estimate that the target accepts it. The root's top-``k`` are the first
+   candidates. At each further level the ``beam`` best candidates of the last level are
+   expanded: one draft forward over every expanded node so far, with tree-masked
+   self-attention (each node sees its ancestors; the cross-attention reads the target's cache
+   as in the chain), and the top-``k`` children of the new nodes become candidates
+   (``v_child = v_parent * p``). Branches can grow anywhere, not only off a spine.
+3. **Size.** Candidates are ranked by ``v`` (children never outrank their parent, so every
+   prefix of the ranking is a tree). The tree keeps the ``N`` best, with ``N`` maximising the
+   expected tokens per second of the step, ``(1 + sum_i f(v_i)) / (t_draft + t_verify(N + 1))``,
+   summed over the batch: ``t_verify`` is a verify-cost curve measured on this device
+   (:class:`VerifyCost`, cached per device, model shape, dtype and batch), ``t_draft`` the
+   time this step's drafting took, and ``f`` an optional calibration of ``v`` against observed
+   acceptance (:class:`Calibration`).
+
+Exactness does not depend on any of it: the engine verifies whatever tree comes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glide.spec.drafts import DraftContext
+from glide.spec.tree import Proposal, ancestor_mask
+
+from .runtime import GlideDraft
+
+__all__ = ["VerifyCost", "Calibration", "DynamicTreeDraft", "cache_dir"]
+
+
+def cache_dir() -> Path:
+    """Where measured device facts are kept: ``$GLIDE_CACHE_DIR``, else ``$XDG_CACHE_HOME/glide``,
+    else ``~/.cache/glide``."""
+    if os.environ.get("GLIDE_CACHE_DIR"):
+        return Path(os.environ["GLIDE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glide"
+
+
+@dataclass
+class VerifyCost:
+    """Seconds of one target verification forward by tree size ``T`` (slots, root included).
+
+    Attributes
+    ----------
+    sizes : list of int
+    seconds : list of float
+        Median time of a forward with ``T = sizes[i]`` new tokens; linear in between, and
+        extrapolated linearly from the last two points beyond.
+    """
+
+    sizes: list
+    seconds: list
+    meta: dict = field(default_factory=dict)
+
+    def __call__(self, T):
+        x, y = np.asarray(self.sizes, float), np.asarray(self.seconds, float)
+        T = np.asarray(T, float)
+        out = np.interp(T, x, y)
+        if len(x) >= 2:
+            slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+            out = np.where(T > x[-1], y[-1] + slope * (T - x[-1]), out)
+        return out
+
+    @staticmethod
+    def key(model, batch_size: int, context: int) -> str:
+        c = model.config
+        dev = model.device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{os.cpu_count()}"
+        raw = json.dumps([name, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
+                          c.vocab_size, str(model.dtype), batch_size, context // 256, torch.get_num_threads()])
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    @classmethod
+    def measure(cls, model, batch_size: int = 1, context: int = 256,
+                sizes=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), reps: int = 3) -> "VerifyCost":
+        """Time the target's forward for each tree size, over a cache of ``context`` tokens."""
+        dev = model.device
+        cache = model.new_cache(batch_size, context + max(sizes) + 1)
+        seconds = []
+        for T in sizes:
+            ids = torch.zeros(batch_size, T, dtype=torch.int64, device=dev)
+            pos = (context + torch.arange(T, device=dev)).expand(batch_size, T)
+            mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(batch_size, T, T)
+            times = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                cache.reset()
+                cache.commit(context)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t = time.perf_counter()
+                model.forward(ids, pos, mask, cache)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t)
+            seconds.append(float(np.median(times[1:])))
+        return cls(list(sizes), seconds, {"batch_size": batch_size, "context": context})
+
+    @classmethod
+    def cached(cls, model, batch_size: int, context: int, path=None) -> "VerifyCost":
+        """:meth:`measure`, kept in ``cache_dir()/verify-cost.json`` under :meth:`key`."""
+        path = Path(path) if path else cache_dir() / "verify-cost.json"
+        key = cls.key(model, batch_size, context)
+        table = {}
+        try:
+            table = json.loads(path.read_text())
+            hit = table.get(key)
+            if hit and len(hit["sizes"]) == len(hit["seconds"]) >= 2:
+                return cls(hit["sizes"], hit["seconds"], hit.get("meta", {}))
+        except (OSError, ValueError, KeyError, TypeError):
+            table = {}  # missing or damaged: measure again
+        cost = cls.measure(model, batch_size, max(16, context))
+        table[key] = {"sizes": cost.sizes, "seconds": cost.seconds, "meta": cost.meta}
+        try:
+            from glide.train.corpus import atomic_write
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1)))
+        except OSError:
+            pass  # a read-only cache is not an error; the curve is still used
+        return cost
+
+
+@dataclass
+class Calibration:
+    """Observed acceptance of tree nodes by predicted acceptance ``v`` (a path's product of
+    draft probabilities), in buckets; also the map ``f(v)`` the sizing uses once trained.
+
+    Attributes
+    ----------
+    edges : list of float
+        Bucket edges over [0, 1].
+    predicted, accepted, count : list of float
+        Per bucket: sum of ``v``, number of accepted nodes, number of nodes.
+    """
+
+    edges: list = field(default_factory=lambda: [0, .02, .05, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1.0001])
+    predicted: list = None
+    accepted: list = None
+    count: list = None
+
+    def __post_init__(self):
+        n = len(self.edges) - 1
+        self.predicted = self.predicted or [0.0] * n
+        self.accepted = self.accepted or [0.0] * n
+        self.count = self.count or [0.0] * n
+
+    def add(self, v: torch.Tensor, ok: torch.Tensor) -> None:
+        """Record nodes with predicted acceptance ``v`` and outcome ``ok`` (same shape)."""
+        v, ok = v.flatten().double().cpu(), ok.flatten().double().cpu()
+        b = torch.bucketize(v, torch.tensor(self.edges[1:-1], dtype=torch.float64), right=True)
+        n = len(self.count)
+        for name, x in (("predicted", v), ("accepted", ok), ("count", torch.ones_like(v))):
+            acc = torch.zeros(n, dtype=torch.float64).index_add_(0, b, x)
+            setattr(self, name, [a + float(c) for a, c in zip(getattr(self, name), acc)])
+
+    def table(self) -> list[dict]:
+        """One row per non-empty bucket: range, nodes, mean predicted, observed rate."""
+        rows = []
+        for i, n in enumerate(self.count):
+            if n:
+                rows.append({"bucket": [self.edges[i], min(self.edges[i + 1], 1.0)], "nodes": int(n),
+                             "predicted": self.predicted[i] / n, "observed": self.accepted[i] / n})
+        return rows
+
+    def mapping(self, v: torch.Tensor) -> torch.Tensor:
+        """``f(v)``: the observed rate of ``v``'s bucket (``v`` itself where a bucket is empty)."""
+        rate = torch.tensor([a / n if n else float("nan") for a, n in zip(self.accepted, self.count)],
+                            dtype=v.dtype, device=v.device)
+        b = torch.bucketize(v, torch.tensor(self.edges[1:-1], dtype=v.dtype, device=v.device), right=True)
+        f = rate[b]
+        return torch.where(torch.isnan(f), v, f)
+
+    def to_dict(self) -> dict:
+        return {"edges": self.edges, "predicted": self.predicted, "accepted": self.accepted, "count": self.count}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(list(d["edges"]), list(d["predicted"]), list(d["accepted"]), list(d["count"]))
+
+
+class DynamicTreeDraft(GlideDraft):
+    """The budgeted dynamic tree (see the module docstring).
+
+    Parameters
+    ----------
+    model : GlideDraftModel
+    depth : int
+        Deepest level grown.
+    top_k : int
+        Children proposed per expanded node.
+    beam : int
+        Nodes expanded per level.
+    max_nodes : int
+        Largest tree (draft nodes, root excluded).
+    cost : VerifyCost, optional
+        Default: measured at :meth:`begin` for the batch (and cached, see
+        :meth:`VerifyCost.cached`).
+    calibration : Calibration, optional
+        Maps ``v`` to the acceptance the sizing expects; default ``f(v) = v``.
+    record : Calibration, optional
+        Filled with every proposed node's ``v`` and whether it was accepted.
+    fixed_size : int, optional
+        Always keep this many nodes (no cost model), e.g. to compare against CaPE at equal size.
+    """
+
+    def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
+                 cost: VerifyCost | None = None, calibration: Calibration | None = None,
+                 record: Calibration | None = None, fixed_size: int | None = None):
+        super().__init__(model, gamma=depth)
+        for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.depth, self.beam = depth, beam
+        self.top_k = min(top_k, model.config.vocab_out)
+        self.beam = min(beam, self.top_k)
+        self.max_nodes = max_nodes
+        self.cost, self.calibration, self.record, self.fixed_size = cost, calibration, record, fixed_size
+        self.sizes = []  # chosen tree sizes, for reports
+
+    def cache_extra(self) -> int:
+        # scratch slots for the expanded nodes, and the catch-up window's padding
+        return max(self.max_nodes, (self.depth - 1) * self.beam) + self.depth + 2
+
+    def begin(self, ctx: DraftContext) -> None:
+        super().begin(ctx)
+        self.trusted = (ctx.lengths - 1).clone()  # positions whose draft K/V are right
+        self._last = None
+        if self.cost is None and self.fixed_size is None:
+            self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()))
+
+    # ------------------------------------------------------------------ one step
+    def propose(self, ctx: DraftContext) -> Proposal:
+        t0 = time.perf_counter()
+        m, cache = self.model, self.cache
+        B, dev = ctx.root.shape[0], ctx.root.device
+        root_pos = ctx.lengths - 1
+        cross = self._cross(ctx)
+        # 1. catch up: positions trusted .. root (c rows), right-padded to depth + 1 rows
+        W = self.depth + 1
+        c = root_pos - self.trusted + 1
+        cache.lens.copy_(self.trusted)
+        j = torch.arange(W, device=dev)
+        pos = self.trusted[:, None] + j
+        cap = ctx.tokens.shape[1]
+        ids = torch.where(j < c[:, None], ctx.tokens.gather(1, pos.clamp(max=cap - 1)), 0)
+        causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril().expand(B, W, W)
+        logits = m.step(ids, pos, causal, cache, cross, logits_index=c - 1)
+        cache.lens.copy_(root_pos + 1)
+        self.trusted = root_pos + 1
+        # 2. grow
+        K, beam = self.top_k, self.beam
+        p, col = torch.softmax(logits, -1).topk(K, -1)
+        tok, v = m.vocab_ids[col], p  # candidates (B, C)
+        parent = torch.full((B, K), -1, dtype=torch.int64, device=dev)  # candidate index, -1: root
+        depth = torch.ones(B, K, dtype=torch.int64, device=dev)
+        run_cand = torch.zeros(B, 0, dtype=torch.int64, device=dev)  # expanded candidates, in run order
+        level_lo = 0
+        for _ in range(2, self.depth + 1):
+            level = torch.arange(level_lo, v.shape[1], device=dev)
+            pick = v[:, level].topk(beam, -1).indices + level_lo  # (B, beam) best of the last level
+            run_cand = torch.cat([run_cand, pick], 1)
+            R = run_cand.shape[1]
+            run_tok = tok.gather(1, run_cand)
+            run_depth = depth.gather(1, run_cand)
+            # parent's run index (-1: the root, which is in the prefix)
+            cand_run = torch.full_like(tok, -1).scatter(1, run_cand, torch.arange(R, device=dev).expand(B, R))
+            par = parent.gather(1, run_cand)
+            run_par = torch.where(par >= 0, cand_run.gather(1, par.clamp(min=0)), -1)
+            mask = ancestor_mask(run_par)
+            out = m.step(run_tok, root_pos[:, None] + run_depth, mask, cache, cross, last_rows=beam)
+            cp, ccol = torch.softmax(out, -1).topk(K, -1)  # (B, beam, K)
+            level_lo = v.shape[1]
+            tok = torch.cat([tok, m.vocab_ids[ccol].reshape(B, -1)], 1)
+            v = torch.cat([v, (v.gather(1, pick)[:, :, None] * cp).reshape(B, -1)], 1)
+            parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
+            depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
+        # 3. size: keep the N best, N by expected tokens per second
+        order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
+        v_sorted = v.gather(1, order)
+        N = self._choose_size(v_sorted, time.perf_counter() - t0, ctx.active)
+        sel = order[:, :N]
+        slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
+        sel_parent = parent.gather(1, sel)
+        parents = torch.where(sel_parent >= 0, slot.gather(1, sel_parent.clamp(min=0)), 0)
+        proposal = Proposal(tok.gather(1, sel), parents, ctx.active[:, None].expand(B, N).contiguous(),
+                            v_sorted[:, :N].float())
+        self.sizes.append(N)
+        self._last = (proposal, root_pos.clone(), depth.gather(1, sel))
+        return proposal
+
+    def _choose_size(self, v_sorted: torch.Tensor, t_draft: float, active: torch.Tensor) -> int:
+        limit = min(self.max_nodes, v_sorted.shape[1])
+        if self.fixed_size is not None:
+            return min(self.fixed_size, limit)
+        f = self.calibration.mapping(v_sorted) if self.calibration is not None else v_sorted
+        f = torch.where(active[:, None], f, 0.0)
+        # expected tokens of the batch for N = 0..limit: one bonus per active sequence plus the nodes
+        gain = active.sum() + torch.cat([f.new_zeros(f.shape[0], 1), f[:, :limit].cumsum(1)], 1).sum(0)
+        n = np.arange(limit + 1)
+        rate = gain.double().cpu().numpy() / (t_draft + self.cost(n + 1))
+        return int(np.argmax(rate))
+
+    def observe(self, ctx: DraftContext) -> None:
+        if self.record is None or self._last is None:
+            return
+        prop, root_pos, depth = self._last
+        B, N = prop.tokens.shape
+        if N == 0:
+            return
+        cap = ctx.tokens.shape[1]
+        emitted = ctx.lengths - 1 - root_pos  # tokens committed after the old root
+        want = ctx.tokens.gather(1, (root_pos[:, None] + depth).clamp(max=cap - 1))
+        match = (prop.tokens == want) & (depth < emitted[:, None]) & prop.valid
+        # a node is accepted when it and all its ancestors carry the committed tokens; the last
+        # emitted token is the bonus, never a node (depth < emitted)
+        minus = torch.full((B, 1), -1, dtype=torch.int64, device=prop.tokens.device)
+        anc = ancestor_mask(torch.cat([minus, torch.where(prop.valid, prop.parents, -1)], 1))[:, 1:, 1:]
+        ok = ~(anc & ~match[:, None, :]).any(-1)
+        self.record.add(prop.draft_probs[prop.valid], ok[prop.valid])

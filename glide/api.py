@@ -206,7 +206,10 @@ def check_draft_applies(method: str, draft_path: str | None) -> str | None:
     return path
 
 
-def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None):
+TREES = ("chain", "cape", "dynamic")
+
+
+def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None):
     """The draft for ``method``; ``None`` for the target-only methods.
 
     Raises
@@ -227,7 +230,12 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
             net = load_draft(path, model)
         except (FileNotFoundError, ValueError) as exc:
             raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-        if method == "glide":
+        tree = tree or ("chain" if method == "glide" else "cape")
+        if tree == "dynamic":
+            from glide.draft.dynamic import DynamicTreeDraft
+
+            return DynamicTreeDraft(net)
+        if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
     return None
@@ -257,6 +265,7 @@ def generate(
     draft: str | None = None,
     gamma: int = 4,
     bins=None,
+    tree: str | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
@@ -289,6 +298,10 @@ def generate(
     bins : sequence of int or str, optional
         ``cape``: candidates per depth by ``floor(10 * confidence)``; the paper's
         ``8,8,8,6,6,6,4,4,2,2,2,2`` by default.
+    tree : {"chain", "cape", "dynamic"}, optional
+        The draft tree for ``glide``/``cape``: ``chain`` (``glide``'s default), ``cape``
+        (``cape``'s default), or ``dynamic``: a best-first tree sized by the verify cost
+        measured on this device (:mod:`glide.draft.dynamic`).
     device : {"cpu", "cuda"}
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
     progress : bool
@@ -309,8 +322,11 @@ def generate(
     check_positive_int("batch_size", batch_size)
     check_positive_int("gamma", gamma)
     bins = check_bins(bins)
-    if bins is not None and method != "cape":
-        raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape")
+    if tree is not None and (tree not in TREES or method not in DRAFT_METHODS):
+        raise ArgumentError("tree", f"must be one of {', '.join(TREES)} with method glide or cape, "
+                                    f"got {tree!r} with method {method!r}")
+    if bins is not None and (method != "cape" or tree not in (None, "cape")):
+        raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape trees")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentError("seed", f"must be an integer, got {seed!r}")
     dev = resolve_device(device)
@@ -325,7 +341,7 @@ def generate(
         raise ArgumentError("model", f"{model_path} has no tokenizer files; glide generate needs one")
     config = target.config
     encoded = [encode_chat(tokenizer, p.text) for p in items]
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins)
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
     max_pos = int(getattr(config, "max_position_embeddings"))

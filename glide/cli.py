@@ -27,6 +27,7 @@ _FLAGS = {
     "draft": "--draft",
     "gamma": "--gamma",
     "bins": "--bins",
+    "tree": "--tree",
     "device": "--device",
     "dtype": "--dtype",
     "out": "--out",
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bins", default=None, metavar="N,N,...",
                    help="cape: candidates per depth by floor(10 * draft confidence) "
                         "(default: the paper's 8,8,8,6,6,6,4,4,2,2,2,2)")
+    g.add_argument("--tree", default=None,
+                   help="glide/cape draft tree: chain (glide's default), cape (cape's default) or dynamic "
+                        "(best-first, sized by the verify cost measured on this device)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16)")
     g.add_argument("--out", metavar="FILE.jsonl", help="write one JSON row per prompt here")
@@ -102,7 +106,7 @@ def _generate(args) -> int:
             prompts, method=args.method, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
-            bins=args.bins,
+            bins=args.bins, tree=args.tree,
             device=args.device,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )

@@ -83,12 +83,22 @@ def draft_dir(loaded, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,kw", [("glide", {}), ("glide", {"gamma": 2}), ("cape", {}),
-                                       ("cape", {"bins": "3,3,3,3,3,2,2,2,1,1,1"})])
+                                       ("cape", {"bins": "3,3,3,3,3,2,2,2,1,1,1"}), ("cape", {"tree": "dynamic"}),
+                                       ("glide", {"tree": "cape"})])
 def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
     ar = run(loaded, "ar", batch_size=2)
     sp = run(loaded, method, batch_size=2, draft=draft_dir, **kw)
     assert [r["output_ids"] for r in sp] == [r["output_ids"] for r in ar]
     assert all(set(r) == FIELDS and r["target_forwards"] <= a["target_forwards"] for r, a in zip(sp, ar))
+
+
+@pytest.mark.parametrize("kw,name", [({"method": "ar", "tree": "dynamic"}, "tree"),
+                                     ({"method": "glide", "tree": "bushy"}, "tree"),
+                                     ({"method": "cape", "tree": "dynamic", "bins": "2,2,2,2,2,2,2,2,2,2,2"}, "bins")])
+def test_bad_tree_arguments_name_them(loaded, draft_dir, kw, name):
+    with pytest.raises(api.ArgumentError) as info:
+        api.generate(PROMPTS, loaded=loaded, draft=draft_dir if kw["method"] != "ar" else None, **kw)
+    assert info.value.argument == name
 
 
 def test_a_draft_for_another_model_names_the_argument(loaded, draft_dir):

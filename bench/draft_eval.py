@@ -1,8 +1,14 @@
 """Drafts on held-out prompts: mean accepted tokens per target forward (MAT) and tokens/s.
 
-    python -m bench.draft_eval [--drafts glide=PATH vanilla=PATH] [--batch-sizes 1 4]
-                               [--temperatures 0 1] [--max-new-tokens 128] [--gamma 4]
-                               [--prompts bench/prompts/heldout.jsonl] [--limit N] [--out FILE]
+    python -m bench.draft_eval [--drafts glide=PATH cape=PATH:cape dyn=PATH:dynamic vanilla=PATH2]
+                               [--batch-sizes 1 4] [--temperatures 0 1] [--max-new-tokens 128]
+                               [--gamma 4] [--prompts bench/prompts/heldout.jsonl] [--limit N]
+                               [--calibration] [--out FILE]
+
+A draft spec is ``NAME=PATH[:TREE]`` with ``TREE`` one of ``chain`` (default), ``cape`` (the
+paper's bins) or ``dynamic``. ``--calibration`` also runs the dynamic tree greedily at batch 1
+with a recorder and stores the predicted-against-observed acceptance table, and stores the
+verify-cost curve the dynamic tree sized itself with.
 
 Every run goes through :func:`glide.api.generate` on one loaded target. For each
 ``(batch size, temperature)`` the runs are interleaved (``ar``, then every draft), so that slow
@@ -21,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import harness
@@ -50,26 +57,28 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
     dt = api.resolve_dtype(dtype, dev)
     env = harness.environment(dev, "draft-eval")
     loaded = api.load("ar", None, dev, dt)
-    runs = [(m, None) for m in methods] + [("glide", (name, path)) for name, path in drafts.items()]
+    runs = [(m, None) for m in methods] + [("glide", (name, spec)) for name, spec in drafts.items()]
     api.generate(prompts[:1], method="ar", max_new_tokens=4, loaded=loaded, dtype=dt)  # warm-up
     rows = []
     meta = dict(env, prompts=str(prompts_path), prompt_ids=[p.id for p in prompts], dtype=str(dt),
-                gamma=gamma, drafts={k: str(v) for k, v in drafts.items()}, max_new_tokens=max_new_tokens)
+                gamma=gamma, drafts={k: {"path": str(p), "tree": t} for k, (p, t) in drafts.items()},
+                max_new_tokens=max_new_tokens)
     out = Path(out) if out else harness.results_path(env["device_slug"], "draft-eval")
     bar = tqdm(total=len(batch_sizes) * len(temperatures) * len(runs), desc="draft-eval", disable=not progress)
     for b in batch_sizes:
         for temp in temperatures:
             base = None
             for method, draft in runs:
-                name, path = draft if draft else (method, None)
+                name, (path, tree) = draft if draft else (method, (None, None))
                 start = time.perf_counter()
                 res = api.generate(prompts, method=method, max_new_tokens=max_new_tokens, batch_size=b,
-                                   temperature=temp, seed=0, draft=path, gamma=gamma, loaded=loaded,
-                                   dtype=dt)
+                                   temperature=temp, seed=0, draft=path, gamma=gamma, tree=tree,
+                                   loaded=loaded, dtype=dt)
                 wall = time.perf_counter() - start
                 row = aggregate(res, method=name, batch_size=b, max_new_tokens=max_new_tokens,
                                 wall_seconds=wall)
-                row.update(temperature=temp, draft=str(path) if path else None, gamma=gamma if path else None)
+                row.update(temperature=temp, draft=str(path) if path else None, tree=tree,
+                           gamma=gamma if path and tree != "dynamic" else None)
                 for kind in sorted(set(kinds.get(p.id, "all") for p in prompts)):
                     part = [r for p, r in zip(prompts, res) if kinds.get(p.id, "all") == kind]
                     fw = sum(r["target_forwards"] for r in part)
@@ -83,7 +92,30 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
                 bar.update(1)
                 bar.set_postfix(last=f"{name} b{b} t{temp}: MAT {row['mean_accepted']:.2f}")
     bar.close()
-    return rows, out
+    return rows, out, meta, loaded
+
+
+def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temperature=0.0):
+    """The dynamic tree at batch 1 with a recorder: (calibration table, verify-cost curve, sizes)."""
+    from glide import api
+    from glide.draft import load_draft
+    from glide.draft.dynamic import Calibration, DynamicTreeDraft
+    from glide.spec.engine import generate_ids
+
+    model, tok = loaded
+    prompts = api.read_prompts(prompts_path)[:limit]
+    rec = Calibration()
+    net = load_draft(path, model)
+    sizes, cost = [], None
+    for p in prompts:
+        d = DynamicTreeDraft(net, record=rec)
+        generate_ids(model, [api.encode_chat(tok, p.text)], d, max_new_tokens=max_new_tokens,
+                     temperature=temperature, eos_token_ids=api.eos_ids(model.config, tok))
+        sizes += d.sizes
+        cost = d.cost
+    return {"table": rec.table(), "raw": rec.to_dict(), "temperature": temperature,
+            "tree_sizes": {"mean": float(np.mean(sizes)), "min": int(min(sizes)), "max": int(max(sizes))},
+            "verify_cost": {"sizes": cost.sizes, "seconds": cost.seconds, **cost.meta}}
 
 
 def main(argv=None) -> int:
@@ -99,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--no-ar", action="store_true", help="skip the ar baseline")
+    p.add_argument("--calibration", action="store_true",
+                   help="also record the dynamic tree's calibration (greedy and T=1, batch 1) with the first draft")
     p.add_argument("--out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -106,15 +140,28 @@ def main(argv=None) -> int:
 
     drafts = {}
     for item in args.drafts or [f"glide={default_draft_path()}"]:
-        name, sep, path = item.partition("=")
-        if not sep:
-            p.error(f"argument --drafts: expected NAME=PATH, got {item!r}")
-        drafts[name] = path
-    rows, out = run(drafts, harness.REPO_ROOT / args.prompts if not Path(args.prompts).is_absolute() else Path(args.prompts),
-                    args.batch_sizes, args.temperatures, args.max_new_tokens, args.gamma, args.dtype,
-                    args.device, args.limit, args.out, not args.no_progress, () if args.no_ar else ("ar",))
+        name, sep, spec = item.partition("=")
+        path, _, tree = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+        if not sep or tree not in ("", "chain", "cape", "dynamic"):
+            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic], got {item!r}")
+        drafts[name] = (path, tree or "chain")
+    prompts = Path(args.prompts) if Path(args.prompts).is_absolute() else harness.REPO_ROOT / args.prompts
+    rows, out, meta, loaded = run(drafts, prompts, args.batch_sizes, args.temperatures, args.max_new_tokens,
+                                  args.gamma, args.dtype, args.device, args.limit, args.out,
+                                  not args.no_progress, () if args.no_ar else ("ar",))
+    if args.calibration:
+        first = next(iter(drafts.values()))[0]
+        meta["calibration"] = [calibration_run(loaded, first, prompts, args.max_new_tokens, args.limit, t)
+                               for t in (0.0, 1.0)]
+        harness.write_results(out, rows, meta)
+        for cal in meta["calibration"]:
+            print(f"calibration T={cal['temperature']}: tree sizes {cal['tree_sizes']}")
+            for r in cal["table"]:
+                print(f"  v in [{r['bucket'][0]:.2f}, {r['bucket'][1]:.2f}): {r['nodes']:6d} nodes, "
+                      f"predicted {r['predicted']:.3f}, observed {r['observed']:.3f}")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        r = dict(r, mean_accepted_chat=r.get("mean_accepted_chat"), mean_accepted_code=r.get("mean_accepted_code"))
         print(f"{r['method']:>10} b{r['batch_size']} T={r['temperature']}: MAT {r['mean_accepted']:.2f} "
               f"(chat {r.get('mean_accepted_chat') or float('nan'):.2f}, code {r.get('mean_accepted_code') or float('nan'):.2f}) "
               f"{r['decode_tokens_per_s']:.1f} tok/s {sp}")

@@ -252,3 +252,26 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     lb = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 36
     np.testing.assert_allclose(la, lb, rtol=1e-4)
+
+
+def test_target_first_init_is_an_early_exit_after_layer_0():
+    """With ``init="target-first"`` the untrained draft computes the target's layer 0 on its
+    tokens, then the target's final norm and head."""
+    from glide.draft import GlideDraftModel, new_draft_config
+    from glide.model.llama import kv_writer, tree_attender
+    from glide.train.trainer import init_from_target
+
+    t = tiny_target(vocab=11, dtype=torch.float64, std=0.5)
+    d = GlideDraftModel(new_draft_config(t), dtype=torch.float64).attach(t)
+    init_from_target(d, t, "target-first")
+    ids = torch.tensor([[1, 4, 2, 7, 3, 9]])
+    S = ids.shape[1]
+    kv = [(torch.randn(1, 2, S, 8, dtype=torch.float64),) * 2]
+    got = d(ids, kv, torch.ones(S, S, dtype=torch.bool).tril())
+    cache = t.new_cache(1, S)
+    pos = torch.arange(S)[None]
+    cos, sin = t.rope_cos[pos].unsqueeze(2), t.rope_sin[pos].unsqueeze(2)
+    mask = torch.ones(1, S, S, dtype=torch.bool).tril()
+    h = t.layers[0](t.embed_tokens(ids), cos, sin, cache.kv[0], kv_writer(cache.lens, 0, 1, S),
+                    tree_attender(cache.lens, 0, mask, "reference"))
+    torch.testing.assert_close(got, t.lm_head(t.norm(h)), rtol=1e-9, atol=1e-9)

@@ -45,7 +45,7 @@ from .features import Features, FeatureSet
 __all__ = ["TrainSettings", "train_draft", "draft_vocabulary", "init_from_target", "batch_plan"]
 
 LOSSES = ("kl", "ce", "mix")
-INITS = ("random", "target-last")
+INITS = ("random", "target-first", "target-last")
 
 
 @dataclass
@@ -69,9 +69,12 @@ class TrainSettings:
         Longer samples are cut.
     lr, warmup_steps, weight_decay, clip : optimiser settings (AdamW, linear warm-up, cosine
         decay to 10%).
-    init : {"random", "target-last"}
+    init : {"random", "target-first", "target-last"}
         ``random`` draws the layers' weights and starts the final norm's weight at 0.1 (near
-        uniform predictions); ``target-last`` starts from the target's
+        uniform predictions). ``target-first`` copies the target's first layer into the
+        self-attention and MLP (their input is the embedding, as in the target) and the target's
+        final norm, with the cross-attention's output projection at zero: the draft starts as
+        an early exit after the target's layer 0. ``target-last`` starts from the target's
         last layer (self-attention, MLP, norms; the cross-attention from its q and o
         projections).
     seed : int
@@ -133,8 +136,19 @@ def draft_vocabulary(samples: list[Sample], vocab_size: int, size: int | None,
     return (head + rest)[:size]
 
 
-def init_from_target(draft: GlideDraftModel, target) -> None:
-    """Start from the target's last layer (see :class:`TrainSettings`, ``init``)."""
+def init_from_target(draft: GlideDraftModel, target, which: str = "target-last") -> None:
+    """Start from one of the target's layers (see :class:`TrainSettings`, ``init``)."""
+    if which == "target-first":
+        first = target.layers[0]
+        with torch.no_grad():
+            for layer in draft.layers:
+                for name in ("input_layernorm", "qkv_proj", "o_proj", "post_attention_layernorm",
+                             "gate_up_proj", "down_proj"):
+                    getattr(layer, name).weight.copy_(getattr(first, name).weight)
+                if layer.cross_o_proj is not None:
+                    layer.cross_o_proj.weight.zero_()  # the draft starts as the target's layer 0
+            draft.norm.weight.copy_(target.norm.weight)
+        return
     last = target.layers[-1]
     t = draft.config.target
     Hq_D = t.num_heads * t.head_dim
@@ -298,8 +312,8 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
     config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
-    if settings.init == "target-last":
-        init_from_target(model, target)
+    if settings.init != "random":
+        init_from_target(model, target, settings.init)
     else:
         # Start near a uniform prediction: with unit norm weights the shared head turns the
         # residual stream (at first the root's own embedding) into very confident logits, a

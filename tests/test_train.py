@@ -275,3 +275,61 @@ def test_target_first_init_is_an_early_exit_after_layer_0():
     h = t.layers[0](t.embed_tokens(ids), cos, sin, cache.kv[0], kv_writer(cache.lens, 0, 1, S),
                     tree_attender(cache.lens, 0, mask, "reference"))
     torch.testing.assert_close(got, t.lm_head(t.norm(h)), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the command line
+def _tiny_checkpoint(path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=13, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                                      eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def test_train_draft_command_runs_its_stages(tmp_path, capsys):
+    """features and train stages through ``glide train-draft`` on a tiny checkpoint, then the
+    draft it wrote decodes through ``glide.api``."""
+    from glide.cli import main
+    from glide.model.load import load_model
+    from glide.train.corpus import _save_shard
+
+    _tiny_checkpoint(tmp_path / "m")
+    target, _ = load_model(tmp_path / "m", dtype=torch.float32)
+    samples = self_distilled_corpus(target, n=12, new_tokens=10)
+    (tmp_path / "run" / "corpus").mkdir(parents=True)
+    _save_shard(tmp_path / "run" / "corpus" / "shard-00000.npz", samples[:8], 13)
+    _save_shard(tmp_path / "run" / "corpus" / "shard-00001.npz", samples[8:], 13)
+    common = ["train-draft", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(common + ["--stage", "features", "--topk", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "features").iterdir()) == ["shard-00000", "shard-00001"]
+    assert main(common + ["--stage", "train", "--epochs", "2", "--batch-size", "4", "--draft-vocab", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "6/6 steps" in out and "draft written to" in out
+    from glide.draft import load_draft
+    assert load_draft(tmp_path / "run" / "glide" / "draft", target).config.draft_vocab is None
+    # only the first shard, as a separate run: 8 samples, 2 steps an epoch
+    assert main(common + ["--stage", "train", "--shards", "1", "--epochs", "1", "--batch-size", "4",
+                          "--run-name", "one", "--vanilla"]) == 0
+    assert "2/2 steps" in capsys.readouterr().out
+    assert not load_draft(tmp_path / "run" / "one" / "draft", target).config.cross_attention
+
+
+@pytest.mark.parametrize("argv,flag", [(["--stage", "nope"], "--stage"), (["--loss", "l2"], "--loss"),
+                                       (["--epochs", "0"], "--epochs"), (["--draft-vocab", "-3"], "--draft-vocab"),
+                                       (["--batch-size", "0"], "--batch-size"), (["--init", "zeros"], "--init"),
+                                       (["--shards", "0"], "--shards"), (["--max-steps", "-1"], "--max-steps")])
+def test_train_draft_bad_arguments_name_the_flag(capsys, argv, flag):
+    from glide.cli import main
+
+    assert main(["train-draft", "--out", "/nonexistent/x"] + argv) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_train_draft_on_a_missing_data_file_names_it(capsys, tmp_path):
+    from glide.cli import main
+
+    assert main(["train-draft", "--out", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "argument --data" in capsys.readouterr().err

@@ -22,7 +22,7 @@ FLAGS = {
     "gen_batch_size": "--gen-batch-size", "model": "--model", "gamma": "--gamma",
     "layers": "--layers", "draft_vocab": "--draft-vocab", "loss": "--loss", "epochs": "--epochs",
     "batch_size": "--batch-size", "lr": "--lr", "init": "--init", "seed": "--seed",
-    "max_steps": "--max-steps", "save_every": "--save-every", "export": "--export",
+    "max_steps": "--max-steps", "warmup_steps": "--warmup-steps", "save_every": "--save-every", "export": "--export",
     "run_name": "--run-name", "topk": "--topk", "shards": "--shards",
 }
 
@@ -58,6 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step, all ranks (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help=f"linear warm-up before the cosine decay (default: {d.warmup_steps})")
     p.add_argument("--init", default=d.init, help=f"one of {', '.join(INITS)} (default: {d.init})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
@@ -84,7 +86,8 @@ def _settings(args):
         raise ArgumentError("draft_vocab", f"must be >= 0 (0: the full vocabulary), got {args.draft_vocab}")
     s = TrainSettings(gamma=args.gamma, num_layers=args.layers, cross_attention=not args.vanilla,
                       draft_vocab_size=args.draft_vocab or None, loss=args.loss, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, init=args.init, seed=args.seed,
+                      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      init=args.init, seed=args.seed,
                       save_every=args.save_every)
     try:
         s.check()

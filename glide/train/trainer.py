@@ -107,7 +107,7 @@ class TrainSettings:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        for name in ("gamma", "num_layers", "batch_size", "max_len", "save_every"):
+        for name in ("gamma", "num_layers", "batch_size", "max_len", "save_every", "warmup_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")

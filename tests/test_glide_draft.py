@@ -335,13 +335,13 @@ def test_dynamic_tree_greedy_equals_ar(trained, kw):
 def test_dynamic_tree_shape_and_sizing(trained):
     t, d, _ = trained
     prompts = [[1, 3, 0, 4, 3], [4, 0]]
-    cheap = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(0.0))
+    cheap = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(0.0), min_expand=0.0)
     dear = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(10.0))
     for g in (cheap, dear):
         generate_ids(t, prompts, g, max_new_tokens=12)
     assert set(cheap.sizes) == {20} and set(dear.sizes) == {0}  # free slots: fill; dear ones: none
     # a proposal: parents first, ranked by v, depth one below the parent
-    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=15)
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=15, min_expand=0.0)
     B, cap = 2, 30
     cache = t.new_cache(B, cap + 40)
     first = t.prefill(prompts, cache).argmax(-1)

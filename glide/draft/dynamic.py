@@ -218,11 +218,14 @@ class DynamicTreeDraft(GlideDraft):
         Filled with every proposed node's ``v`` and whether it was accepted.
     fixed_size : int, optional
         Always keep this many nodes (no cost model), e.g. to compare against CaPE at equal size.
+    min_expand : float
+        Stop growing once the best candidate of the last level has ``v`` below this: deeper
+        nodes would rarely be accepted, and each level costs a draft forward.
     """
 
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
-                 record: Calibration | None = None, fixed_size: int | None = None):
+                 record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05):
         super().__init__(model, gamma=depth)
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -232,6 +235,7 @@ class DynamicTreeDraft(GlideDraft):
         self.beam = min(beam, self.top_k)
         self.max_nodes = max_nodes
         self.cost, self.calibration, self.record, self.fixed_size = cost, calibration, record, fixed_size
+        self.min_expand = min_expand
         self.sizes = []  # chosen tree sizes, for reports
 
     def cache_extra(self) -> int:
@@ -274,6 +278,8 @@ class DynamicTreeDraft(GlideDraft):
         level_lo = 0
         for _ in range(2, self.depth + 1):
             level = torch.arange(level_lo, v.shape[1], device=dev)
+            if float(v[:, level].max()) < self.min_expand:  # a host read (free on the CPU)
+                break
             pick = v[:, level].topk(beam, -1).indices + level_lo  # (B, beam) best of the last level
             run_cand = torch.cat([run_cand, pick], 1)
             R = run_cand.shape[1]

@@ -16,7 +16,8 @@ phases of a shared machine hit all of them alike; ``speedup`` is a draft's decod
 ``ar``'s in the same configuration. MAT is pooled over prompts (:func:`bench.e2e.aggregate`),
 and also given per prompt kind (``chat``/``code``, from the prompts file). ``--out`` defaults to
 ``profiles/<device-slug>/draft-eval.json``; the file is rewritten after every run, so an
-interrupted sweep keeps what it measured.
+interrupted sweep keeps what it measured. Greedy rows also count the prompts whose output is
+identical to ``ar``'s (``identical_to_ar``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
     bar = tqdm(total=len(batch_sizes) * len(temperatures) * len(runs), desc="draft-eval", disable=not progress)
     for b in batch_sizes:
         for temp in temperatures:
-            base = None
+            base, base_ids = None, None
             for method, draft in runs:
                 name, (path, tree) = draft if draft else (method, (None, None))
                 start = time.perf_counter()
@@ -84,7 +85,10 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
                     fw = sum(r["target_forwards"] for r in part)
                     row[f"mean_accepted_{kind}"] = sum(r["new_tokens"] - 1 for r in part) / fw if fw else None
                 if method == "ar":
-                    base = row
+                    base, base_ids = row, [r["output_ids"] for r in res]
+                elif temp == 0.0 and base is not None:
+                    # greedy speculative output should equal ar's token for token (bf16 may part at near-ties)
+                    row["identical_to_ar"] = sum(r["output_ids"] == ids for r, ids in zip(res, base_ids))
                 row["speedup"] = (row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                   if base and base["decode_tokens_per_s"] else None)
                 rows.append(row)
@@ -164,7 +168,8 @@ def main(argv=None) -> int:
         r = dict(r, mean_accepted_chat=r.get("mean_accepted_chat"), mean_accepted_code=r.get("mean_accepted_code"))
         print(f"{r['method']:>10} b{r['batch_size']} T={r['temperature']}: MAT {r['mean_accepted']:.2f} "
               f"(chat {r.get('mean_accepted_chat') or float('nan'):.2f}, code {r.get('mean_accepted_code') or float('nan'):.2f}) "
-              f"{r['decode_tokens_per_s']:.1f} tok/s {sp}")
+              f"{r['decode_tokens_per_s']:.1f} tok/s {sp}"
+              + (f" identical {r['identical_to_ar']}/{r['num_prompts']}" if "identical_to_ar" in r else ""))
     print(f"-> {out}")
     return 0
 

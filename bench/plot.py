@@ -7,7 +7,11 @@
   of the copy bandwidth measured in the same run);
 - ``e2e.json``: ``e2e.png``, decode tokens/s by method and batch size;
 - ``verify-cost.json``: ``verify-cost.png``, one forward's time by verified-tree size;
-- ``ar-vs-hf.json``: ``ar-vs-hf.png``, decode tokens/s of ``ar`` and ``hf`` by dtype.
+- ``ar-vs-hf.json``: ``ar-vs-hf.png``, decode tokens/s of ``ar`` and ``hf`` by dtype;
+- ``draft-eval.json``: ``draft-eval.png``, MAT and decode tokens/s by draft, batch size and
+  temperature; with a calibration, ``draft-eval-calibration.png`` (observed against predicted
+  acceptance) and ``draft-eval-verify-cost.png`` (the verify-cost curve the tree was sized with);
+- ``draft-training.json``: ``draft-training.png``, training loss and teacher agreement by step.
 
 Each kernel panel shows one slice of the sweep: every shape field except the x axis is held
 at its first value in the file, and the panel title says which.
@@ -174,6 +178,77 @@ def plot_ar_vs_hf(data: dict[str, Any], out_dir: Path, stem: str = "ar-vs-hf") -
     return [_save(fig, out_dir / f"{stem}.png")]
 
 
+def plot_draft_eval(data: dict[str, Any], out_dir: Path, stem: str = "draft-eval") -> list[Path]:
+    """MAT and tokens/s per run, grouped by (batch, temperature); calibration and cost curves."""
+    rows = data["rows"]
+    if not rows:
+        return []
+    groups = list(dict.fromkeys((r["batch_size"], r["temperature"]) for r in rows))
+    runs = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.0))
+    width = 0.8 / len(runs)
+    for ax, field, label in ((axes[0], "mean_accepted", "tokens per target forward (MAT)"),
+                             (axes[1], "decode_tokens_per_s", "decode tokens/s")):
+        for i, name in enumerate(runs):
+            vals = {(r["batch_size"], r["temperature"]): r[field] for r in rows if r["method"] == name}
+            ax.bar([j + i * width for j in range(len(groups))], [vals.get(g) or 0.0 for g in groups], width,
+                   label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels([f"batch {b}\nT={t:g}" for b, t in groups])
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = data["meta"]
+    fig.suptitle(f"drafts on {len(meta.get('prompt_ids', []))} held-out prompts, {meta.get('dtype', '')} - "
+                 f"{meta.get('device', '?')}", fontsize=9)
+    out = [_save(fig, out_dir / f"{stem}.png")]
+    cals = meta.get("calibration") or []
+    if cals:
+        fig, ax = plt.subplots(figsize=(4.5, 4.0))
+        for cal in cals:
+            t = cal["table"]
+            ax.plot([r["predicted"] for r in t], [r["observed"] for r in t], marker="o",
+                    label=f"T={cal['temperature']:g}")
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("predicted acceptance (product of draft probabilities)")
+        ax.set_ylabel("observed acceptance")
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+        ax.set_title("dynamic tree calibration", fontsize=9)
+        out.append(_save(fig, out_dir / f"{stem}-calibration.png"))
+        vc = cals[0]["verify_cost"]
+        fig, ax = plt.subplots(figsize=(4.5, 4.0))
+        ax.plot(vc["sizes"], [s * 1e3 for s in vc["seconds"]], marker="o")
+        ax.set_xlabel("tree slots verified in one forward")
+        ax.set_ylabel("ms per target forward")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"verify cost used by the dynamic tree (batch {vc.get('batch_size')})", fontsize=9)
+        out.append(_save(fig, out_dir / f"{stem}-verify-cost.png"))
+    return out
+
+
+def plot_training(data: dict[str, Any], out_dir: Path, stem: str = "draft-training") -> list[Path]:
+    """Loss and top-1 agreement with the teacher by step, a line per run (smoothed over 50 steps)."""
+    runs = data.get("runs") or {}
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    for name, log in runs.items():
+        steps = [r["step"] for r in log]
+        for ax, field in ((axes[0], "loss"), (axes[1], "top1")):
+            vals = [r[field] for r in log]
+            k = 50
+            smooth = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+            ax.plot(steps, smooth, label=name)
+    axes[0].set_ylabel("training loss (50-step mean)")
+    axes[1].set_ylabel("top-1 agreement with the teacher")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return [_save(fig, out_dir / f"{stem}.png")]
+
+
 def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
     """Plot one results file; PNGs go to ``out_dir`` (default: the file's folder)."""
     path = Path(path)
@@ -186,6 +261,10 @@ def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
         return plot_verify_cost(data, out_dir, path.stem)
     if sweep == "ar_vs_hf":
         return plot_ar_vs_hf(data, out_dir, path.stem)
+    if sweep == "draft-eval":
+        return plot_draft_eval(data, out_dir, path.stem)
+    if sweep == "draft-training":
+        return plot_training(data, out_dir, path.stem)
     if rows and "method" in rows[0]:
         return plot_e2e(data, out_dir, path.stem)
     return plot_kernels(data, out_dir, path.stem)

@@ -29,7 +29,7 @@ train-draft: install-train
 	HF_HUB_OFFLINE=1 $(PY) -m glide train-draft --out runs/smollm2
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) -m glide generate --method lookup --max-new-tokens 96 \
+	HF_HUB_OFFLINE=1 $(PY) -m glide generate --method glide --max-new-tokens 96 \
 		--prompt "Write a short story about a fox who learns to share."
 
 # The test command that README gives and CI runs: unit tests, kernels under Triton's CPU

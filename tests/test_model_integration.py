@@ -73,3 +73,26 @@ def test_greedy_tokens_match_generate(hf_and_tokenizer, prompt_ids):
         got.append(int(token))
     assert len(want) == n, "generate stopped early: pick a prompt with a longer answer"
     assert got == want
+
+
+def test_shipped_draft_is_lossless_and_accepted_float32(hf_and_tokenizer):
+    """The GliDe draft shipped for this model: loads, and its chain, CaPE and dynamic trees give
+    ``ar``'s greedy tokens in float32 (batch 2) with more than one token a target forward."""
+    from glide.api import encode_chat, eos_ids
+    from glide.draft import CapeDraft, GlideDraft, default_draft_path, load_draft
+    from glide.draft.dynamic import DynamicTreeDraft
+    from glide.spec.engine import generate_ids
+
+    hf, tok = hf_and_tokenizer
+    model = from_hf(hf)
+    net = load_draft(default_draft_path(), model)
+    assert net.config.cross_attention and net.dtype == torch.float32
+    prompts = [encode_chat(tok, p) for p in ("Write a short story about a dragon who bakes bread.",
+                                             "Write a Python function that checks whether a number is prime.")]
+    eos = eos_ids(model.config, tok)
+    ar = [o.output_ids for o in generate_ids(model, prompts, max_new_tokens=40, eos_token_ids=eos)]
+    for draft in (GlideDraft(net), CapeDraft(net), DynamicTreeDraft(net)):
+        out = generate_ids(model, prompts, draft, max_new_tokens=40, eos_token_ids=eos)
+        assert [o.output_ids for o in out] == ar, type(draft).__name__
+        accepted = [a for o in out for a in o.accepted]
+        assert sum(accepted) / len(accepted) > 1.2, type(draft).__name__

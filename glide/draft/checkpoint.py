@@ -49,6 +49,7 @@ def save_draft(model: GlideDraftModel, path, card: dict | None = None, dtype=tor
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    os.chmod(out / WEIGHTS, 0o644)  # readable by everyone, like the package it may ship in
     meta = {"format": "glide-draft", "version": 1, "config": model.config.to_dict(), "card": card or {}}
     atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
     return out

@@ -333,3 +333,20 @@ def test_train_draft_on_a_missing_data_file_names_it(capsys, tmp_path):
 
     assert main(["train-draft", "--out", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "argument --data" in capsys.readouterr().err
+
+
+def test_init_from_a_draft_continues_it(tmp_path):
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=8)
+    f = build_features(t, samples, tmp_path / "f", topk=4, progress=False)
+    base = dict(batch_size=4, epochs=1, draft_vocab_size=None, bf16=False)
+    train_draft(t, samples, f, tmp_path / "a", TrainSettings(**base), progress=False)
+    # zero steps of training (lr tiny) from the first draft: the weights come back unchanged
+    train_draft(t, samples, f, tmp_path / "b", TrainSettings(**base, lr=1e-30, init_from=str(tmp_path / "a" / "draft")),
+                progress=False)
+    a, b = _weights(tmp_path / "a" / "draft"), _weights(tmp_path / "b" / "draft")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="^init_from: "):
+        train_draft(t, samples, f, tmp_path / "c", TrainSettings(**dict(base, draft_vocab_size=3),
+                                                                init_from=str(tmp_path / "a" / "draft")),
+                    progress=False)

@@ -22,7 +22,7 @@ FLAGS = {
     "gen_batch_size": "--gen-batch-size", "model": "--model", "gamma": "--gamma",
     "layers": "--layers", "draft_vocab": "--draft-vocab", "loss": "--loss", "epochs": "--epochs",
     "batch_size": "--batch-size", "lr": "--lr", "init": "--init", "seed": "--seed",
-    "max_steps": "--max-steps", "warmup_steps": "--warmup-steps", "save_every": "--save-every", "export": "--export",
+    "max_steps": "--max-steps", "warmup_steps": "--warmup-steps", "init_from": "--init-from", "save_every": "--save-every", "export": "--export",
     "run_name": "--run-name", "topk": "--topk", "shards": "--shards",
 }
 
@@ -61,6 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help=f"linear warm-up before the cosine decay (default: {d.warmup_steps})")
     p.add_argument("--init", default=d.init, help=f"one of {', '.join(INITS)} (default: {d.init})")
+    p.add_argument("--init-from", metavar="DRAFT", help="start from this draft folder (train it further)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between checkpoints (default: {d.save_every})")
@@ -87,7 +88,7 @@ def _settings(args):
     s = TrainSettings(gamma=args.gamma, num_layers=args.layers, cross_attention=not args.vanilla,
                       draft_vocab_size=args.draft_vocab or None, loss=args.loss, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      init=args.init, seed=args.seed,
+                      init=args.init, seed=args.seed, init_from=args.init_from,
                       save_every=args.save_every)
     try:
         s.check()
@@ -111,6 +112,8 @@ def run(args) -> int:
     _positive("shards", args.shards, allow_none=True)
     _positive("max_steps", args.max_steps, allow_none=True)
     settings = _settings(args)
+    if args.init_from is not None and not os.path.isdir(args.init_from):
+        raise ArgumentError("init_from", f"no such draft folder: {args.init_from}")
     if args.data is not None and not os.path.isfile(args.data):
         raise ArgumentError("data", f"no such file: {args.data}")
     out = Path(args.out)

@@ -83,6 +83,9 @@ class TrainSettings:
     bf16 : bool
         Run the forward and backward under bfloat16 autocast (master weights stay float32);
         ``False`` computes in float32.
+    init_from : str, optional
+        A draft folder to start from instead of ``init`` (to train a draft further with a new
+        schedule); its shape, cross-attention and vocabulary must be this run's.
     """
 
     gamma: int = 4
@@ -101,6 +104,7 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 50
     bf16: bool = True
+    init_from: str | None = None
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -166,6 +170,20 @@ def init_from_target(draft: GlideDraftModel, target, which: str = "target-last")
                 layer.cross_q_proj.weight.copy_(wq)
                 layer.cross_o_proj.weight.copy_(last.o_proj.weight)
         draft.norm.weight.copy_(target.norm.weight)
+
+
+def _init_from_draft(model: GlideDraftModel, path) -> None:
+    from glide.draft.checkpoint import WEIGHTS, read_draft_config
+    from safetensors.torch import load_file
+
+    config, _ = read_draft_config(path)
+    mine = model.config
+    if (config.num_layers, config.cross_attention, config.draft_vocab) != (
+            mine.num_layers, mine.cross_attention, mine.draft_vocab):
+        raise ValueError(f"init_from: the draft in {path} differs from this run (layers, cross-attention "
+                         "or vocabulary)")
+    state = load_file(str(Path(path) / WEIGHTS))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 def batch_plan(num_samples: int, lengths, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
@@ -312,7 +330,9 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
     config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
-    if settings.init != "random":
+    if settings.init_from is not None:
+        _init_from_draft(model, settings.init_from)
+    elif settings.init != "random":
         init_from_target(model, target, settings.init)
     else:
         # Start near a uniform prediction: with unit norm weights the shared head turns the

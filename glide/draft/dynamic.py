@@ -36,21 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glide.cache import cache_dir
 from glide.spec.drafts import DraftContext
 from glide.spec.tree import Proposal, ancestor_mask
 
 from .runtime import GlideDraft
 
 __all__ = ["VerifyCost", "Calibration", "DynamicTreeDraft", "cache_dir"]
-
-
-def cache_dir() -> Path:
-    """Where measured device facts are kept: ``$GLIDE_CACHE_DIR``, else ``$XDG_CACHE_HOME/glide``,
-    else ``~/.cache/glide``."""
-    if os.environ.get("GLIDE_CACHE_DIR"):
-        return Path(os.environ["GLIDE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "glide"
 
 
 @dataclass

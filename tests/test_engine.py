@@ -162,9 +162,9 @@ def _exact_first_three(model, prompt, temperature, top_p):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _broken_verifier(tree, probs, gen):
+def _broken_verifier(tree, probs, generator=None, uniforms=None):
     """Takes the target's favourite whenever a child carries it, else samples: not exact."""
-    picked = sample(probs, gen)
+    picked = sample(probs, generator, uniforms)
     top = probs.argmax(-1)
     slots = torch.arange(tree.size)
     proposed = ((tree.tokens[:, None, :] == top[:, :, None]) & (tree.parents[:, None, :] == slots[None, :, None])).any(-1)
@@ -241,6 +241,11 @@ def test_engine_through_triton_interpreter():
         (dict(prompts=[[1, 99]]), "prompts"),
         (dict(draft=ModelDraft(tiny_model(vocab=40), (2,))), "draft"),
         (dict(draft=WrongDraft([[1]], 2, width=37)), "draft"),
+        (dict(row_ids=[0, 1]), "row_ids"),
+        (dict(row_ids=[-1]), "row_ids"),
+        (dict(row_ids=[True]), "row_ids"),
+        (dict(row_ids=[1.0]), "row_ids"),
+        (dict(seed=1.5), "seed"),
     ],
 )
 def test_bad_input_names_the_argument(model, kwargs, name):

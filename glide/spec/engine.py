@@ -17,7 +17,8 @@ import torch
 
 from .drafts import Draft, DraftContext
 from .tree import Tree, build_tree, raise_problems
-from .verify import check_sampling, process_logits, sample, verify_greedy, verify_sampling
+from .verify import (check_sampling, counter_uniforms, process_logits, sample, stream_keys, verify_greedy,
+                     verify_sampling)
 
 __all__ = ["SequenceOutput", "generate_ids"]
 
@@ -113,9 +114,24 @@ def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tre
         draft.check(model)
 
 
+def _check_row_ids(row_ids, batch, seed) -> list[int]:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if row_ids is None:
+        return list(range(batch))
+    if isinstance(row_ids, torch.Tensor):
+        row_ids = row_ids.tolist()
+    row_ids = list(row_ids)
+    if len(row_ids) != batch:
+        raise ValueError(f"row_ids must hold one id per prompt ({batch}), got {len(row_ids)}")
+    if any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 2 ** 63 for r in row_ids):
+        raise ValueError("row_ids must be ints in [0, 2**63)")
+    return row_ids
+
+
 def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=(), seed: int = 0,
-                 on_tokens=None) -> list[SequenceOutput]:
+                 row_ids=None, on_tokens=None) -> list[SequenceOutput]:
     """Generate from a batch of prompts, speculatively with ``draft`` or autoregressively.
 
     Greedy speculative output equals greedy autoregressive output token for token; sampled
@@ -136,7 +152,14 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     eos_token_ids : iterable of int
         A sequence stops after emitting any of these.
     seed : int
-        Seeds the ``torch.Generator`` behind all sampling.
+        With ``row_ids``, fixes all sampling: the token at output position ``k`` of prompt
+        ``b`` is drawn by inverse CDF at a uniform hashed from ``(seed, row_ids[b], k)``, so a
+        prompt's sample depends neither on the other prompts in the batch nor on the draft
+        (up to floating-point differences between forwards).
+    row_ids : sequence of int, optional
+        ``batch`` non-negative ints naming each prompt's random stream, e.g. its index in the
+        whole input; ``range(batch)`` by default. Equal ids with equal prompts give equal
+        samples.
     on_tokens : callable, optional
         ``on_tokens(seq_index, new_token_ids)`` after every step that emitted tokens.
 
@@ -147,24 +170,30 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     Raises
     ------
     ValueError
-        Naming ``prompts``, ``max_new_tokens``, ``temperature``, ``top_p`` or ``draft``.
+        Naming ``prompts``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed``,
+        ``row_ids`` or ``draft``.
     """
     tree_size = 1 + (draft.max_nodes if draft is not None else 0)
     _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tree_size)
     B, dev = len(prompts), model.device
+    row_ids = _check_row_ids(row_ids, B, seed)
     capacity = max(len(p) for p in prompts) + max_new_tokens
     cache = model.new_cache(B, capacity + tree_size)
     state = _Batch(prompts, capacity, max_new_tokens, eos_token_ids or (), dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    keys = stream_keys(seed, row_ids, device=dev)
     greedy = temperature == 0.0
 
-    def pick(logits):  # (B, V) -> (B,)
-        return logits.argmax(-1) if greedy else sample(process_logits(logits, temperature, top_p), gen)
+    def pick(logits):  # (B, V) -> (B,), the token at output position num_new
+        if greedy:
+            return logits.argmax(-1)
+        u = counter_uniforms(keys, state.num_new)
+        return sample(process_logits(logits, temperature, top_p), uniforms=u)
 
-    def verify(tree, logits):  # (B, T, V) -> Verdict
+    def verify(tree, logits):  # (B, T, V) -> Verdict; a node at depth d picks position num_new + d
         if greedy:
             return verify_greedy(tree, logits)
-        return verify_sampling(tree, process_logits(logits, temperature, top_p), gen)
+        u = counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth)
+        return verify_sampling(tree, process_logits(logits, temperature, top_p), uniforms=u)
 
     outputs = [SequenceOutput() for _ in range(B)]
     logits = model.prefill([list(p) for p in prompts], cache)

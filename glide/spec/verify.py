@@ -32,6 +32,20 @@ with law ``p(. | c)``, and it can only accept a child by emitting that child's t
 ``P(accept some child) <= P(emitted token in S) = sum_{s in S} p(s | c)``. The rule above
 accepts exactly when ``x_c`` is in ``S``, which has that probability: no exact rule accepts
 more often. (Duplicate sibling tokens add nothing; the first valid one wins.)
+
+Where the randomness comes from
+-------------------------------
+The engine picks by inverse CDF (:func:`sample`) at a uniform that depends only on the seed,
+the prompt's index in the input and the *output position* of the token being picked
+(:func:`stream_keys`, :func:`counter_uniforms`): a node at depth ``d`` in a tree whose root
+follows ``n`` emitted tokens uses the uniform of position ``n + d``. The walk visits one node a
+depth, so the uniforms it uses are distinct and independent of the choices made before them,
+and the argument above holds. Moreover token ``k`` of the output is then the inverse CDF of
+``p(. | prefix, first k tokens)`` at the uniform of position ``k``, which is exactly what
+autoregressive sampling emits with the same uniforms: a seed gives the same sample whatever the
+draft, the batch size, or the prompt's batch neighbours (up to floating-point differences
+between the forwards, which move a pick only when a uniform lands within rounding of a CDF
+step).
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ import torch
 from .tree import Tree
 
 __all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampling", "walk",
-           "check_sampling"]
+           "check_sampling", "stream_keys", "counter_uniforms"]
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -92,21 +106,114 @@ def process_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row.
+
+    With ``uniforms`` the draw is the inverse CDF of ``probs`` at ``u``: the first token whose
+    cumulative mass exceeds ``u * total``, the masses summed in float64. A token of
+    probability 0 (cut by top-p) is never picked: its cumulative mass equals its
+    predecessor's, so it is never the *first* to exceed the threshold, and the threshold stays
+    below the total.
 
     Parameters
     ----------
     probs : torch.Tensor, shape (..., vocab)
+        Non-negative, each row with a positive sum (it need not be exactly 1).
     generator : torch.Generator, optional
-        Drives the randomness; on the device of ``probs``.
+        Drives the randomness when ``uniforms`` is not given; on the device of ``probs``.
+    uniforms : torch.Tensor, shape (...), floating, optional
+        One value in ``[0, 1)`` a row (:func:`counter_uniforms`); on the device of ``probs``.
+        The draw is then a deterministic function of ``probs`` and ``uniforms``.
 
     Returns
     -------
     torch.Tensor, shape (...), int64
     """
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    if uniforms is None:
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    if uniforms.shape != probs.shape[:-1]:
+        raise ValueError(f"uniforms must have shape {tuple(probs.shape[:-1])} (probs without its "
+                         f"vocab dim), got {tuple(uniforms.shape)}")
+    p = probs.to(torch.float64)
+    cdf = p.cumsum(-1)
+    # Pin a zero-mass token's cumulative mass to its predecessor's, bit for bit, whatever the
+    # order in which a parallel scan added the terms; cummax keeps the result sorted.
+    cdf = torch.where(p > 0, cdf, torch.zeros((), dtype=cdf.dtype, device=cdf.device)).cummax(-1).values
+    total = cdf[..., -1:]
+    # The threshold must stay strictly below the total (u * total cannot round up to it for a
+    # u < 1 on the 2**-53 grid, but this keeps any u <= 1 safe).
+    below = torch.nextafter(total, torch.zeros_like(total))
+    x = torch.minimum(uniforms.to(torch.float64)[..., None] * total, below)
+    idx = torch.searchsorted(cdf.contiguous(), x.contiguous(), right=True)
+    return idx.squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+# splitmix64 (Steele, Lea and Flood, 2014) as signed int64 tensor ops: + and * wrap modulo
+# 2**64, and a logical right shift is an arithmetic one with the copied sign bits masked off.
+def _s64(x: int) -> int:
+    """The int64 with the bits of ``x mod 2**64``."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GAMMA = _s64(0x9E3779B97F4A7C15)
+_MIX1 = _s64(0xBF58476D1CE4E5B9)
+_MIX2 = _s64(0x94D049BB133111EB)
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def stream_keys(seed: int, row_ids, device=None) -> torch.Tensor:
+    """The key of each row's random stream: a hash of ``(seed, row_id)``.
+
+    Parameters
+    ----------
+    seed : int
+        Any Python int (taken modulo ``2**64``).
+    row_ids : sequence of int or torch.Tensor, shape (batch,)
+        Non-negative ints; equal ids give equal streams.
+    device : torch.device, optional
+
+    Returns
+    -------
+    torch.Tensor, shape (batch,), int64
+    """
+    rows = torch.as_tensor(row_ids, dtype=torch.int64, device=device)
+    base = _mix64(torch.full_like(rows, _s64(seed + 0x9E3779B97F4A7C15)))
+    return _mix64(base ^ rows)
+
+
+def counter_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms: value ``counters[i]`` of the stream ``keys[i]``, with no state.
+
+    Element ``i`` is splitmix64's output number ``counters[i]`` from seed ``keys[i]``, cut to
+    its top 53 bits. The same (key, counter) always gives the same value, on any device and in
+    any batch; there is no generator whose consumption could depend on the batch.
+
+    Parameters
+    ----------
+    keys : torch.Tensor, int64
+        From :func:`stream_keys`; broadcast against ``counters``.
+    counters : torch.Tensor, integer
+        Non-negative.
+
+    Returns
+    -------
+    torch.Tensor, the broadcast shape, float64
+        In ``[0, 1)``, multiples of ``2**-53``.
+    """
+    z = _mix64(keys + (counters.to(torch.int64) + 1) * _GAMMA)
+    return _srl(z, 11).to(torch.float64) * 2.0 ** -53
 
 
 @dataclass
@@ -146,7 +253,8 @@ def verify_greedy(tree: Tree, logits: torch.Tensor) -> Verdict:
     return walk(tree, logits.argmax(-1), first_sibling_only=False)
 
 
-def verify_sampling(tree: Tree, probs: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
+def verify_sampling(tree: Tree, probs: torch.Tensor, generator: torch.Generator | None = None,
+                    uniforms: torch.Tensor | None = None) -> Verdict:
     """Lossless multi-candidate verification (see the module docstring for why it is exact).
 
     Parameters
@@ -155,13 +263,18 @@ def verify_sampling(tree: Tree, probs: torch.Tensor, generator: torch.Generator 
     probs : torch.Tensor, shape (batch, T, vocab)
         The target's processed distribution at every slot (:func:`process_logits`).
     generator : torch.Generator, optional
-        On the device of ``probs``; seeded runs reproduce.
+        On the device of ``probs``; seeded runs reproduce. Unused with ``uniforms``.
+    uniforms : torch.Tensor, shape (batch, T), floating, optional
+        The uniform behind each slot's inverse-CDF pick (see :func:`sample`). Exactness needs
+        the values along any root-to-leaf path to be independent; the engine uses one value
+        per *output position* (``num_new + depth``), so that siblings share one and the
+        emitted tokens are those that autoregressive sampling with the same values emits.
 
     Returns
     -------
     Verdict
     """
-    return walk(tree, sample(probs, generator), first_sibling_only=True)
+    return walk(tree, sample(probs, generator, uniforms), first_sibling_only=True)
 
 
 def walk(tree: Tree, picked: torch.Tensor, first_sibling_only: bool = True) -> Verdict:

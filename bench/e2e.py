@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated subset of the sweep's methods")
     p.add_argument("--prompts", type=int, help="use only the first N prompts")
     p.add_argument("--out", help="results file (default profiles/<device-slug>/e2e.json)")
+    p.add_argument("--results-dir", metavar="DIR",
+                   help="write DIR/<device-slug>/<sweep>.json unless --out is given (default: profiles)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     device = sweep.get("device", "cuda" if torch.cuda.is_available() else "cpu")
     methods = args.methods.split(",") if args.methods else None
     rows, meta = run_sweep(sweep, device, args.prompts, methods, progress=not args.no_progress)
-    out = args.out or harness.results_path(meta["device_slug"], "e2e")
+    out = args.out or harness.results_path(meta["device_slug"], "e2e", args.results_dir)
     harness.write_results(out, rows, meta)
     for r in rows:
         tps = r["decode_tokens_per_s"]

@@ -11,7 +11,9 @@ not find its inputs already in cache. :func:`copy_bandwidth` measures a large co
 same device in the same run; rows report achieved GB/s against it.
 
 Results are data: :func:`write_results` writes one JSON file per device and sweep under
-``profiles/<device-slug>/<sweep>.json`` and overwrites it on each run.
+``<root>/<device-slug>/<sweep>.json`` and overwrites it on each run. The scripts' ``--results-dir``
+picks the root: ``profiles/`` (the committed results) by default; ``make bench`` passes
+``runs/bench`` (git-ignored), ``make bench-publish`` ``profiles``.
 """
 
 from __future__ import annotations
@@ -281,9 +283,9 @@ def timing_fields(t: Timing | None, nbytes: int, copy_gbps: float | None) -> dic
 # --------------------------------------------------------------------------------------------
 
 
-def results_path(device_slug_: str, sweep: str, root: Path | None = None) -> Path:
+def results_path(device_slug_: str, sweep: str, root: str | Path | None = None) -> Path:
     """``profiles/<device-slug>/<sweep>.json`` (under ``root`` when given)."""
-    return (root or PROFILES_DIR) / device_slug_ / f"{slugify(sweep)}.json"
+    return Path(root or PROFILES_DIR) / device_slug_ / f"{slugify(sweep)}.json"
 
 
 def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:

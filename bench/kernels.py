@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", help="comma-separated subset of kernels")
     p.add_argument("--limit", type=int, help="run only the first N cases (smoke tests)")
     p.add_argument("--out", help="results file (default profiles/<device-slug>/<sweep>.json)")
+    p.add_argument("--results-dir", metavar="DIR",
+                   help="write DIR/<device-slug>/<sweep>.json unless --out is given (default: profiles)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on "
                    "a shared machine 1 avoids timing threads that wait for a descheduled peer")
     p.add_argument("--no-progress", action="store_true")
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = load_sweep(args.sweep or ("gpu" if device.type == "cuda" else "cpu"))
     kernels = args.kernels.split(",") if args.kernels else None
     rows, meta = run_sweep(sweep, device, kernels, args.limit, progress=not args.no_progress)
-    out = args.out or harness.results_path(meta["device_slug"], sweep["name"])
+    out = args.out or harness.results_path(meta["device_slug"], sweep["name"], args.results_dir)
     harness.write_results(out, rows, meta)
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"{len(rows)} rows ({ok} timed) -> {out}; copy bandwidth {meta['copy_gbps']:.1f} GB/s")

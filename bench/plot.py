@@ -1,5 +1,7 @@
 """Plots from results files: a separate step that only reads ``profiles/**/*.json``.
 
+``--results-dir DIR`` reads ``DIR/**/*.json`` instead (``make plots``: ``runs/bench``).
+
 ``python -m bench.plot`` writes, next to each results file:
 
 - kernel sweeps: ``<sweep>_time.png`` (median time vs context length, or vs rows for top-k,
@@ -272,10 +274,16 @@ def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n")[0])
-    p.add_argument("files", nargs="*", help="results files (default: profiles/**/*.json)")
+    p.add_argument("files", nargs="*", help="results files (default: RESULTS_DIR/**/*.json)")
+    p.add_argument("--results-dir", metavar="DIR", help="where to look for results files when none are "
+                   "named (default: profiles)")
     p.add_argument("--out-dir", help="write every PNG here instead of next to its file")
     args = p.parse_args(argv)
-    files = [Path(f) for f in args.files] or sorted(harness.PROFILES_DIR.glob("**/*.json"))
+    root = Path(args.results_dir) if args.results_dir else harness.PROFILES_DIR
+    files = [Path(f) for f in args.files] or sorted(root.glob("**/*.json"))
+    if not files:
+        print(f"no results files under {root}: run the benchmarks first (make bench)", file=sys.stderr)
+        return 1
     for f in files:
         for png in plot_file(f, args.out_dir):
             print(png)

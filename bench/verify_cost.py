@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tree-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results file (default profiles/<device-slug>/verify-cost.json)")
+    ap.add_argument("--results-dir", metavar="DIR",
+                    help="write DIR/<device-slug>/verify-cost.json unless --out is given (default: profiles)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     rows = []
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     meta.update(torch_threads=torch.get_num_threads(), model="embedded SmolLM2-135M-Instruct",
                 tree="spine with one side leaf a level, cut to tree_len slots")
     out = harness.write_results(
-        args.out or harness.results_path(harness.device_slug(dev), "verify_cost"), rows, meta)
+        args.out or harness.results_path(harness.device_slug(dev), "verify_cost", args.results_dir), rows, meta)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

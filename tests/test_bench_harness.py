@@ -271,3 +271,60 @@ def test_plot_verify_cost_and_ar_vs_hf(tmp_path):
          "identical_outputs": "1/1"}]}))
     out = plot.plot_file(src)
     assert [p.name for p in out] == ["ar-vs-hf.png"] and _png(out[0])
+
+
+# ------------------------------------------------------------------------- where results go
+
+
+def _make_dry_run(*args, env_out=None):
+    """The commands `make -n` would run (nothing runs); None without make."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        return None
+    env = dict(os.environ)
+    if env_out is not None:
+        env["OUT"] = env_out
+    else:
+        env.pop("OUT", None)
+    proc = subprocess.run(["make", "-n", "--no-print-directory", *args, "PY=python"],
+                          cwd=harness.REPO_ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if " -m bench." in line]
+
+
+def test_make_bench_writes_to_an_ignored_folder():
+    import subprocess
+
+    # an OUT in the environment (the device machine sets one) must not move the results
+    lines = _make_dry_run("bench", "bench-kernels", "bench-e2e", "bench-verify", "plots", env_out="/elsewhere")
+    if lines is None:
+        pytest.skip("no make")
+    scripts = {line.split(" -m ")[1].split()[0] for line in lines}
+    assert scripts == {"bench.kernels", "bench.e2e", "bench.verify_cost", "bench.plot"}
+    assert all("--results-dir runs/bench" in line for line in lines), lines
+    # and git ignores what they write there
+    probe = ["runs/bench/cpu-some-slug/cpu.json", "runs/bench/cpu-some-slug/cpu_time.png"]
+    proc = subprocess.run(["git", "check-ignore", *probe], cwd=harness.REPO_ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.stdout.split() == probe
+
+
+def test_make_bench_publish_and_out_write_where_asked():
+    lines = _make_dry_run("bench-publish")
+    if lines is None:
+        pytest.skip("no make")
+    assert len(lines) == 3 and all("--results-dir profiles" in line for line in lines), lines
+    lines = _make_dry_run("bench-kernels", "OUT=/tmp/mine")
+    assert len(lines) == 1 and "--results-dir /tmp/mine" in lines[0]
+
+
+def test_results_dir_roots_the_results_and_plots(tmp_path, capsys):
+    assert harness.results_path("dev", "e2e") == harness.PROFILES_DIR / "dev" / "e2e.json"
+    assert harness.results_path("dev", "verify_cost", str(tmp_path)) == tmp_path / "dev" / "verify-cost.json"
+    assert plot.main(["--results-dir", str(tmp_path)]) == 1  # nothing there yet: says so
+    assert "no results files under" in capsys.readouterr().err

@@ -6,6 +6,10 @@ prompt, so that load on the machine hits both alike.
 
     python -m bench.ar_vs_hf [--prompts bench/prompts/eval.jsonl] [--num-prompts 10]
                              [--max-new-tokens 64] [--dtypes float32 bfloat16] [--methods hf ar]
+                             [--hog N]
+
+``--hog N`` runs N busy-looping processes beside the timed decoding (bench/hog.py): how each
+method holds up on a machine where N cores are taken by other work.
 
 Rows go to ``profiles/<device-slug>/ar_vs_hf.json``.
 """
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 from glide import api
 
 from . import harness
+from .hog import cpu_hog
 
 ROOT = Path(__file__).resolve().parent
 
@@ -68,16 +73,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(api.DTYPES))
     ap.add_argument("--methods", nargs="+", default=["hf", "ar"], choices=list(api.METHODS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hog", type=int, default=0, metavar="N",
+                    help="keep N cores busy with other processes while timing (default: 0)")
     ap.add_argument("--out", default=None, help="results file (default: profiles/<device>/ar_vs_hf.json)")
     args = ap.parse_args(argv)
+    if args.hog < 0:
+        ap.error(f"argument --hog: must be >= 0, got {args.hog}")
     prompts = api.read_prompts(args.prompts)[: args.num_prompts]
     start = time.perf_counter()
-    rows, summary = run(prompts, args.methods, args.dtypes, args.max_new_tokens, args.device)
+    with cpu_hog(args.hog):
+        rows, summary = run(prompts, args.methods, args.dtypes, args.max_new_tokens, args.device)
+    for s in summary:
+        s["hog"] = args.hog
     dev = torch.device(args.device)
     out = Path(args.out) if args.out else harness.results_path(harness.device_slug(dev), "ar_vs_hf")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = harness.environment(dev, "ar_vs_hf")
-    env.update(torch_threads=torch.get_num_threads(), num_prompts=len(prompts),
+    env.update(torch_threads=torch.get_num_threads(), hog_processes=args.hog, num_prompts=len(prompts),
                max_new_tokens=args.max_new_tokens, wall_seconds=time.perf_counter() - start)
     out.write_text(json.dumps({"meta": env, "summary": summary, "rows": rows}, indent=1) + "\n")
     for s in summary:

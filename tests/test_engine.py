@@ -205,8 +205,13 @@ def test_speculative_sampling_has_the_ar_law(temperature, top_p):
     assert (first >= 2).double().mean() > 0.5 and (first == 3).double().mean() > 0.2
 
 
+def _broken_path_verifier(tree, logits, temperature, top_p, uniforms):
+    return _broken_verifier(tree, process_logits(logits, temperature, top_p), uniforms=uniforms)
+
+
 def test_engine_law_check_catches_a_broken_verifier(monkeypatch):
-    monkeypatch.setattr(engine_module, "verify_sampling", _broken_verifier)
+    monkeypatch.setattr(engine_module, "verify_sampling", _broken_verifier)  # the GPU path
+    monkeypatch.setattr(engine_module, "verify_sampling_path", _broken_path_verifier)  # the CPU path
     tv, _ = _sampled_tv(1.3, 0.9)
     assert tv > TV_BOUND, f"a broken verifier passed: TV {tv:.4f} <= {TV_BOUND:.4f}"
 

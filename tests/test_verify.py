@@ -444,3 +444,25 @@ def test_tiny_temperature_tends_to_the_one_hot(temperature):
     probs = process_logits(logits, temperature)
     assert torch.isfinite(probs).all()
     assert probs.argmax(-1).tolist() == [1, 0] and torch.allclose(probs.max(-1).values, torch.ones(2))
+
+
+@pytest.mark.parametrize("temperature, top_p, dtype", [(1.0, 1.0, torch.float32), (0.7, 0.8, torch.float64),
+                                                        (2.0, 0.5, torch.float32)])
+def test_path_sampling_gives_the_one_pass_verdict(temperature, top_p, dtype):
+    """verify_sampling_path samples only the walked path; its verdict must be the one-pass one."""
+    from glide.spec.verify import counter_uniforms, stream_keys, verify_sampling_path
+
+    gen = torch.Generator().manual_seed(3)
+    B, V = 64, 4  # a tiny vocabulary so that deep paths are accepted often
+    deep = 0
+    for n in (0, 1, 5, 16, 33):
+        p = _random_proposal(B, n, V, gen)
+        tree = build_tree(torch.randint(0, V, (B,), generator=gen), p)
+        logits = (3 * torch.randn(B, n + 1, V, generator=gen)).to(dtype)
+        u = counter_uniforms(stream_keys(n, range(B))[:, None], torch.arange(n + 1)[None] + tree.depth)
+        want = verify_sampling(tree, process_logits(logits, temperature, top_p), uniforms=u)
+        got = verify_sampling_path(tree, logits, temperature, top_p, u)
+        assert torch.equal(got.path_lens, want.path_lens), n
+        assert torch.equal(got.path_idx, want.path_idx) and torch.equal(got.tokens, want.tokens), n
+        deep += int((want.path_lens >= 3).sum())
+    assert deep > 20  # not vacuous: many walks went two levels down or more

@@ -18,7 +18,7 @@ import torch
 from .drafts import Draft, DraftContext
 from .tree import Tree, build_tree, raise_problems
 from .verify import (check_sampling, counter_uniforms, process_logits, sample, stream_keys, verify_greedy,
-                     verify_sampling)
+                     verify_sampling, verify_sampling_path)
 
 __all__ = ["SequenceOutput", "generate_ids"]
 
@@ -193,6 +193,8 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         if greedy:
             return verify_greedy(tree, logits)
         u = counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth)
+        if logits.device.type == "cpu":  # the same verdict, sampling only the walked path
+            return verify_sampling_path(tree, logits, temperature, top_p, u)
         return verify_sampling(tree, process_logits(logits, temperature, top_p), uniforms=u)
 
     outputs = [SequenceOutput() for _ in range(B)]

@@ -56,7 +56,7 @@ import torch
 
 from .tree import Tree
 
-__all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampling", "walk",
+__all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampling", "verify_sampling_path", "walk",
            "check_sampling", "stream_keys", "counter_uniforms"]
 
 
@@ -275,6 +275,54 @@ def verify_sampling(tree: Tree, probs: torch.Tensor, generator: torch.Generator 
     Verdict
     """
     return walk(tree, sample(probs, generator, uniforms), first_sibling_only=True)
+
+
+def verify_sampling_path(tree: Tree, logits: torch.Tensor, temperature: float, top_p: float,
+                         uniforms: torch.Tensor) -> Verdict:
+    """:func:`verify_sampling` that processes and samples only the slots on the walked path.
+
+    The verdict is the one ``verify_sampling(tree, process_logits(logits, temperature, top_p),
+    uniforms=uniforms)`` gives: the walk descends one depth at a time, and at each it needs the
+    pick of one slot a sequence (the node it stands on) to choose the child to descend to. So
+    the softmax, top-p and inverse-CDF work is ``batch x (depth + 1)`` rows instead of
+    ``batch x T``: for a CaPE tree of 33 slots and depth 5, a sixth. The loop runs once per
+    depth level and reads the tree's depth on the host, so the engine uses it on CPUs (where
+    that read is free) and the one-pass form on GPUs.
+
+    Parameters
+    ----------
+    tree : Tree, with ``tree_len = T``
+    logits : torch.Tensor, shape (batch, T, vocab)
+        The target's raw logits at every slot.
+    temperature : float, > 0
+    top_p : float, in (0, 1]
+    uniforms : torch.Tensor, shape (batch, T), floating
+        As for :func:`verify_sampling`.
+
+    Returns
+    -------
+    Verdict
+    """
+    tokens, parents = tree.tokens, tree.parents
+    B, T = tokens.shape
+    rows = torch.arange(B, device=tokens.device)
+    slots = torch.arange(T, device=tokens.device)
+    picked = torch.zeros(B, T, dtype=torch.int64, device=tokens.device)
+    cur = torch.zeros(B, dtype=torch.int64, device=tokens.device)  # every walk starts at the root
+    alive = torch.ones(B, dtype=torch.bool, device=tokens.device)
+    for _ in range(int(tree.depth.max()) + 1):
+        probs = process_logits(logits[rows, cur], temperature, top_p)  # (B, vocab)
+        x = sample(probs, uniforms=uniforms[rows, cur])
+        picked[rows, cur] = torch.where(alive, x, picked[rows, cur])
+        # the first valid child of the current node that carries the pick (walk's sampling rule)
+        hit = (parents == cur[:, None]) & (tokens == x[:, None]) & alive[:, None]
+        found = hit.any(-1)
+        first = torch.where(hit, slots[None, :], T).amin(-1)
+        cur = torch.where(found, first, cur)
+        alive = found
+        if not bool(alive.any()):
+            break
+    return walk(tree, picked, first_sibling_only=True)
 
 
 def walk(tree: Tree, picked: torch.Tensor, first_sibling_only: bool = True) -> Verdict:

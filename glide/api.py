@@ -7,7 +7,9 @@
 Every row holds ``id``, ``output_ids`` (new tokens only), ``output_text``, ``new_tokens``,
 ``target_forwards`` (target forward passes after the prefill), ``mean_accepted`` (tokens
 produced per target forward after the prefill; exactly 1.0 for ``ar``), ``seconds`` (decode
-wall time, prefill excluded) and ``tokens_per_s`` (``new_tokens / seconds``).
+wall time, prefill excluded), ``tokens_per_s`` (``new_tokens / seconds``, that sequence's own
+rate), ``batch`` (which batch of ``batch_size`` prompts it was decoded in) and ``batch_seconds``
+(that batch's decode wall time: the batch's throughput is its rows' ``new_tokens`` over it).
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | None) -> torch.device:
+    """``cuda`` or ``cpu``; ``None`` picks ``cuda`` when this machine has it, else ``cpu``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in DEVICES:
         raise ArgumentError("device", f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -121,7 +126,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     if not os.path.isfile(path):
         raise ArgumentError("prompts_file", f"no such file: {path}")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a leading BOM (Windows editors) is dropped
             lines = fh.readlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ArgumentError("prompts_file", f"cannot read {path}: {exc}") from None
@@ -241,6 +246,35 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
     return None
 
 
+def check_prompt_lengths(items, encoded, max_new_tokens: int, reserve: int, limit: int) -> None:
+    """Each prompt's tokens, plus ``max_new_tokens`` and ``reserve`` verification slots, must fit
+    the model's ``limit`` positions; the error names the prompt.
+
+    Raises
+    ------
+    ArgumentError
+        Naming ``prompts`` for a prompt that leaves no room for a new token, else
+        ``max_new_tokens``; the message names the prompt's id.
+    """
+    for p, ids in zip(items, encoded):
+        need = len(ids) + max_new_tokens + reserve
+        if need <= limit:
+            continue
+        extra = f" and {reserve} verification slot(s)" if reserve else ""
+        if len(ids) + reserve + 1 > limit:  # no max_new_tokens would do: the prompt is at fault
+            raise ArgumentError(
+                "prompts",
+                f"prompt {p.id!r} is too long: it has {len(ids)} tokens and the model has {limit} "
+                f"positions (room is needed for at least one new token{extra}); shorten it",
+            )
+        raise ArgumentError(
+            "max_new_tokens",
+            f"prompt {p.id!r} has {len(ids)} tokens; with max_new_tokens={max_new_tokens}{extra} it "
+            f"needs {need} positions, the model has {limit}; use max_new_tokens <= "
+            f"{limit - len(ids) - reserve} for this prompt",
+        )
+
+
 def check_bins(bins):
     """CaPE's bin table (``None``: the paper's), as an ArgumentError naming ``bins``."""
     if bins is None:
@@ -266,7 +300,7 @@ def generate(
     gamma: int = 4,
     bins=None,
     tree: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
     on_text: Callable[[int, str], None] | None = None,
@@ -285,6 +319,9 @@ def generate(
         0 is greedy; > 0 samples from the target's distribution (lossless for every method).
     top_p : float in (0, 1]
     seed : int
+        With temperature > 0, prompt ``i`` (its position in ``prompts``) samples from the
+        stream ``(seed, i)``: the same on any batch size and with any method but ``hf``, whose
+        transformers sampler is seeded once a batch.
     batch_size : int
         Prompts decoded together.
     model : str, optional
@@ -302,7 +339,8 @@ def generate(
         The draft tree for ``glide``/``cape``: ``chain`` (``glide``'s default), ``cape``
         (``cape``'s default), or ``dynamic``: a best-first tree sized by the verify cost
         measured on this device (:mod:`glide.draft.dynamic`).
-    device : {"cpu", "cuda"}
+    device : {"cpu", "cuda"}, optional
+        ``cuda`` when this machine has it, else ``cpu``, by default.
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
     progress : bool
         Show a progress bar over the prompts (on stderr).
@@ -335,6 +373,14 @@ def generate(
     model_path = check_path("model", model)
     draft_path = check_path("draft", draft)
     check_draft_applies(method, draft_path)  # before a slow load
+    if loaded is None:  # prompts that cannot fit fail before the weights load, where we can tell
+        from glide.model.load import peek_tokenizer
+
+        peek = peek_tokenizer(model_path, dt)
+        if peek is not None:
+            tok, limit = peek
+            check_prompt_lengths(items, [encode_chat(tok, p.text) for p in items], max_new_tokens,
+                                 0 if method == "hf" else 1, limit)
 
     target, tokenizer = loaded if loaded is not None else load(method, model_path, dev, dt)
     if tokenizer is None:
@@ -344,16 +390,12 @@ def generate(
     draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
-    max_pos = int(getattr(config, "max_position_embeddings"))
-    for p, ids in zip(items, encoded):
-        if len(ids) + max_new_tokens + reserve > max_pos:
-            raise ArgumentError(
-                "max_new_tokens",
-                f"prompt {p.id!r} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                f"(and {reserve} slots for verification) it exceeds the model's {max_pos} positions",
-            )
+    check_prompt_lengths(items, encoded, max_new_tokens, reserve, int(config.max_position_embeddings))
     eos = eos_ids(config, tokenizer)
 
+    from glide.threads import fit_threads
+
+    fit_threads(dev)  # on a CPU, use the cores other processes leave free (glide/threads.py)
     rows: list[dict] = [None] * len(items)  # type: ignore[list-item]
     bar = None
     if progress:
@@ -361,15 +403,18 @@ def generate(
 
         bar = tqdm(total=len(items), desc=f"glide {method}", unit="prompt")
     order = list(range(len(items)))
-    for chunk in _batches(order, batch_size):
+    for batch_index, chunk in enumerate(_batches(order, batch_size)):
         ids = [encoded[i] for i in chunk]
         if method == "hf":
-            outs = _hf_generate(target, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer)
+            outs = _hf_generate(target, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer, chunk)
         else:
             outs = _our_generate(target, ids, draft_obj, max_new_tokens, temperature, top_p, seed, eos,
                                  tokenizer, on_text, chunk)
+        batch_seconds = max(float(out.seconds) for out in outs)  # the batch's decode wall time
         for i, out in zip(chunk, outs):
             rows[i] = _row(items[i], out, tokenizer)
+            rows[i]["batch"] = batch_index
+            rows[i]["batch_seconds"] = batch_seconds
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -432,7 +477,7 @@ def _our_generate(target, ids, draft, max_new_tokens, temperature, top_p, seed, 
 
     return generate_ids(
         target, ids, draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        eos_token_ids=eos, seed=seed, on_tokens=on_tokens,
+        eos_token_ids=eos, seed=seed, row_ids=chunk, on_tokens=on_tokens,
     )
 
 
@@ -452,8 +497,14 @@ class _FirstTokenClock:
         pass
 
 
-def _hf_generate(hf_model, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer):
-    """transformers' ``generate()`` on a left-padded batch; decode time excludes the prefill."""
+def _hf_generate(hf_model, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer, chunk):
+    """transformers' ``generate()`` on a left-padded batch; decode time excludes the prefill.
+
+    Its sampler draws from one global generator for the whole batch, so unlike our engine a
+    prompt's sample depends on its batch: the generator is seeded from ``seed`` and the index
+    of the batch's first prompt (``chunk[0]``), so that repeated prompts at least differ from
+    batch to batch.
+    """
     dev = next(hf_model.parameters()).device
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -467,7 +518,9 @@ def _hf_generate(hf_model, ids, max_new_tokens, temperature, top_p, seed, eos, t
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    torch.manual_seed(seed)
+    from glide.spec.verify import stream_keys
+
+    torch.manual_seed(int(stream_keys(seed, [chunk[0]])[0]) & (2 ** 63 - 1))
     clock = _FirstTokenClock()
     start = time.perf_counter()
     with torch.inference_mode():

@@ -44,28 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate replies to prompts")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one user message (the chat template is applied)")
+    src.add_argument("--prompt", metavar="TEXT", help="one user message (the chat template is applied)")
     src.add_argument("--prompts", metavar="FILE.jsonl", help="JSONL rows with 'prompt' and optional 'id'")
     # choices are checked by the API so that every error has the same form
-    g.add_argument("--method", default="ar", help=f"one of {', '.join(api.METHODS)} (default: ar)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--method", default="ar", metavar="{" + ",".join(api.METHODS) + "}", help=f"one of {', '.join(api.METHODS)} (default: ar)")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="at most this many new tokens a prompt; EOS ends a reply earlier (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 is greedy; > 0 samples from the target's distribution (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling in (0, 1]; only with --temperature > 0 (default: 1.0, off)")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for sampling (default: 0)")
+    g.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts decoded together (default: 1)")
     g.add_argument("--model", metavar="PATH", help="checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--draft", metavar="PATH",
                    help="GliDe draft folder (glide, cape; default: the draft shipped for the embedded model)")
-    g.add_argument("--gamma", type=int, default=4, help="draft tokens per step for glide and cape (default: 4)")
+    g.add_argument("--gamma", type=int, default=4, metavar="G",
+                   help="draft tokens per step for glide and cape (default: 4)")
     g.add_argument("--bins", default=None, metavar="N,N,...",
                    help="cape: candidates per depth by floor(10 * draft confidence) "
                         "(default: the paper's 8,8,8,6,6,6,4,4,2,2,2,2)")
-    g.add_argument("--tree", default=None,
+    g.add_argument("--tree", default=None, metavar="{chain,cape,dynamic}",
                    help="glide/cape draft tree: chain (glide's default), cape (cape's default) or dynamic "
                         "(best-first, sized by the verify cost measured on this device)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16)")
-    g.add_argument("--out", metavar="FILE.jsonl", help="write one JSON row per prompt here")
+    g.add_argument("--device", default=None, metavar="{cpu,cuda}",
+                   help="cpu or cuda (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
+                   help="float32, bfloat16 or float16 (default: bfloat16)")
+    g.add_argument("--out", metavar="FILE.jsonl",
+                   help="write one JSON row per prompt here (default: print the replies)")
     from glide.train.command import add_parser as add_train_parser
 
     add_train_parser(sub)
@@ -84,14 +91,24 @@ def _open_out(path):
         raise api.ArgumentError("out", f"directory {parent} does not exist")
     if os.path.isdir(path):
         raise api.ArgumentError("out", f"{path} is a directory")
+    existed = os.path.exists(path)
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as exc:
-        raise api.ArgumentError("out", f"cannot write {path}: {exc.strerror}") from None
+        if existed:
+            raise api.ArgumentError("out", f"cannot write {path}: {exc.strerror}") from None
+        # e.g. /proc/x.jsonl: the OS says "No such file or directory" about a folder that exists
+        raise api.ArgumentError(
+            "out", f"cannot create {path}: the folder {parent} exists, but a file cannot be "
+                   f"created there (the system says: {exc.strerror})") from None
 
 
 def _generate(args) -> int:
     prompts = [api.Prompt(text=args.prompt, id=0)] if args.prompt is not None else api.read_prompts(args.prompts)
+    api.check_sampling(args.temperature, args.top_p)  # a bad value fails before the note
+    if args.temperature == 0 and args.top_p != 1.0:
+        print("glide generate: note: --top-p has no effect at --temperature 0 (greedy decoding)",
+              file=sys.stderr)
     out_file = _open_out(args.out) if args.out is not None else None
     single = len(prompts) == 1
     # transformers' generate() has no text callback here: hf prints its reply at the end
@@ -124,14 +141,26 @@ def _generate(args) -> int:
     else:
         for row in rows:
             print(row["output_text"] if single else json.dumps({"id": row["id"], "output_text": row["output_text"]}))
-    n = sum(r["new_tokens"] for r in rows)
-    secs = sum(r["seconds"] for r in rows)
-    fw = sum(r["target_forwards"] for r in rows)
-    rate = f"{n / secs:.1f} tokens/s" if secs > 0 else "n/a"
-    acc = f"{(n - len(rows)) / fw:.2f}" if fw > 0 else "n/a"
-    print(f"[{args.method}] {len(rows)} prompt(s), {n} new tokens, {rate} decode, "
-          f"{acc} tokens per target forward", file=sys.stderr)
+    print(summary(args.method, rows), file=sys.stderr)
     return 0
+
+
+def summary(method: str, rows: list[dict]) -> str:
+    """The run's one-line report. Throughput is new tokens over decode wall time, each batch
+    counted once (as ``bench.e2e`` does); with batches of several prompts the per-sequence rate
+    is shown beside it."""
+    n = sum(r["new_tokens"] for r in rows)
+    batches = {r.get("batch", i): r.get("batch_seconds", r["seconds"]) for i, r in enumerate(rows)}
+    wall = sum(batches.values())
+    fw = sum(r["target_forwards"] for r in rows)
+    rate = f"{n / wall:.1f} tokens/s decode" if wall > 0 else "n/a tokens/s decode"
+    if len(batches) < len(rows):  # batched: also each sequence's own rate
+        secs = sum(r["seconds"] for r in rows)
+        if secs > 0:
+            rate += f" ({n / secs:.1f} tokens/s per sequence)"
+    acc = f"{(n - len(rows)) / fw:.2f}" if fw > 0 else "n/a"
+    return (f"[{method}] {len(rows)} prompt(s) in {len(batches)} batch(es), {n} new tokens, {rate}, "
+            f"{acc} tokens per target forward")
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ def loaded():
 
 PROMPTS = ["abcabcabcabc", "the cat sat on the mat, the cat", "xyz"]
 FIELDS = {"id", "output_ids", "output_text", "new_tokens", "target_forwards", "mean_accepted",
-          "seconds", "tokens_per_s"}
+          "seconds", "tokens_per_s", "batch", "batch_seconds"}
 
 
 def run(loaded, method, **kw):
@@ -141,7 +141,7 @@ def test_cli_writes_rows_and_hf_matches_ar_in_float32(tmp_path):
     pytest.importorskip("gguf")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Name three colours.", "id": "c"}\n{"prompt": "Say hi."}\n')
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRITON_INTERPRET="0")  # as users run it: no interpreter
     out = {}
     for method in ("hf", "ar"):
         path = tmp_path / f"{method}.jsonl"
@@ -173,3 +173,37 @@ def test_streaming_never_shows_half_characters(loaded):
     (row,) = api.generate(["hello"], method="ar", max_new_tokens=10, loaded=(model, PairTokenizer()),
                           on_text=lambda i, s: pieces.append(s))
     assert len(pieces) == 5 and "".join(pieces) == row["output_text"] and "\ufffd" not in row["output_text"]
+
+
+def test_rows_carry_their_batch_and_its_wall_time(loaded):
+    rows = run(loaded, "ar", batch_size=2)
+    assert [r["batch"] for r in rows] == [0, 0, 1]
+    assert rows[0]["batch_seconds"] == rows[1]["batch_seconds"] == max(r["seconds"] for r in rows[:2])
+    assert rows[2]["batch_seconds"] == rows[2]["seconds"]
+
+
+def test_cli_summary_reports_batch_throughput_from_wall_time():
+    from glide.cli import summary
+
+    # four prompts decoded together in 2 s, ten tokens each: 20 tokens/s, not 5
+    rows = [{"new_tokens": 10, "target_forwards": 9, "seconds": 2.0, "batch": 0, "batch_seconds": 2.0}
+            for _ in range(4)]
+    line = summary("ar", rows)
+    assert "40 new tokens" in line and "20.0 tokens/s decode" in line and "1 batch(es)" in line
+    assert "5.0 tokens/s per sequence" in line and "1.00 tokens per target forward" in line
+    # one prompt a batch: throughput is the plain rate and no per-sequence figure is added
+    single = [{"new_tokens": 10, "target_forwards": 9, "seconds": 2.0, "batch": i, "batch_seconds": 2.0}
+              for i in range(2)]
+    line = summary("ar", single)
+    assert "5.0 tokens/s decode" in line and "per sequence" not in line
+
+
+def test_a_prompt_too_long_for_the_model_is_named(loaded):
+    long_prompt = api.Prompt("x" * 170, id="big")  # 170 tokens; the model has 160 positions
+    with pytest.raises(api.ArgumentError) as info:
+        api.generate([PROMPTS[0], long_prompt], method="ar", loaded=loaded, max_new_tokens=4)
+    assert info.value.argument == "prompts" and "'big'" in str(info.value) and "160" in str(info.value)
+    with pytest.raises(api.ArgumentError) as info:  # fits alone, not with the new tokens
+        api.generate([api.Prompt("x" * 150, id="mid")], method="ar", loaded=loaded, max_new_tokens=20)
+    assert info.value.argument == "max_new_tokens" and "'mid'" in str(info.value)
+    assert "max_new_tokens <= 9" in str(info.value)

@@ -1,7 +1,9 @@
 """Bad input to ``glide generate`` and to :func:`glide.api.generate`: a clear error that names the
 argument, exit status 2, and no traceback. None of these cases loads a model."""
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from glide import api
-from glide.cli import main
+from glide.cli import build_parser, main
 
 
 def run_cli(capsys, *argv):
@@ -155,3 +157,115 @@ def test_corrupt_model_names_the_flag(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--model", str(bad), "--out", str(out))
     assert code == 2 and "argument --model" in err and "Traceback" not in err
     assert not out.exists()  # no empty results file left behind
+
+
+# ----------------------------------------------------------------------------- first-run experience
+
+
+def _subparser(name):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", ["generate", "train-draft"])
+def test_every_option_has_help_and_shows_its_default(command):
+    for action in _subparser(command)._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        assert action.help and action.help != argparse.SUPPRESS, f"{command} {flag} has no help text"
+        if action.default not in (None, False):
+            assert f"(default: " in action.help, f"{command} {flag} hides its default {action.default!r}"
+
+
+def test_generate_help_lists_the_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for needle in ["--max-new-tokens N at most", "(default: 64)", "(default: ar)", "(default: 0)",
+                   "(default: 1.0", "(default: 1)", "(default: 4)", "(default: bfloat16)",
+                   "cpu or cuda (default: cuda when available, else cpu)"]:
+        assert needle in out, needle
+    assert "(default: None)" not in out
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for the slow part, once the arguments are known."""
+
+
+def _record_generate(monkeypatch):
+    seen = {}
+
+    def fake(prompts, **kwargs):
+        seen.update(kwargs, prompts=prompts)
+        raise _Stop
+
+    monkeypatch.setattr(api, "generate", fake)
+    return seen
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_device_defaults_to_cuda_when_available(monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    want = torch.device("cuda" if cuda else "cpu")
+    assert api.resolve_device(None) == want
+    assert api.resolve_device("cpu") == torch.device("cpu")
+    # the API's default reaches the loader as that device
+    got = {}
+
+    def fake_load(method, model_path, device, dtype):
+        got["device"] = device
+        raise _Stop
+
+    monkeypatch.setattr(api, "load", fake_load)
+    with pytest.raises(_Stop):
+        api.generate(["hi"])
+    assert got["device"] == want
+    # the CLI leaves the choice to the API
+    seen = _record_generate(monkeypatch)
+    with pytest.raises(_Stop):
+        main(["generate", "--prompt", "hi"])
+    assert seen["device"] is None
+
+
+def test_prompts_file_with_a_byte_order_mark(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "p.jsonl"
+    path.write_text('\ufeff{"prompt": "x", "id": "a"}\n{"prompt": "y"}\n', encoding="utf-8")
+    assert [(p.text, p.id) for p in api.read_prompts(path)] == [("x", "a"), ("y", 1)]
+    seen = _record_generate(monkeypatch)
+    with pytest.raises(_Stop):
+        main(["generate", "--prompts", str(path)])
+    assert [p.text for p in seen["prompts"]] == ["x", "y"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_out_in_a_folder_that_refuses_files(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--out", "/proc/x.jsonl")
+    assert code == 2 and "argument --out" in err
+    assert "cannot create /proc/x.jsonl" in err and "the folder /proc exists" in err, err
+    assert "(the system says: " in err  # the OS's reason, whatever it is
+    assert "does not exist" not in err
+
+
+@pytest.mark.parametrize("argv,note", [
+    (["--top-p", "0.9"], True),
+    (["--top-p", "0.9", "--temperature", "0"], True),
+    (["--top-p", "0.9", "--temperature", "0.7"], False),
+    (["--temperature", "0"], False),
+    ([], False),
+])
+def test_top_p_at_temperature_zero_is_noted(capsys, monkeypatch, argv, note):
+    seen = _record_generate(monkeypatch)
+    with pytest.raises(_Stop):
+        main(["generate", "--prompt", "hi", *argv])
+    err = capsys.readouterr().err
+    msg = "glide generate: note: --top-p has no effect at --temperature 0 (greedy decoding)"
+    assert err.count(msg) == (1 if note else 0), err
+    assert seen["top_p"] == (0.9 if "--top-p" in argv else 1.0)  # noted, not changed
+
+
+def test_a_bad_top_p_is_an_error_not_a_note(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--top-p", "0")
+    assert code == 2 and "argument --top-p" in err and "note:" not in err

@@ -55,14 +55,16 @@ def add_parser(sub) -> None:
                    help=f"rows of the draft's head, most frequent tokens first; 0 for the full vocabulary "
                         f"(default: {d.draft_vocab_size})")
     p.add_argument("--loss", default=d.loss, help=f"one of {', '.join(LOSSES)} (default: {d.loss})")
-    p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")
+    p.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the corpus (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step, all ranks (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help=f"linear warm-up before the cosine decay (default: {d.warmup_steps})")
     p.add_argument("--init", default=d.init, help=f"one of {', '.join(INITS)} (default: {d.init})")
     p.add_argument("--init-from", metavar="DRAFT", help="start from this draft folder (train it further)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seeds the corpus sampling, the initialisation, the data order and the cross-mask "
+                        f"offsets (default: {d.seed})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between checkpoints (default: {d.save_every})")
     p.add_argument("--export", metavar="DIR", help="where the finished draft goes (default: OUT/RUN-NAME/draft)")

@@ -103,6 +103,7 @@ def _dequantize_gguf() -> dict:
 
 
 _DIGESTS: dict = {}
+_PEEKED: dict = {}  # cache entry -> tokenizer read by peek_tokenizer, for the load that follows
 
 
 def _sha256(path: Path) -> str:
@@ -215,6 +216,8 @@ def peek_tokenizer(path=None, dtype=torch.bfloat16):
             limit = int(AutoConfig.from_pretrained(source).max_position_embeddings)
     except Exception:  # noqa: BLE001 - a probe only; the real load names the problem
         return None
+    if gguf:
+        _PEEKED[str(source)] = tokenizer  # the load that follows takes it instead of reading it again
     return tokenizer, limit
 
 
@@ -407,8 +410,9 @@ def _load_cached_runner(entry: Path, dtype, device):
 
     with _quiet_loader():
         hf_config = AutoConfig.from_pretrained(entry)
-        has_tokenizer = (entry / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(entry) if has_tokenizer else None
+        tokenizer = _PEEKED.pop(str(entry), None)
+        if tokenizer is None and (entry / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(entry)
     state = load_file(str(entry / "model.safetensors"))
     return from_state_dict(hf_config, state, dtype).to(device), tokenizer
 

@@ -11,6 +11,15 @@ import sys
 from pathlib import Path
 
 
+def _repo_relative(path) -> str:
+    """``path`` relative to the repository when it lies inside it (cards travel with the package)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except (TypeError, ValueError):
+        return str(path)
+
+
 def _fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -41,10 +50,13 @@ def render(config: dict, evaluation: dict | None, name: str) -> str:
         f"- Final training loss {res.get('loss')}, top-1 agreement with the teacher {res.get('top1')} (last step's batch).",
         f"- Hardware: {card.get('hardware', '?')}.",
     ]
+    if tr.get("init_from"):
+        lines.insert(-3, f"- Continued from the draft `{tr['init_from']}` (its own card gives its recipe and "
+                         "time); the steps and time below are this stage's only.")
     if evaluation:
         meta = evaluation["meta"]
         lines += ["", "## Measured acceptance and speed",
-                  f"Held-out prompts `{meta.get('prompts')}` ({len(meta.get('prompt_ids', []))}), "
+                  f"Held-out prompts `{_repo_relative(meta.get('prompts'))}` ({len(meta.get('prompt_ids', []))}), "
                   f"{meta.get('max_new_tokens')} new tokens, {meta.get('dtype')}, device {meta.get('device')}, "
                   f"git {meta.get('git_sha', '?')[:10]}; `python -m bench.draft_eval`.", "",
                   "| run | batch | temperature | MAT | MAT chat | MAT code | tok/s | vs ar |",

@@ -43,6 +43,7 @@ def main():
     if int(os.environ.get("RANK", "0")) == 0:
         print("SUMMARY", summary, flush=True)
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
 
 

@@ -173,6 +173,8 @@ def run(args) -> int:
                 print(f"[train-draft] {summary['steps']}/{summary['planned_steps']} steps, loss {summary['loss']}, "
                       f"top-1 agreement {summary['top1']}, {time.perf_counter() - t0:.0f} s"
                       + (f"; draft written to {where}" if done else "; resume with the same command"))
+        if world > 1:
+            dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -401,3 +401,25 @@ def test_sampling_with_the_dynamic_tree_has_the_ar_law():
                                                         fixed_size=6))
     assert (first >= 2).double().mean() > 0.3 and (first == 3).double().mean() > 0.01
     assert tv < TV_BOUND, f"TV {tv:.4f} >= {TV_BOUND:.4f}"
+
+
+def test_verify_cost_key_tells_apart_what_changes_cpu_timings(monkeypatch):
+    """A curve measured under another dtype, batch, thread count or OpenMP wait policy is not reused."""
+    from glide.draft.dynamic import VerifyCost
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    t32, t64 = tiny_target(dtype=torch.float32), tiny_target(dtype=torch.float64)
+    base = VerifyCost.key(t32, 1, 256)
+    assert VerifyCost.key(t32, 1, 256) == base and VerifyCost.key(t32, 1, 300) == base  # same context bucket
+    assert VerifyCost.key(t64, 1, 256) != base and VerifyCost.key(t32, 2, 256) != base
+    assert VerifyCost.key(t32, 1, 1024) != base
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert VerifyCost.key(t32, 1, 256) != base
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert VerifyCost.key(t32, 1, 256) != base
+    finally:
+        torch.set_num_threads(threads)

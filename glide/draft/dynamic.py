@@ -76,7 +76,9 @@ class VerifyCost:
         dev = model.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{os.cpu_count()}"
         raw = json.dumps([name, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
-                          c.vocab_size, str(model.dtype), batch_size, context // 256, torch.get_num_threads()])
+                          c.vocab_size, str(model.dtype), batch_size, context // 256, torch.get_num_threads(),
+                          # the OpenMP wait policy changes CPU timings by ~40% (glide/threads.py)
+                          os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", "")])
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     @classmethod

@@ -373,20 +373,22 @@ def generate(
     model_path = check_path("model", model)
     draft_path = check_path("draft", draft)
     check_draft_applies(method, draft_path)  # before a slow load
+    tok = encoded = None
     if loaded is None:  # prompts that cannot fit fail before the weights load, where we can tell
         from glide.model.load import peek_tokenizer
 
         peek = peek_tokenizer(model_path, dt)
         if peek is not None:
             tok, limit = peek
-            check_prompt_lengths(items, [encode_chat(tok, p.text) for p in items], max_new_tokens,
-                                 0 if method == "hf" else 1, limit)
+            encoded = [encode_chat(tok, p.text) for p in items]
+            check_prompt_lengths(items, encoded, max_new_tokens, 0 if method == "hf" else 1, limit)
 
-    target, tokenizer = loaded if loaded is not None else load(method, model_path, dev, dt)
+    target, tokenizer = loaded if loaded is not None else load(method, model_path, dev, dt, tokenizer=tok)
     if tokenizer is None:
         raise ArgumentError("model", f"{model_path} has no tokenizer files; glide generate needs one")
     config = target.config
-    encoded = [encode_chat(tokenizer, p.text) for p in items]
+    if encoded is None or tokenizer is not tok:
+        encoded = [encode_chat(tokenizer, p.text) for p in items]
     draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
@@ -422,14 +424,13 @@ def generate(
     return rows
 
 
-def load(method: str, model_path: str | None, device: torch.device, dtype: torch.dtype):
-    """Load the target for ``method``: transformers' model for ``hf``, ours otherwise."""
+def load(method: str, model_path: str | None, device: torch.device, dtype: torch.dtype, tokenizer=None):
+    """Load the target for ``method``: transformers' model for ``hf``, ours otherwise.
+    ``tokenizer``, when already read, is used instead of reading it again."""
     from glide.model.load import load_hf, load_model
 
-    if method == "hf":
-        hf_model, tok = load_hf(model_path, dtype=dtype, device=device)
-        return hf_model, tok
-    return load_model(model_path, dtype=dtype, device=device)
+    loader = load_hf if method == "hf" else load_model
+    return loader(model_path, dtype=dtype, device=device, tokenizer=tokenizer)
 
 
 @dataclass

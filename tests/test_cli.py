@@ -215,7 +215,7 @@ def test_device_defaults_to_cuda_when_available(monkeypatch, cuda):
     # the API's default reaches the loader as that device
     got = {}
 
-    def fake_load(method, model_path, device, dtype):
+    def fake_load(method, model_path, device, dtype, tokenizer=None):
         got["device"] = device
         raise _Stop
 

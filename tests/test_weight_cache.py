@@ -36,9 +36,9 @@ def fake_gguf(tmp_path, monkeypatch):
     reads = []
     real = L._read_checkpoint
 
-    def read(directory, gguf, dtype, where):
+    def read(directory, gguf, dtype, where, tokenizer=None):
         if gguf is None:  # a converted cache entry: the real reader
-            return real(directory, gguf, dtype, where)
+            return real(directory, gguf, dtype, where, tokenizer)
         reads.append(dtype)
         return tiny_hf(seed=len(src.read_bytes())).to(dtype), None
 
@@ -187,3 +187,14 @@ def test_embedded_gguf_cached_equals_direct(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(api, "load", no_load)
     with pytest.raises(api.ArgumentError, match=r"prompt 'long' is too long: it has \d+ tokens"):
         api.generate([api.Prompt("word " * 9000, id="long")], method="ar", max_new_tokens=8)
+
+
+def test_a_tokenizer_already_read_is_passed_through(fake_gguf, tmp_path):
+    src, reads = fake_gguf
+    sentinel = object()
+    L.converted_gguf(src, torch.float32, note=lambda m: None)
+    for loader in (L.load_model, L.load_hf):
+        assert loader(src, dtype=torch.float32, tokenizer=sentinel)[1] is sentinel
+    plain = tmp_path / "plain"
+    tiny_hf().save_pretrained(plain)
+    assert L.load_model(plain, dtype=torch.float32, tokenizer=sentinel)[1] is sentinel

@@ -103,7 +103,6 @@ def _dequantize_gguf() -> dict:
 
 
 _DIGESTS: dict = {}
-_PEEKED: dict = {}  # cache entry -> tokenizer read by peek_tokenizer, for the load that follows
 
 
 def _sha256(path: Path) -> str:
@@ -132,7 +131,9 @@ def _quiet_loader():
             hf_logging.enable_progress_bar()
 
 
-def _read_checkpoint(directory: Path, gguf: str | None, dtype, where: str):
+def _read_checkpoint(directory: Path, gguf: str | None, dtype, where: str, tokenizer=None):
+    """transformers' model and tokenizer from a folder (or a GGUF in it); ``tokenizer``, when
+    given, is used instead of reading one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -145,6 +146,8 @@ def _read_checkpoint(directory: Path, gguf: str | None, dtype, where: str):
         raise  # a missing optional package (gguf, accelerate) says so itself
     except Exception as exc:  # transformers raises many types for unreadable files
         raise ValueError(f"model: could not load {where!r}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer is not None:
+        return hf_model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -197,7 +200,8 @@ def peek_tokenizer(path=None, dtype=torch.bfloat16):
     -------
     (tokenizer, max_position_embeddings) or None
         ``None`` when that would need the slow GGUF read (the first load), or when the files
-        cannot be read (the full load then reports why).
+        cannot be read (the full load then reports why). Pass the tokenizer on to
+        :func:`load_model` or :func:`load_hf` (``tokenizer=``) so that it is not read twice.
     """
     directory, gguf = _resolve(path)
     source = directory
@@ -216,8 +220,6 @@ def peek_tokenizer(path=None, dtype=torch.bfloat16):
             limit = int(AutoConfig.from_pretrained(source).max_position_embeddings)
     except Exception:  # noqa: BLE001 - a probe only; the real load names the problem
         return None
-    if gguf:
-        _PEEKED[str(source)] = tokenizer  # the load that follows takes it instead of reading it again
     return tokenizer, limit
 
 
@@ -284,7 +286,20 @@ def _weight_cache_on() -> bool:
     return os.environ.get("GLIDE_WEIGHT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def load_hf(path=None, dtype=torch.float32, device="cpu"):
+def _cached(directory: Path, gguf: str | None, dtype):
+    """:func:`converted_gguf` for a GGUF while the cache is on: ``(entry, fresh)``; ``None`` for a
+    checkpoint folder, with the cache off, or when the cache cannot be written (said on stderr),
+    and the caller then reads the source directly."""
+    if not gguf or not _weight_cache_on():
+        return None
+    try:
+        return converted_gguf(directory / gguf, dtype)
+    except OSError as exc:  # a read-only or full cache folder
+        print(f"glide: cannot cache converted weights ({exc}); loading {gguf} directly", file=sys.stderr)
+        return None
+
+
+def load_hf(path=None, dtype=torch.float32, device="cpu", tokenizer=None):
     """Load a transformers causal LM and its tokenizer, offline.
 
     A GGUF file is dequantised once per dtype and kept in the cache folder
@@ -297,6 +312,8 @@ def load_hf(path=None, dtype=torch.float32, device="cpu"):
         exactly one ``.gguf``. Defaults to :func:`default_model_path`.
     dtype : torch.dtype
     device : str or torch.device
+    tokenizer : transformers.PreTrainedTokenizerBase, optional
+        Already read (:func:`peek_tokenizer`); returned instead of reading it again.
 
     Returns
     -------
@@ -312,26 +329,16 @@ def load_hf(path=None, dtype=torch.float32, device="cpu"):
         If it cannot be read as a model (the message names ``model``; the cause is chained).
     """
     directory, gguf = _resolve(path)
-    where = str(directory / gguf) if gguf else str(directory)
-    if gguf and _weight_cache_on():
-        try:
-            entry, loaded = converted_gguf(directory / gguf, dtype)
-        except OSError as exc:  # a read-only or full cache folder: load the GGUF directly
-            print(f"glide: cannot cache converted weights ({exc}); loading {gguf} directly",
-                  file=sys.stderr)
-        else:
-            if loaded is None:
-                with _quiet_loader():
-                    try:
-                        loaded = _read_checkpoint(entry, None, dtype, str(entry))
-                    except ValueError:  # damaged after its check: rebuild it once
-                        shutil.rmtree(entry, ignore_errors=True)
-                        entry, loaded = converted_gguf(directory / gguf, dtype)
-                        loaded = loaded or _read_checkpoint(entry, None, dtype, str(entry))
-            hf_model, tokenizer = loaded
-            return hf_model.to(device).eval(), tokenizer
-    hf_model, tokenizer = _read_checkpoint(directory, gguf, dtype, where)
-    return hf_model.to(device).eval(), tokenizer
+    cached = _cached(directory, gguf, dtype)
+    if cached is None:
+        where = str(directory / gguf) if gguf else str(directory)
+        hf_model, tok = _read_checkpoint(directory, gguf, dtype, where, tokenizer)
+    elif cached[1] is not None:  # converted just now
+        hf_model, tok = cached[1]
+    else:
+        with _quiet_loader():
+            hf_model, tok = _read_checkpoint(cached[0], None, dtype, str(cached[0]), tokenizer)
+    return hf_model.to(device).eval(), tokenizer if tokenizer is not None else tok
 
 
 def from_hf(hf_model, dtype=None) -> LlamaModel:
@@ -403,21 +410,20 @@ def from_state_dict(hf_config, state, dtype=None) -> LlamaModel:
     return model.eval()
 
 
-def _load_cached_runner(entry: Path, dtype, device):
+def _load_cached_runner(entry: Path, dtype, device, tokenizer=None):
     """Our runner straight from a cache entry's safetensors: no transformers model is built."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     with _quiet_loader():
         hf_config = AutoConfig.from_pretrained(entry)
-        tokenizer = _PEEKED.pop(str(entry), None)
         if tokenizer is None and (entry / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(entry)
     state = load_file(str(entry / "model.safetensors"))
     return from_state_dict(hf_config, state, dtype).to(device), tokenizer
 
 
-def load_model(path=None, dtype=torch.bfloat16, device="cpu"):
+def load_model(path=None, dtype=torch.bfloat16, device="cpu", tokenizer=None):
     """Load our runner and the tokenizer.
 
     Parameters
@@ -427,6 +433,8 @@ def load_model(path=None, dtype=torch.bfloat16, device="cpu"):
     dtype : torch.dtype
         bfloat16 by default: on CPUs with AVX512-BF16 its matmuls are ~4x faster than float32.
     device : str or torch.device
+    tokenizer : transformers.PreTrainedTokenizerBase, optional
+        Already read (:func:`peek_tokenizer`); returned instead of reading it again.
 
     Returns
     -------
@@ -434,24 +442,14 @@ def load_model(path=None, dtype=torch.bfloat16, device="cpu"):
     tokenizer : transformers.PreTrainedTokenizerBase or None
     """
     directory, gguf = _resolve(path)
-    if gguf and _weight_cache_on():
-        try:
-            entry, loaded = converted_gguf(directory / gguf, dtype)
-        except OSError:
-            pass  # load_hf says why and reads the GGUF directly
-        else:
-            if loaded is None:
-                try:
-                    return _load_cached_runner(entry, dtype, device)
-                except (OSError, ValueError):  # damaged after its check: load_hf rebuilds it
-                    shutil.rmtree(entry, ignore_errors=True)
-            else:
-                hf_model, tokenizer = loaded
-                model = from_hf(hf_model, dtype=dtype).to(device)
-                return model, tokenizer
-    # transformers' model in the target dtype (a GGUF is dequantised in float32 and cast once),
-    # fused and copied into ours.
-    hf_model, tokenizer = load_hf(path, dtype=dtype, device="cpu")
+    cached = _cached(directory, gguf, dtype)
+    if cached is not None and cached[1] is None:  # converted before: read the safetensors only
+        return _load_cached_runner(cached[0], dtype, device, tokenizer)
+    if cached is not None:  # converted just now
+        hf_model, tok = cached[1]
+    else:
+        # transformers' model in the target dtype (a GGUF is dequantised in float32 and cast once)
+        where = str(directory / gguf) if gguf else str(directory)
+        hf_model, tok = _read_checkpoint(directory, gguf, dtype, where, tokenizer)
     model = from_hf(hf_model, dtype=dtype).to(device)
-    del hf_model
-    return model, tokenizer
+    return model, tokenizer if tokenizer is not None else tok

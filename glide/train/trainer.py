@@ -172,18 +172,22 @@ def init_from_target(draft: GlideDraftModel, target, which: str = "target-last")
         draft.norm.weight.copy_(target.norm.weight)
 
 
-def _init_from_draft(model: GlideDraftModel, path) -> None:
-    from glide.draft.checkpoint import WEIGHTS, read_draft_config
-    from safetensors.torch import load_file
+def _init_from_draft(model: GlideDraftModel, target, path) -> None:
+    """Start ``model`` from the draft in ``path``, read by :func:`load_draft` (so it must fit
+    ``target`` and pass its checks); errors name ``init_from``."""
+    from glide.draft.checkpoint import load_draft
 
-    config, _ = read_draft_config(path)
-    mine = model.config
-    if (config.num_layers, config.cross_attention, config.draft_vocab) != (
+    try:
+        prior = load_draft(path, target)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"init_from: {str(exc).removeprefix('draft: ')}") from None
+    mine, theirs = model.config, prior.config
+    if (theirs.num_layers, theirs.cross_attention, theirs.draft_vocab) != (
             mine.num_layers, mine.cross_attention, mine.draft_vocab):
         raise ValueError(f"init_from: the draft in {path} differs from this run (layers, cross-attention "
                          "or vocabulary)")
-    state = load_file(str(Path(path) / WEIGHTS))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    own = model.state_dict()
+    model.load_state_dict({k: v.float() for k, v in prior.state_dict().items() if k in own})
 
 
 def batch_plan(num_samples: int, lengths, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
@@ -331,7 +335,7 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
     if settings.init_from is not None:
-        _init_from_draft(model, settings.init_from)
+        _init_from_draft(model, target, settings.init_from)
     elif settings.init != "random":
         init_from_target(model, target, settings.init)
     else:

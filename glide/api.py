@@ -373,6 +373,9 @@ def generate(
     model_path = check_path("model", model)
     draft_path = check_path("draft", draft)
     check_draft_applies(method, draft_path)  # before a slow load
+    from glide.threads import cpu_snapshot, fit_threads
+
+    cpu_start = cpu_snapshot()  # fit_threads measures the other processes' load from here on
     tok = encoded = None
     if loaded is None:  # prompts that cannot fit fail before the weights load, where we can tell
         from glide.model.load import peek_tokenizer
@@ -395,9 +398,7 @@ def generate(
     check_prompt_lengths(items, encoded, max_new_tokens, reserve, int(config.max_position_embeddings))
     eos = eos_ids(config, tokenizer)
 
-    from glide.threads import fit_threads
-
-    fit_threads(dev)  # on a CPU, use the cores other processes leave free (glide/threads.py)
+    fit_threads(dev, since=cpu_start)  # on a CPU, use the cores others leave free (glide/threads.py)
     rows: list[dict] = [None] * len(items)  # type: ignore[list-item]
     bar = None
     if progress:

@@ -8,7 +8,8 @@ with one core kept busy, `ar` fell from 63 to 19 tokens/s with 2 threads, while 
 44 (float32, 4 prompts x 64 tokens, ``python -m bench.ar_vs_hf --methods ar --hog 1``).
 Passive waiting (``OMP_WAIT_POLICY=PASSIVE``) avoids the collapse but costs 40% on an idle
 machine (37 tokens/s), so instead :func:`fit_threads` measures, before decoding, how many cores
-other processes keep busy and uses the rest.
+other processes keep busy and uses the rest. ``glide.api.generate`` starts the measurement
+before it loads the model, so the load itself is the window and start-up waits for nothing.
 
 ``GLIDE_AUTO_THREADS=0``, or setting ``OMP_NUM_THREADS``, leaves the thread count alone.
 """
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-__all__ = ["others_busy_cores", "fit_threads"]
+__all__ = ["cpu_snapshot", "others_busy_cores", "fit_threads"]
 
 _INITIAL_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores) at import
 
@@ -40,13 +41,26 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return sum(values) - idle, sum(values)
 
 
-def others_busy_cores(window: float = 0.1) -> float | None:
-    """How many cores other processes kept busy during a short window.
+def cpu_snapshot() -> tuple[int, float, float] | None:
+    """Busy jiffies of all CPUs, this process's CPU seconds and the wall clock, now; ``None``
+    without ``/proc/stat``. Two snapshots bracket a window for :func:`others_busy_cores`."""
+    jiffies = _cpu_jiffies()
+    if jiffies is None:
+        return None
+    own = os.times()
+    return jiffies[0], own.user + own.system, time.perf_counter()
+
+
+def others_busy_cores(window: float = 0.1, since: tuple | None = None) -> float | None:
+    """How many cores other processes kept busy during a window.
 
     Parameters
     ----------
     window : float
-        Seconds to watch (this process sleeps meanwhile).
+        Seconds to watch at least (this process sleeps for what is missing).
+    since : tuple, optional
+        A :func:`cpu_snapshot` that starts the window, e.g. taken before loading a model: the
+        time spent since then counts, so no sleep is needed once it exceeds ``window``.
 
     Returns
     -------
@@ -55,24 +69,25 @@ def others_busy_cores(window: float = 0.1) -> float | None:
         process), or ``None`` where ``/proc/stat`` is missing (not Linux).
     """
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    first = _cpu_jiffies()
+    first = since if since is not None else cpu_snapshot()
     if first is None:
         return None
-    own0, wall0 = os.times(), time.perf_counter()
-    time.sleep(window)
-    second = _cpu_jiffies()
-    own1, wall1 = os.times(), time.perf_counter()
+    missing = window - (time.perf_counter() - first[2])
+    if missing > 0:
+        time.sleep(missing)
+    second = cpu_snapshot()
     if second is None:
         return None
     busy = (second[0] - first[0]) / tick
-    own = (own1.user + own1.system) - (own0.user + own0.system)
-    return max(0.0, (busy - own) / max(wall1 - wall0, 1e-6))
+    own = second[1] - first[1]
+    return max(0.0, (busy - own) / max(second[2] - first[2], 1e-6))
 
 
 _LAST_FIT: list = [float("-inf"), None]  # (when, threads) of the last measurement
 
 
-def fit_threads(device: torch.device | str = "cpu", window: float = 0.1, every: float = 10.0) -> int | None:
+def fit_threads(device: torch.device | str = "cpu", window: float = 0.1, every: float = 10.0,
+                since: tuple | None = None) -> int | None:
     """Set torch's CPU threads to the cores that other processes leave free.
 
     Uses torch's initial thread count (the physical cores) as the most, and at least 1: a core
@@ -86,6 +101,9 @@ def fit_threads(device: torch.device | str = "cpu", window: float = 0.1, every: 
         Seconds spent measuring (:func:`others_busy_cores`).
     every : float
         A call within this many seconds of the last measurement reuses its result.
+    since : tuple, optional
+        A :func:`cpu_snapshot` taken earlier (before loading the model): the window starts there,
+        so the measurement adds no wait once ``window`` seconds have passed.
 
     Returns
     -------
@@ -102,7 +120,7 @@ def fit_threads(device: torch.device | str = "cpu", window: float = 0.1, every: 
     now = time.monotonic()
     if now - _LAST_FIT[0] < every and _LAST_FIT[1] is not None:
         return _LAST_FIT[1]
-    busy = others_busy_cores(window)
+    busy = others_busy_cores(window) if since is None else others_busy_cores(window, since=since)
     if busy is None:
         return None
     try:

@@ -76,3 +76,22 @@ def test_generate_fits_threads_before_decoding(monkeypatch):
     model.attn_backend = "reference"
     api.generate(["abc"], method="ar", max_new_tokens=2, loaded=(model, ByteTokenizer()), device="cpu")
     assert seen == ["cpu"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
+def test_a_window_opened_earlier_needs_no_wait_and_leaves_out_our_own_work():
+    import time
+
+    start = threads.cpu_snapshot()
+    end = time.perf_counter() + 0.4
+    while time.perf_counter() < end:  # this process's own work, as while loading a model
+        pass
+    t0 = time.perf_counter()
+    busy = threads.others_busy_cores(0.1, since=start)
+    assert time.perf_counter() - t0 < 0.05  # the window is already long enough: no sleep
+    assert busy is not None and busy < 0.5, busy  # our own busy core is not "other processes"
+    with cpu_hog(1):
+        threads.others_busy_cores(0.2)  # let it start
+        start = threads.cpu_snapshot()
+        time.sleep(0.3)
+        assert threads.others_busy_cores(0.1, since=start) > 0.5

@@ -10,12 +10,13 @@ import json
 import sys
 from pathlib import Path
 
+from bench.harness import REPO_ROOT
+
 
 def _repo_relative(path) -> str:
     """``path`` relative to the repository when it lies inside it (cards travel with the package)."""
-    root = Path(__file__).resolve().parent.parent
     try:
-        return str(Path(path).resolve().relative_to(root))
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
     except (TypeError, ValueError):
         return str(path)
 

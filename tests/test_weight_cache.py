@@ -13,16 +13,12 @@ import torch
 import transformers
 
 from glide.model import load as L
+from test_model import hf_config
 
 
 def tiny_hf(seed=0):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=40, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=4, max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(hf_config()).eval()
 
 
 @pytest.fixture

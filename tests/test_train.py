@@ -107,6 +107,24 @@ def test_corpus_resumes_and_skips_heldout_and_long_prompts(tmp_path):
     assert last.read_bytes() == before
     with pytest.raises(ValueError, match="^data: .*other settings"):
         build_corpus(t, _Tok(), prompts, tmp_path / "c", CorpusSettings(max_prompts=5), progress=False)
+    # more prompts over full shards: the old shards stay, new ones follow the same selection
+    shards = sorted((tmp_path / "c").glob("shard-*.npz"))
+    kept = [f.read_bytes() for f in shards]
+    bigger = CorpusSettings(max_prompts=20, max_prompt_tokens=20, max_new_tokens=6, batch_size=3, shard_size=4)
+    build_corpus(t, _Tok(), prompts, tmp_path / "c", bigger, progress=False)
+    assert [f.read_bytes() for f in shards] == kept
+    grown = load_corpus(tmp_path / "c")
+    assert len(grown) == 20 and [x.id for x in grown[:12]] == [x.id for x in full]
+    build_corpus(t, _Tok(), prompts, tmp_path / "d", bigger, progress=False)
+    assert [x.id for x in load_corpus(tmp_path / "d")] == [x.id for x in grown]
+    # fewer prompts, or more over a partial last shard, is another corpus
+    def sized(n):
+        return CorpusSettings(max_prompts=n, max_prompt_tokens=20, max_new_tokens=6, batch_size=3, shard_size=4)
+    with pytest.raises(ValueError, match="^data: .*other settings"):
+        build_corpus(t, _Tok(), prompts, tmp_path / "c", sized(8), progress=False)
+    build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(10), progress=False)
+    with pytest.raises(ValueError, match="^data: .*other settings"):
+        build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(12), progress=False)
 
 
 def test_features_hold_the_targets_kv_and_teacher_and_resume(tmp_path):

@@ -8,7 +8,8 @@ On disk a corpus is a folder of shards, each written atomically (temporary file,
 so an interrupted run resumes at the first missing shard::
 
     corpus/
-      meta.json               the settings; a resumed run must match them
+      meta.json               the settings; a resumed run must match them, except that
+                              ``max_prompts`` may grow from a multiple of ``shard_size``
       shard-00000.npz ...     one per `shard_size` prompts
 
 A shard holds ``tokens`` (uint16 or int32: prompt then response, concatenated over samples),
@@ -99,6 +100,19 @@ def _select(prompts: list[SourcePrompt], tokenizer, s: CorpusSettings):
     return chosen
 
 
+def _extends(old: dict, new: dict) -> bool:
+    """Whether a corpus made as ``old`` may be continued as ``new``: the same settings, or more
+    prompts over full shards (shard ``k`` then holds the same prompts as before)."""
+    if old.get("vocab_size") != new["vocab_size"]:
+        return False
+    a, b = dict(old.get("settings") or {}), dict(new["settings"])
+    if a == b:
+        return True
+    n_old, n_new = a.pop("max_prompts", None), b.pop("max_prompts")
+    return (a == b and isinstance(n_old, int) and n_new > n_old
+            and n_old % new["settings"]["shard_size"] == 0)
+
+
 def _save_shard(path: Path, samples: list[Sample], vocab: int) -> None:
     dt = np.uint16 if vocab <= 65536 else np.int32
     tokens = np.concatenate([x.tokens for x in samples]).astype(dt)
@@ -149,10 +163,10 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        if old.get("settings") != meta["settings"] or old.get("vocab_size") != meta["vocab_size"]:
+        if not _extends(old, meta):
             raise ValueError(f"data: {out} holds a corpus made with other settings ({meta_path}); "
                              "use another output folder or delete it")
-    else:
+    if not meta_path.exists() or old != meta:
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     chosen = _select(prompts, tokenizer, settings)
     S = settings.shard_size

@@ -194,6 +194,33 @@ def test_training_lowers_the_loss_and_the_teacher_agreement_rises(tmp_path):
     assert card["result"]["steps"] == len(log) == 30 and card["training"]["loss"] == "kl"
 
 
+def test_validation_scores_unseen_samples_and_falls_as_the_draft_learns(tmp_path):
+    from glide.train.trainer import evaluate
+
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=32)
+    f = build_features(t, samples[:24], tmp_path / "f", topk=4, progress=False)
+    fv = build_features(t, samples[24:], tmp_path / "fv", topk=4, progress=False)
+    s = train_draft(t, samples[:24], f, tmp_path / "r", TrainSettings(batch_size=4, epochs=5, lr=3e-3, warmup_steps=4,
+                                                                     draft_vocab_size=None),
+                    progress=False, validation=(samples[24:], fv), eval_every=10)
+    val = [json.loads(x) for x in (tmp_path / "r/val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [0, 10, 20, 30]
+    assert val[-1]["loss"] < 0.9 * val[0]["loss"] and val[-1]["top1"] > val[0]["top1"]
+    assert s["val_loss"] == val[-1]["loss"] and s["val_step"] == 30
+    # a pure function of the weights: scoring again gives the same, and leaves the model alone
+    from glide.draft import load_draft
+    d = load_draft(tmp_path / "r/draft", t).float()
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    settings = TrainSettings(batch_size=4, draft_vocab_size=None)
+    a, b = evaluate(d, samples[24:], fv, settings), evaluate(d, samples[24:], fv, settings, batch_size=3)
+    assert a["tokens"] == b["tokens"] == sum(len(x.tokens) - x.prompt_len for x in samples[24:])
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["top1"] == pytest.approx(b["top1"], abs=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
+    with pytest.raises(ValueError, match="^eval_every"):
+        train_draft(t, samples[:24], f, tmp_path / "x", settings, progress=False, eval_every=0)
+
+
 @pytest.mark.parametrize("loss", ["ce", "mix"])
 def test_other_losses_train_too(tmp_path, loss):
     t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
@@ -332,12 +359,22 @@ def test_train_draft_command_runs_its_stages(tmp_path, capsys):
                           "--run-name", "one", "--vanilla"]) == 0
     assert "2/2 steps" in capsys.readouterr().out
     assert not load_draft(tmp_path / "run" / "one" / "draft", target).config.cross_attention
+    # the last shard as validation: trains on the first (2 steps), scores the second (4 samples)
+    assert main(common + ["--stage", "train", "--val-shards", "1", "--eval-every", "1", "--epochs", "1",
+                          "--batch-size", "4", "--run-name", "val"]) == 0
+    assert "2/2 steps" in capsys.readouterr().out
+    val = [json.loads(x) for x in (tmp_path / "run" / "val" / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [0, 1, 2]
+    assert all(v["tokens"] == sum(len(x.tokens) - x.prompt_len for x in samples[8:]) for v in val)
+    assert main(common + ["--stage", "train", "--val-shards", "2", "--run-name", "v2"]) == 2
+    assert "argument --val-shards" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,flag", [(["--stage", "nope"], "--stage"), (["--loss", "l2"], "--loss"),
                                        (["--epochs", "0"], "--epochs"), (["--draft-vocab", "-3"], "--draft-vocab"),
                                        (["--batch-size", "0"], "--batch-size"), (["--init", "zeros"], "--init"),
-                                       (["--shards", "0"], "--shards"), (["--max-steps", "-1"], "--max-steps")])
+                                       (["--shards", "0"], "--shards"), (["--max-steps", "-1"], "--max-steps"),
+                                       (["--val-shards", "-1"], "--val-shards"), (["--eval-every", "0"], "--eval-every")])
 def test_train_draft_bad_arguments_name_the_flag(capsys, argv, flag):
     from glide.cli import main
 
@@ -364,6 +401,17 @@ def test_init_from_a_draft_continues_it(tmp_path):
                 progress=False)
     a, b = _weights(tmp_path / "a" / "draft"), _weights(tmp_path / "b" / "draft")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a continued draft keeps its head rows, even where this corpus's most frequent tokens differ
+    from glide.draft import load_draft
+    small = dict(base, draft_vocab_size=4)
+    train_draft(t, samples, f, tmp_path / "s", TrainSettings(**small), progress=False)
+    prior = load_draft(tmp_path / "s" / "draft", t).config.draft_vocab
+    other = [Sample(x.id, np.where(x.tokens == prior[-1], prior[0], x.tokens), x.prompt_len, x.temperature)
+             for x in samples]
+    assert draft_vocabulary(other, 7, 4) != list(prior)
+    train_draft(t, other, f, tmp_path / "s2", TrainSettings(**small, init_from=str(tmp_path / "s" / "draft")),
+                progress=False)
+    assert load_draft(tmp_path / "s2" / "draft", t).config.draft_vocab == prior
     with pytest.raises(ValueError, match="^init_from: "):
         train_draft(t, samples, f, tmp_path / "c", TrainSettings(**dict(base, draft_vocab_size=3),
                                                                 init_from=str(tmp_path / "a" / "draft")),

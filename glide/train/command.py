@@ -23,7 +23,8 @@ FLAGS = {
     "layers": "--layers", "draft_vocab": "--draft-vocab", "loss": "--loss", "epochs": "--epochs",
     "batch_size": "--batch-size", "lr": "--lr", "init": "--init", "seed": "--seed",
     "max_steps": "--max-steps", "warmup_steps": "--warmup-steps", "init_from": "--init-from", "save_every": "--save-every", "export": "--export",
-    "run_name": "--run-name", "topk": "--topk", "shards": "--shards",
+    "run_name": "--run-name", "topk": "--topk", "shards": "--shards", "val_shards": "--val-shards",
+    "eval_every": "--eval-every",
 }
 
 STAGES = ("all", "corpus", "features", "train")
@@ -46,6 +47,11 @@ def add_parser(sub) -> None:
     p.add_argument("--gen-batch-size", type=int, default=32, help="prompts answered together (default: 32)")
     p.add_argument("--shards", type=int, default=None,
                    help="features and training use only the first N corpus shards (default: all)")
+    p.add_argument("--val-shards", type=int, default=0,
+                   help="the last N of the shards in use are a validation set: never trained on, scored "
+                        "every --eval-every steps into RUN/val.jsonl (default: 0)")
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="steps between validation scores (default: 200)")
     p.add_argument("--topk", type=int, default=16, help="teacher log-probs kept per position (default: 16)")
     p.add_argument("--run-name", default="glide", help="subfolder of --out for this training run (default: glide)")
     p.add_argument("--gamma", type=int, default=d.gamma, help=f"draft tokens per step (default: {d.gamma})")
@@ -112,6 +118,9 @@ def run(args) -> int:
     for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "gen_batch_size", "topk"):
         _positive(name, getattr(args, name))
     _positive("shards", args.shards, allow_none=True)
+    _positive("eval_every", args.eval_every)
+    if isinstance(args.val_shards, bool) or not isinstance(args.val_shards, int) or args.val_shards < 0:
+        raise ArgumentError("val_shards", f"must be an integer >= 0, got {args.val_shards!r}")
     _positive("max_steps", args.max_steps, allow_none=True)
     settings = _settings(args)
     if args.init_from is not None and not os.path.isdir(args.init_from):
@@ -131,8 +140,8 @@ def run(args) -> int:
     from glide.api import eos_ids
     from glide.model.load import load_model
 
-    from .corpus import CorpusSettings, build_corpus, load_corpus
-    from .features import build_shard_features, open_shard_features
+    from .corpus import CorpusSettings, build_corpus
+    from .features import build_shard_features
     from .prompts import read_prompt_source
 
     if world > 1:
@@ -159,19 +168,21 @@ def run(args) -> int:
         if args.stage in ("all", "train"):
             from .trainer import train_draft
 
-            samples = load_corpus(corpus_dir, args.shards)
-            feats = open_shard_features(corpus_dir, feat_dir, args.shards)
+            samples, feats, validation = _split(corpus_dir, feat_dir, args.shards, args.val_shards)
             card = {"corpus": {"samples": len(samples), "tokens": int(sum(len(s.tokens) for s in samples)),
                                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in samples))},
                     "hardware": _hardware()}
             summary = train_draft(target, samples, feats, out / args.run_name, settings,
                                   max_steps=args.max_steps, progress=progress, card=card,
-                                  export_dir=args.export)
+                                  export_dir=args.export, validation=validation,
+                                  eval_every=args.eval_every)
             if int(os.environ.get("RANK", "0")) == 0:
                 where = args.export or out / args.run_name / "draft"
                 done = summary["steps"] == summary["planned_steps"]
+                val = (f", validation loss {summary['val_loss']} top-1 {summary['val_top1']}"
+                       if "val_loss" in summary else "")
                 print(f"[train-draft] {summary['steps']}/{summary['planned_steps']} steps, loss {summary['loss']}, "
-                      f"top-1 agreement {summary['top1']}, {time.perf_counter() - t0:.0f} s"
+                      f"top-1 agreement {summary['top1']}{val}, {time.perf_counter() - t0:.0f} s"
                       + (f"; draft written to {where}" if done else "; resume with the same command"))
         if world > 1:
             dist.barrier()  # no rank tears gloo down while another still uses it
@@ -179,6 +190,27 @@ def run(args) -> int:
         if world > 1:
             dist.destroy_process_group()
     return 0
+
+
+def _split(corpus_dir, feat_dir, shards, val_shards):
+    """Training samples and features, and the validation pair (or ``None``): of the first
+    ``shards`` corpus shards, the last ``val_shards``."""
+    from glide.api import ArgumentError
+
+    from .corpus import corpus_shards, load_corpus_shard
+    from .features import FeatureSet, open_features
+
+    files = corpus_shards(corpus_dir)[:shards]
+    if val_shards >= len(files):
+        raise ArgumentError("val_shards", f"must leave shards to train on: {val_shards} of {len(files)} in use")
+    cut = len(files) - val_shards
+
+    def part(fs):
+        samples = [s for f in fs for s in load_corpus_shard(f)]
+        return samples, FeatureSet([open_features(Path(feat_dir) / f.stem) for f in fs])
+
+    train = part(files[:cut])
+    return (*train, part(files[cut:]) if val_shards else None)
 
 
 def _hardware() -> str:

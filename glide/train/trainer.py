@@ -42,7 +42,7 @@ from glide.draft.model import GlideDraftModel, block_cross_mask
 from .corpus import Sample, atomic_write
 from .features import Features, FeatureSet
 
-__all__ = ["TrainSettings", "train_draft", "draft_vocabulary", "init_from_target", "batch_plan"]
+__all__ = ["TrainSettings", "train_draft", "evaluate", "draft_vocabulary", "init_from_target", "batch_plan"]
 
 LOSSES = ("kl", "ce", "mix")
 INITS = ("random", "target-first", "target-last")
@@ -172,6 +172,20 @@ def init_from_target(draft: GlideDraftModel, target, which: str = "target-last")
         draft.norm.weight.copy_(target.norm.weight)
 
 
+def _prior_vocabulary(settings: TrainSettings):
+    """The head rows of the ``init_from`` draft, when it has as many as this run asks for: a
+    continued draft keeps its vocabulary even if the corpus (and its most frequent tokens) grew."""
+    from glide.draft.checkpoint import read_draft_config
+
+    try:
+        vocab = read_draft_config(settings.init_from)[0].draft_vocab
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # _init_from_draft says what is wrong with it
+    if vocab is None or len(vocab) != settings.draft_vocab_size:
+        return None
+    return [int(x) for x in vocab]
+
+
 def _init_from_draft(model: GlideDraftModel, target, path) -> None:
     """Start ``model`` from the draft in ``path``, read by :func:`load_draft` (so it must fit
     ``target`` and pass its checks); errors name ``init_from``."""
@@ -286,6 +300,57 @@ def _loss_terms(logits, batch: _Batch, kind: str):
     return sum(terms) / len(terms), logq.argmax(-1)
 
 
+def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | FeatureSet, settings: TrainSettings,
+             batch_size: int | None = None) -> dict:
+    """The draft's loss and teacher agreement on samples it does not train on (validation).
+
+    Every batch uses the same block offsets at every call (sample ``i`` starts its grid at
+    ``i mod (gamma + 1)``), so successive calls differ only by the weights.
+
+    Parameters
+    ----------
+    model : GlideDraftModel
+        Attached to its target.
+    samples : list of Sample
+    feats : Features or FeatureSet
+        Built from ``samples``.
+    settings : TrainSettings
+        The run's loss, gamma, max_len and bf16.
+    batch_size : int, optional
+        Default ``settings.batch_size``.
+
+    Returns
+    -------
+    dict
+        ``loss`` (the training loss, mean over response positions), ``top1`` (agreement of the
+        draft's argmax with the teacher's), ``tokens`` (positions scored).
+    """
+    if len(samples) != len(feats):
+        raise ValueError("data: the validation features were made from another corpus")
+    bs = batch_size or settings.batch_size
+    order = sorted(range(len(samples)), key=lambda i: (min(len(samples[i].tokens), settings.max_len), i))
+    vocab_index = model.vocab_index.cpu()
+    total = agree = n = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in range(0, len(order), bs):
+                idx = order[b:b + bs]
+                batch = _make_batch(idx, 0, len(idx), samples, feats, settings, vocab_index, 0)
+                batch.shift = torch.tensor([i % (settings.gamma + 1) for i in idx])
+                cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                    logits = model(batch.ids, batch.kv, cross, batch.rows)
+                per_row, top1 = _loss_terms(logits, batch, settings.loss)
+                total += float((per_row * batch.weight).sum())
+                agree += float(((model.vocab_ids[top1] == batch.t_top1).float() * batch.weight).sum())
+                n += float(batch.weight.sum())
+    finally:
+        model.train(was_training)
+    return {"loss": round(total / max(n, 1e-9), 5), "top1": round(agree / max(n, 1e-9), 4), "tokens": int(n)}
+
+
 def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -294,7 +359,7 @@ def _rank_world():
 
 def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out_dir, settings: TrainSettings,
                 max_steps: int | None = None, progress: bool = True, card: dict | None = None,
-                export_dir=None) -> dict:
+                export_dir=None, validation=None, eval_every: int = 200) -> dict:
     """Train a GliDe draft (or the vanilla ablation) and export it; resumes from ``out_dir``.
 
     Parameters
@@ -313,11 +378,16 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     max_steps : int, optional
         Stop after this many steps in all (a checkpoint is saved there); the run can be resumed
         later to the end of its plan.
+    validation : (list of Sample, Features or FeatureSet), optional
+        Samples never trained on: :func:`evaluate` runs on them before the first step, every
+        ``eval_every`` steps and at the end, on rank 0, and writes ``val.jsonl``.
+    eval_every : int
 
     Returns
     -------
     dict
-        Summary: steps, tokens, seconds, final loss, top-1 agreement with the teacher.
+        Summary: steps, tokens, seconds, final loss, top-1 agreement with the teacher, and
+        ``val_loss`` / ``val_top1`` with ``validation``.
     """
     settings.check()
     if feats.meta["num_layers"] < settings.num_layers:
@@ -325,13 +395,17 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
                          f"draft needs {settings.num_layers}")
     if len(samples) != len(feats):
         raise ValueError("data: the features were made from another corpus")
+    if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
+        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
     rank, world = _rank_world()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     V = target.config.vocab_size
     eos = list(target.config.eos_token_ids)
-    vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
+    vocab = _prior_vocabulary(settings) if settings.init_from is not None else None
+    if vocab is None:
+        vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
     config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
     if settings.init_from is not None:
@@ -373,8 +447,23 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         from tqdm.auto import tqdm
         bar = tqdm(total=stop, initial=step, desc="train-draft", unit="step")
     log_path = out / "log.jsonl"
-    last = {}
+    last, val = {}, {}
     t_start = time.perf_counter() - elapsed
+
+    def validate():
+        nonlocal val
+        if validation is None or rank != 0:
+            return
+        if val.get("step") == step:
+            return
+        val = {"step": step, **evaluate(model, *validation, settings)}
+        with open(out / "val.jsonl", "a") as fh:
+            fh.write(json.dumps(val) + "\n")
+        if bar is not None:
+            bar.write(f"[train-draft] step {step}: validation loss {val['loss']:.4f}, top-1 {val['top1']:.4f}")
+
+    if step == 0:
+        validate()
     while step < stop:
         idx = plan[step]
         per = math.ceil(len(idx) / world)
@@ -412,6 +501,8 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1']:.3f}",
                                 tok_s=f"{tokens_seen / max(last['seconds'], 1e-9):.0f}")
+        if step % eval_every == 0 or step == total:
+            validate()
         if step % settings.save_every == 0 or step == stop:
             _save_state(state_path, model, opt, step, time.perf_counter() - t_start, tokens_seen,
                         settings, rank)
@@ -419,6 +510,8 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         bar.close()
     summary = {"steps": step, "planned_steps": total, "tokens": tokens_seen,
                "seconds": round(time.perf_counter() - t_start, 1), **{k: last.get(k) for k in ("loss", "top1")}}
+    if val:
+        summary.update(val_step=val["step"], val_loss=val["loss"], val_top1=val["top1"])
     if rank == 0 and step == total:
         full_card = {"training": asdict(settings), "result": summary, **(card or {})}
         save_draft(model, export_dir or out / "draft", card=full_card)

@@ -104,7 +104,7 @@ def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temp
     from glide import api
     from glide.draft import load_draft
     from glide.draft.dynamic import Calibration, DynamicTreeDraft
-    from glide.spec.engine import generate_ids
+    from glide.speculative.engine import generate_ids
 
     model, tok = loaded
     prompts = api.read_prompts(prompts_path)[:limit]

@@ -58,8 +58,8 @@ def check_method(method: str) -> str:
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-    """The engine's own rule (:func:`glide.spec.verify.check_sampling`), as an ArgumentError."""
-    from glide.spec.verify import check_sampling as engine_rule
+    """The engine's own rule (:func:`glide.speculative.verify.check_sampling`), as an ArgumentError."""
+    from glide.speculative.verify import check_sampling as engine_rule
 
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -224,7 +224,7 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
     """
     path = check_draft_applies(method, draft_path)
     if method == "lookup":
-        from glide.spec.drafts import PromptLookupDraft
+        from glide.speculative.drafts import PromptLookupDraft
 
         return PromptLookupDraft()
     if method in DRAFT_METHODS:
@@ -461,7 +461,7 @@ def _row(prompt: Prompt, out, tokenizer) -> dict:
 
 def _our_generate(target, ids, draft, max_new_tokens, temperature, top_p, seed, eos, tokenizer,
                   on_text, chunk):
-    from glide.spec.engine import generate_ids
+    from glide.speculative.engine import generate_ids
 
     on_tokens = None
     if on_text is not None:
@@ -520,7 +520,7 @@ def _hf_generate(hf_model, ids, max_new_tokens, temperature, top_p, seed, eos, t
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    from glide.spec.verify import stream_keys
+    from glide.speculative.verify import stream_keys
 
     torch.manual_seed(int(stream_keys(seed, [chunk[0]])[0]) & (2 ** 63 - 1))
     clock = _FirstTokenClock()

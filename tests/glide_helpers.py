@@ -30,7 +30,7 @@ def tiny_draft(target, seed=1, layers=1, vocab=None, cross=True, std=0.3):
 
 def self_distilled_corpus(target, n=48, prompt_len=(3, 9), new_tokens=40, seed=0):
     """Greedy replies of ``target`` to random prompts, as corpus samples."""
-    from glide.spec.engine import generate_ids
+    from glide.speculative.engine import generate_ids
     from glide.train.corpus import Sample
 
     rng = np.random.default_rng(seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glide.model import LlamaModel, ModelConfig
-from glide.spec.drafts import (
+from glide.speculative.drafts import (
     DraftContext,
     ModelDraft,
     OracleDraft,
@@ -12,7 +12,7 @@ from glide.spec.drafts import (
     RandomTreeDraft,
     WrongDraft,
 )
-from glide.spec.tree import build_tree
+from glide.speculative.tree import build_tree
 
 
 def tiny_model(vocab=29, seed=0, std=0.3):

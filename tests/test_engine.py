@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from glide.model import LlamaModel, ModelConfig
-from glide.spec.drafts import ModelDraft, OracleDraft, PromptLookupDraft, RandomTreeDraft, WrongDraft
-import glide.spec.engine as engine_module
-from glide.spec.engine import generate_ids
-from glide.spec.verify import process_logits, sample, walk
+from glide.speculative.drafts import ModelDraft, OracleDraft, PromptLookupDraft, RandomTreeDraft, WrongDraft
+import glide.speculative.engine as engine_module
+from glide.speculative.engine import generate_ids
+from glide.speculative.verify import process_logits, sample, walk
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 3]]
 MAX_NEW = 24

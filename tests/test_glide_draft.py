@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from glide.draft import GlideDraft, block_cross_mask, load_draft, save_draft
-from glide.spec.drafts import DraftContext
-from glide.spec.engine import generate_ids
+from glide.speculative.drafts import DraftContext
+from glide.speculative.engine import generate_ids
 
 from glide_helpers import tiny_draft, tiny_target, trained_pair
 
@@ -219,7 +219,7 @@ def test_gamma_must_be_positive(target):
 
 # ---------------------------------------------------------------- CaPE
 from glide.draft.cape import PAPER_BINS, CapeDraft, cape_widths, check_bins  # noqa: E402
-from glide.spec.tree import ancestor_mask, build_tree  # noqa: E402
+from glide.speculative.tree import ancestor_mask, build_tree  # noqa: E402
 
 
 def test_cape_widths_follow_the_bins():

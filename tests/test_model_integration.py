@@ -81,7 +81,7 @@ def test_shipped_draft_is_lossless_and_accepted_float32(hf_and_tokenizer):
     from glide.api import encode_chat, eos_ids
     from glide.draft import CapeDraft, GlideDraft, default_draft_path, load_draft
     from glide.draft.dynamic import DynamicTreeDraft
-    from glide.spec.engine import generate_ids
+    from glide.speculative.engine import generate_ids
 
     hf, tok = hf_and_tokenizer
     model = from_hf(hf)

@@ -13,9 +13,9 @@ import torch
 
 from glide import api
 from glide.draft import GlideDraft
-from glide.spec.drafts import ModelDraft, PromptLookupDraft
-from glide.spec.engine import generate_ids
-from glide.spec.verify import counter_uniforms, sample, stream_keys
+from glide.speculative.drafts import ModelDraft, PromptLookupDraft
+from glide.speculative.engine import generate_ids
+from glide.speculative.verify import counter_uniforms, sample, stream_keys
 from glide_helpers import tiny_draft, tiny_target
 
 # ---------------------------------------------------------------- the uniform generator

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from glide.spec.tree import Proposal, ancestor_mask, build_tree, depths, empty_proposal
-from glide.spec.verify import (
+from glide.speculative.tree import Proposal, ancestor_mask, build_tree, depths, empty_proposal
+from glide.speculative.verify import (
     process_logits,
     sample,
     verify_greedy,
@@ -450,7 +450,7 @@ def test_tiny_temperature_tends_to_the_one_hot(temperature):
                                                         (2.0, 0.5, torch.float32)])
 def test_path_sampling_gives_the_one_pass_verdict(temperature, top_p, dtype):
     """verify_sampling_path samples only the walked path; its verdict must be the one-pass one."""
-    from glide.spec.verify import counter_uniforms, stream_keys, verify_sampling_path
+    from glide.speculative.verify import counter_uniforms, stream_keys, verify_sampling_path
 
     gen = torch.Generator().manual_seed(3)
     B, V = 64, 4  # a tiny vocabulary so that deep paths are accepted often

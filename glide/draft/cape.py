@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from glide.kernels import cape_topk, reference
-from glide.spec.drafts import DraftContext
-from glide.spec.tree import Proposal
+from glide.speculative.drafts import DraftContext
+from glide.speculative.tree import Proposal
 
 from .runtime import GlideDraft
 

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from glide.cache import cache_dir
-from glide.spec.drafts import DraftContext
-from glide.spec.tree import Proposal, ancestor_mask
+from glide.speculative.drafts import DraftContext
+from glide.speculative.tree import Proposal, ancestor_mask
 
 from .runtime import GlideDraft
 

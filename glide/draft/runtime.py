@@ -1,4 +1,4 @@
-"""``GlideDraft``: the GliDe draft behind the engine's :class:`~glide.spec.drafts.Draft` interface.
+"""``GlideDraft``: the GliDe draft behind the engine's :class:`~glide.speculative.drafts.Draft` interface.
 
 Each step it drafts a greedy chain of ``gamma`` tokens under the root. Its own cache holds the
 draft's self-attention K/V; its cross-attention reads the target's cache in place
@@ -21,8 +21,8 @@ import torch
 
 from glide.kernels import cross_attention, reference
 from glide.kernels._dispatch import use_triton
-from glide.spec.drafts import Draft, DraftContext
-from glide.spec.tree import Proposal
+from glide.speculative.drafts import Draft, DraftContext
+from glide.speculative.tree import Proposal
 
 from .config import check_fingerprint
 from .model import GlideDraftModel

@@ -153,7 +153,7 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
     ValueError
         Naming ``data`` if ``out_dir`` holds a corpus made with other settings.
     """
-    from glide.spec.engine import generate_ids
+    from glide.speculative.engine import generate_ids
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

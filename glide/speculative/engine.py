@@ -110,7 +110,7 @@ def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tre
         )
     if draft is not None:
         if not isinstance(draft, Draft):
-            raise TypeError(f"draft must be a glide.spec.drafts.Draft, got {type(draft).__name__}")
+            raise TypeError(f"draft must be a glide.speculative.drafts.Draft, got {type(draft).__name__}")
         draft.check(model)
 
 
@@ -135,7 +135,7 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     """Generate from a batch of prompts, speculatively with ``draft`` or autoregressively.
 
     Greedy speculative output equals greedy autoregressive output token for token; sampled
-    output has the same law (see :mod:`glide.spec.verify`).
+    output has the same law (see :mod:`glide.speculative.verify`).
 
     Parameters
     ----------

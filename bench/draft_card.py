@@ -25,12 +25,23 @@ def _fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def render(config: dict, evaluation: dict | None, name: str) -> str:
+def stages(card: dict) -> list[dict]:
+    """The training stages in a card, first to last (each continued draft keeps its
+    predecessor's card under ``prior``)."""
+    out, c = [], card
+    while c:
+        out.append(c)
+        c = c.get("prior")
+    return out[::-1]
+
+
+def render(config: dict, evaluation: dict | None, name: str, notes=()) -> str:
     card = config.get("card", {})
     cfg = config["config"]
-    tr, res, corpus = card.get("training", {}), card.get("result", {}), card.get("corpus", {})
+    tr, corpus = card.get("training", {}), card.get("corpus", {})
     t = cfg["target"]
     vocab = cfg.get("draft_vocab")
+    runs = stages(card)
     lines = [
         "# GliDe draft for SmolLM2-135M-Instruct",
         "",
@@ -39,21 +50,33 @@ def render(config: dict, evaluation: dict | None, name: str) -> str:
         f"(head cut to {len(vocab) if vocab else t['vocab_size']} most frequent corpus tokens).",
         "",
         "## Training",
-        f"- Data: {corpus.get('samples', '?')} self-distilled ShareGPT conversations (first user turn, answered by "
-        f"the target; half greedy, half at temperature 1), {corpus.get('tokens', '?')} tokens, of which "
+        f"- Data (last stage): {corpus.get('samples', '?')} self-distilled ShareGPT conversations (first user turn, "
+        f"answered by the target; half greedy, half at temperature 1), {corpus.get('tokens', '?')} tokens, of which "
         f"{corpus.get('response_tokens', '?')} response tokens carry the loss. Held-out prompts "
         "(`glide.train.prompts.is_heldout`) were never answered.",
-        f"- Recipe: loss `{tr.get('loss')}`, {tr.get('epochs')} epochs, batch {tr.get('batch_size')} sequences, "
-        f"AdamW lr {tr.get('lr')} (warm-up {tr.get('warmup_steps')}, cosine to 10%), gamma {tr.get('gamma')} "
-        f"(cross-mask blocks of {tr.get('gamma', 0) + 1}), bf16 autocast {tr.get('bf16')}, seed {tr.get('seed')}.",
-        f"- Steps: {res.get('steps')}; loss tokens seen: {res.get('tokens')}; training wall time "
-        f"{_fmt(res.get('seconds', 0) / 60, 1)} min (training stage only).",
-        f"- Final training loss {res.get('loss')}, top-1 agreement with the teacher {res.get('top1')} (last step's batch).",
+        f"- Recipe: loss `{tr.get('loss')}`, batch {tr.get('batch_size')} sequences, AdamW (linear warm-up, cosine "
+        f"to 10% of the peak lr), gamma {tr.get('gamma')} (cross-mask blocks of {tr.get('gamma', 0) + 1}), "
+        f"bf16 autocast {tr.get('bf16')}, seed {tr.get('seed')}.",
         f"- Hardware: {card.get('hardware', '?')}.",
+        "",
+        "| stage | start | samples | epochs | peak lr (warm-up) | steps | wall time | final loss | top-1 "
+        "| validation loss | validation top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if tr.get("init_from"):
-        lines.insert(-3, f"- Continued from the draft `{tr['init_from']}` (its own card gives its recipe and "
-                         "time); the steps and time below are this stage's only.")
+    for k, c in enumerate(runs, 1):
+        st, res = c.get("training", {}), c.get("result", {})
+        start = f"stage {k - 1}" if k > 1 else f"`{st.get('init', '?')}` init"
+        lines.append(f"| {k} | {start} | {c.get('corpus', {}).get('samples', '?')} | {st.get('epochs')} | "
+                     f"{st.get('lr')} ({st.get('warmup_steps')}) | {res.get('steps')} | "
+                     f"{_fmt(res.get('seconds', 0) / 60, 1)} min | {res.get('loss')} | {res.get('top1')} | "
+                     f"{res.get('val_loss', '-')} | {res.get('val_top1', '-')} |")
+    lines += ["",
+              f"All stages: {sum(c.get('result', {}).get('steps', 0) for c in runs)} steps, "
+              f"{_fmt(sum(c.get('result', {}).get('seconds', 0) for c in runs) / 60, 1)} min of training. "
+              "Final loss and top-1 (agreement with the teacher's argmax) are the last step's batch; validation "
+              "scores the last corpus shard(s) of the run, never trained on in that stage "
+              "(`--val-shards`)."]
+    lines += [f"- {n}" for n in notes]
     if evaluation:
         meta = evaluation["meta"]
         lines += ["", "## Measured acceptance and speed",
@@ -75,11 +98,12 @@ def main(argv=None) -> int:
     p.add_argument("draft")
     p.add_argument("--eval")
     p.add_argument("--name", default="glide")
+    p.add_argument("--note", action="append", default=[], help="a line to add under Training (repeatable)")
     args = p.parse_args(argv)
     d = Path(args.draft)
     config = json.loads((d / "config.json").read_text())
     evaluation = json.loads(Path(args.eval).read_text()) if args.eval else None
-    (d / "CARD.md").write_text(render(config, evaluation, args.name))
+    (d / "CARD.md").write_text(render(config, evaluation, args.name, args.note))
     print(f"-> {d / 'CARD.md'}")
     return 0
 

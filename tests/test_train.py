@@ -401,6 +401,10 @@ def test_init_from_a_draft_continues_it(tmp_path):
                 progress=False)
     a, b = _weights(tmp_path / "a" / "draft"), _weights(tmp_path / "b" / "draft")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the card of the continued draft carries the first stage's card
+    from glide.draft.checkpoint import read_draft_config
+    first, second = read_draft_config(tmp_path / "a" / "draft")[1], read_draft_config(tmp_path / "b" / "draft")[1]
+    assert "prior" not in first and second["prior"] == first and second["training"]["lr"] == 1e-30
     # a continued draft keeps its head rows, even where this corpus's most frequent tokens differ
     from glide.draft import load_draft
     small = dict(base, draft_vocab_size=4)

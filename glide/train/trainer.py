@@ -172,6 +172,17 @@ def init_from_target(draft: GlideDraftModel, target, which: str = "target-last")
         draft.norm.weight.copy_(target.norm.weight)
 
 
+def prior_card(path) -> dict:
+    """The card of the draft in ``path`` (``{}`` if unreadable): a continued draft keeps its
+    predecessor's card under ``prior``, so the card of the last stage holds every stage."""
+    from glide.draft.checkpoint import read_draft_config
+
+    try:
+        return read_draft_config(path)[1]
+    except (OSError, ValueError):
+        return {}
+
+
 def _prior_vocabulary(settings: TrainSettings):
     """The head rows of the ``init_from`` draft, when it has as many as this run asks for: a
     continued draft keeps its vocabulary even if the corpus (and its most frequent tokens) grew."""
@@ -514,6 +525,8 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         summary.update(val_step=val["step"], val_loss=val["loss"], val_top1=val["top1"])
     if rank == 0 and step == total:
         full_card = {"training": asdict(settings), "result": summary, **(card or {})}
+        if settings.init_from is not None:
+            full_card["prior"] = prior_card(settings.init_from)
         save_draft(model, export_dir or out / "draft", card=full_card)
     return summary
 

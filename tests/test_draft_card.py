@@ -1,0 +1,28 @@
+"""The draft card lists every training stage of a continued draft, oldest first."""
+
+from bench.draft_card import render, stages
+
+
+def _stage(lr, steps, seconds, samples, prior=None, val=None):
+    card = {"training": {"loss": "kl", "epochs": 2.0, "lr": lr, "warmup_steps": 10, "init": "random",
+                         "batch_size": 8, "gamma": 4, "bf16": True, "seed": 0},
+            "result": {"steps": steps, "seconds": seconds, "loss": 3.0, "top1": 0.5, **(val or {})},
+            "corpus": {"samples": samples, "tokens": 100, "response_tokens": 60}, "hardware": "cpu"}
+    if prior is not None:
+        card["prior"] = prior
+    return card
+
+
+def test_card_lists_each_stage_and_the_totals():
+    first = _stage(0.003, 100, 600, 24)
+    second = _stage(0.001, 50, 300, 47, prior=first, val={"val_loss": 2.5, "val_top1": 0.6})
+    assert stages(second) == [first, second] and stages({}) == []
+    config = {"config": {"num_layers": 1, "cross_attention": True, "draft_vocab": [1, 2, 3],
+                         "target": {"vocab_size": 9}}, "card": second}
+    text = render(config, None, "glide", notes=["corpus: 10 min"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 1 | `random` init | 24 |") and "0.003 (10)" in rows[0] and rows[0].endswith("| - | - |")
+    assert rows[1].startswith("| 2 | stage 1 | 47 |") and rows[1].endswith("| 2.5 | 0.6 |")
+    assert "All stages: 150 steps, 15.0 min" in text and "- corpus: 10 min" in text
+    assert "head cut to 3 most frequent" in text

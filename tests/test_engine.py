@@ -210,8 +210,7 @@ def _broken_path_verifier(tree, logits, temperature, top_p, uniforms):
 
 
 def test_engine_law_check_catches_a_broken_verifier(monkeypatch):
-    monkeypatch.setattr(engine_module, "verify_sampling", _broken_verifier)  # the GPU path
-    monkeypatch.setattr(engine_module, "verify_sampling_path", _broken_path_verifier)  # the CPU path
+    monkeypatch.setattr(engine_module, "verify_logits", _broken_path_verifier)
     tv, _ = _sampled_tv(1.3, 0.9)
     assert tv > TV_BOUND, f"a broken verifier passed: TV {tv:.4f} <= {TV_BOUND:.4f}"
 

@@ -450,7 +450,7 @@ def test_tiny_temperature_tends_to_the_one_hot(temperature):
                                                         (2.0, 0.5, torch.float32)])
 def test_path_sampling_gives_the_one_pass_verdict(temperature, top_p, dtype):
     """verify_sampling_path samples only the walked path; its verdict must be the one-pass one."""
-    from glide.speculative.verify import counter_uniforms, stream_keys, verify_sampling_path
+    from glide.speculative.verify import counter_uniforms, stream_keys, verify_logits, verify_sampling_path
 
     gen = torch.Generator().manual_seed(3)
     B, V = 64, 4  # a tiny vocabulary so that deep paths are accepted often
@@ -464,5 +464,7 @@ def test_path_sampling_gives_the_one_pass_verdict(temperature, top_p, dtype):
         got = verify_sampling_path(tree, logits, temperature, top_p, u)
         assert torch.equal(got.path_lens, want.path_lens), n
         assert torch.equal(got.path_idx, want.path_idx) and torch.equal(got.tokens, want.tokens), n
+        chosen = verify_logits(tree, logits, temperature, top_p, u)  # the engine's entry point
+        assert torch.equal(chosen.path_lens, want.path_lens) and torch.equal(chosen.tokens, want.tokens), n
         deep += int((want.path_lens >= 3).sum())
     assert deep > 20  # not vacuous: many walks went two levels down or more

@@ -18,7 +18,7 @@ import torch
 from .drafts import Draft, DraftContext
 from .tree import Tree, build_tree, raise_problems
 from .verify import (check_sampling, counter_uniforms, process_logits, sample, stream_keys, verify_greedy,
-                     verify_sampling, verify_sampling_path)
+                     verify_logits)
 
 __all__ = ["SequenceOutput", "generate_ids"]
 
@@ -192,10 +192,8 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     def verify(tree, logits):  # (B, T, V) -> Verdict; a node at depth d picks position num_new + d
         if greedy:
             return verify_greedy(tree, logits)
-        u = counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth)
-        if logits.device.type == "cpu":  # the same verdict, sampling only the walked path
-            return verify_sampling_path(tree, logits, temperature, top_p, u)
-        return verify_sampling(tree, process_logits(logits, temperature, top_p), uniforms=u)
+        return verify_logits(tree, logits, temperature, top_p,
+                             counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth))
 
     outputs = [SequenceOutput() for _ in range(B)]
     logits = model.prefill([list(p) for p in prompts], cache)

@@ -56,7 +56,7 @@ import torch
 
 from .tree import Tree
 
-__all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampling", "verify_sampling_path", "walk",
+__all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampling", "verify_sampling_path", "verify_logits", "walk",
            "check_sampling", "stream_keys", "counter_uniforms"]
 
 
@@ -323,6 +323,32 @@ def verify_sampling_path(tree: Tree, logits: torch.Tensor, temperature: float, t
         if not bool(alive.any()):
             break
     return walk(tree, picked, first_sibling_only=True)
+
+
+def verify_logits(tree: Tree, logits: torch.Tensor, temperature: float, top_p: float,
+                  uniforms: torch.Tensor) -> Verdict:
+    """Lossless verification from raw logits, in the form that suits the device.
+
+    :func:`verify_sampling_path` on CPUs, where its per-depth host read is free and it samples
+    a fraction of the rows; :func:`verify_sampling` over :func:`process_logits` elsewhere, with
+    no host read. Both give the same verdict.
+
+    Parameters
+    ----------
+    tree : Tree, with ``tree_len = T``
+    logits : torch.Tensor, shape (batch, T, vocab)
+    temperature : float, > 0
+    top_p : float, in (0, 1]
+    uniforms : torch.Tensor, shape (batch, T), floating
+        As for :func:`verify_sampling`.
+
+    Returns
+    -------
+    Verdict
+    """
+    if logits.device.type == "cpu":
+        return verify_sampling_path(tree, logits, temperature, top_p, uniforms)
+    return verify_sampling(tree, process_logits(logits, temperature, top_p), uniforms=uniforms)
 
 
 def walk(tree: Tree, picked: torch.Tensor, first_sibling_only: bool = True) -> Verdict:

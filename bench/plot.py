@@ -13,7 +13,8 @@
 - ``draft-eval.json``: ``draft-eval.png``, MAT and decode tokens/s by draft, batch size and
   temperature; with a calibration, ``draft-eval-calibration.png`` (observed against predicted
   acceptance) and ``draft-eval-verify-cost.png`` (the verify-cost curve the tree was sized with);
-- ``draft-training.json``: ``draft-training.png``, training loss and teacher agreement by step.
+- ``draft-training.json``: ``draft-training.png``, training loss and teacher agreement by step
+  (and the validation scores of runs trained with ``--val-shards``).
 
 Each kernel panel shows one slice of the sweep: every shape field except the x axis is held
 at its first value in the file, and the panel title says which.
@@ -230,18 +231,24 @@ def plot_draft_eval(data: dict[str, Any], out_dir: Path, stem: str = "draft-eval
 
 
 def plot_training(data: dict[str, Any], out_dir: Path, stem: str = "draft-training") -> list[Path]:
-    """Loss and top-1 agreement with the teacher by step, a line per run (smoothed over 50 steps)."""
+    """Loss and top-1 agreement with the teacher by step, a line per run (smoothed over 50 steps),
+    and the validation scores as dashed lines where a run has them."""
     runs = data.get("runs") or {}
     if not runs:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    validation = data.get("validation") or {}
     for name, log in runs.items():
         steps = [r["step"] for r in log]
+        val = validation.get(name) or []
         for ax, field in ((axes[0], "loss"), (axes[1], "top1")):
             vals = [r[field] for r in log]
             k = 50
             smooth = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
-            ax.plot(steps, smooth, label=name)
+            line, = ax.plot(steps, smooth, label=name)
+            if val:
+                ax.plot([r["step"] for r in val], [r[field] for r in val], "o--", ms=3,
+                        color=line.get_color(), label=f"{name} (validation)")
     axes[0].set_ylabel("training loss (50-step mean)")
     axes[1].set_ylabel("top-1 agreement with the teacher")
     for ax in axes:

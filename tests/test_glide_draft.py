@@ -164,6 +164,37 @@ def test_checkpoint_round_trip(target, tmp_path):
     assert [o.accepted for o in out1] == [o.accepted for o in out2]
 
 
+def test_cut_head_keeps_the_most_frequent_rows_and_stays_lossless(target, tmp_path):
+    from glide.draft import cut_head
+
+    d = tiny_draft(target, vocab=[2, 0, 5, 7, 11, 3])
+    save_draft(d, tmp_path / "d", card={"note": "test"}, dtype=torch.float64)
+    cut_head(tmp_path / "d", tmp_path / "c", 3)
+    c = load_draft(tmp_path / "c", target)
+    assert c.vocab_ids.tolist() == [2, 0, 5]
+    for (k, a), (_, b) in zip(sorted(d.state_dict().items()), sorted(c.state_dict().items())):
+        assert torch.equal(a, b), k  # the layers are untouched
+    card = json.loads((tmp_path / "c" / "config.json").read_text())["card"]
+    assert card["note"] == "test" and card["head_cut"] == {"from_rows": 6, "rows": 3}
+    # the cut draft's logits are the full draft's columns for the kept tokens
+    ids, pos = torch.tensor([[1, 5, 7]]), torch.arange(3)[None]
+    mask = torch.ones(1, 3, 3, dtype=torch.bool).tril()
+    outs = []
+    for m in (d, c):
+        cache = m.new_cache(1, 8)
+        outs.append(m.step(ids, pos, mask, cache, lambda i, q: torch.zeros_like(q)))
+    torch.testing.assert_close(outs[1], outs[0][..., :3], rtol=0, atol=1e-12)
+    ar = generate_ids(target, PROMPTS, None, max_new_tokens=16, eos_token_ids=(2,))
+    sp = generate_ids(target, PROMPTS, GlideDraft(c, 3), max_new_tokens=16, eos_token_ids=(2,))
+    assert [o.output_ids for o in sp] == [o.output_ids for o in ar]
+    for rows in (0, 6, 2.5):
+        with pytest.raises(ValueError, match="^rows: "):
+            cut_head(tmp_path / "d", tmp_path / "x", rows)
+    save_draft(tiny_draft(target), tmp_path / "full")
+    with pytest.raises(ValueError, match="^rows: .*whole vocabulary"):
+        cut_head(tmp_path / "full", tmp_path / "x", 3)
+
+
 def test_another_target_is_refused(target, tmp_path):
     save_draft(tiny_draft(target), tmp_path / "d")
     with pytest.raises(ValueError, match="^draft: .*another target"):

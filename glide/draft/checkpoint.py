@@ -18,7 +18,7 @@ from .config import DraftConfig, check_fingerprint, target_fingerprint
 from .model import GlideDraftModel
 
 __all__ = ["save_draft", "load_draft", "read_draft_config", "default_draft_path", "new_draft_config",
-           "WEIGHTS", "CONFIG"]
+           "cut_head", "WEIGHTS", "CONFIG"]
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -130,3 +130,61 @@ def new_draft_config(target, num_layers=1, cross_attention=True, draft_vocab=Non
     return DraftConfig(target=target.config, num_layers=num_layers, cross_attention=cross_attention,
                        draft_vocab=None if draft_vocab is None else tuple(int(x) for x in draft_vocab),
                        own_embeddings=own_embeddings, fingerprint=target_fingerprint(target))
+
+
+def cut_head(src, dst, rows: int) -> Path:
+    """Copy the draft in ``src`` to ``dst`` with its head cut to its ``rows`` most frequent tokens.
+
+    A draft's ``draft_vocab`` lists its head's tokens most frequent first, so its first ``rows``
+    entries are the tokens a shorter head keeps; the layers are unchanged (a shared head is the
+    target's rows; a draft's own head loses its last rows). Speculative decoding stays exact: a
+    token outside the head is never proposed, and the target's verification emits it when due.
+
+    Parameters
+    ----------
+    src, dst : str or os.PathLike
+        Draft folders; ``dst`` is created (or overwritten).
+    rows : int
+        ``1 <= rows <`` the current head's rows.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dst``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``rows`` (out of range, or a draft whose head covers the whole vocabulary and so
+        carries no frequency order), or ``draft`` for an unreadable ``src``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from glide.train.corpus import atomic_write
+
+    config, card = read_draft_config(src)
+    p = Path(os.fspath(src)).expanduser()
+    p = p.parent if p.is_file() else p
+    vocab = config.draft_vocab
+    if vocab is None:
+        raise ValueError("rows: the draft's head covers the whole vocabulary, in id order, not by frequency; "
+                         "there is no most-frequent subset to keep")
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows < len(vocab):
+        raise ValueError(f"rows: must be an int in [1, {len(vocab)}), got {rows!r}")
+    try:
+        state = load_file(str(p / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own error type
+        raise ValueError(f"draft: cannot read {p / WEIGHTS}: {exc}") from None
+    if config.own_embeddings and "lm_head.weight" in state:
+        state["lm_head.weight"] = state["lm_head.weight"][:rows].contiguous()
+    new = DraftConfig(target=config.target, num_layers=config.num_layers, cross_attention=config.cross_attention,
+                      draft_vocab=vocab[:rows], own_embeddings=config.own_embeddings,
+                      fingerprint=config.fingerprint)
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    os.chmod(out / WEIGHTS, 0o644)
+    card = {**card, "head_cut": {"from_rows": len(vocab), "rows": rows}}
+    meta = {"format": "glide-draft", "version": 1, "config": new.to_dict(), "card": card}
+    atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+    return out

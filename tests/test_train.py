@@ -120,8 +120,11 @@ def test_corpus_resumes_and_skips_heldout_and_long_prompts(tmp_path):
     # fewer prompts, or more over a partial last shard, is another corpus
     def sized(n):
         return CorpusSettings(max_prompts=n, max_prompt_tokens=20, max_new_tokens=6, batch_size=3, shard_size=4)
-    with pytest.raises(ValueError, match="^data: .*other settings"):
+    with pytest.raises(ValueError, match="^prompts: .*made for 20 prompts"):
         build_corpus(t, _Tok(), prompts, tmp_path / "c", sized(8), progress=False)
+    # the command's default asks for what the corpus is made for
+    from glide.train.command import DEFAULT_PROMPTS, _corpus_prompts
+    assert _corpus_prompts(tmp_path / "c") == 20 and _corpus_prompts(tmp_path / "none") == DEFAULT_PROMPTS
     build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(10), progress=False)
     with pytest.raises(ValueError, match="^data: .*other settings"):
         build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(12), progress=False)

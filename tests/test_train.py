@@ -123,10 +123,10 @@ def test_corpus_resumes_and_skips_heldout_and_long_prompts(tmp_path):
     with pytest.raises(ValueError, match="^prompts: .*made for 20 prompts"):
         build_corpus(t, _Tok(), prompts, tmp_path / "c", sized(8), progress=False)
     # the command's default asks for what the corpus is made for
-    from glide.train.command import DEFAULT_PROMPTS, _corpus_prompts
-    assert _corpus_prompts(tmp_path / "c") == 20 and _corpus_prompts(tmp_path / "none") == DEFAULT_PROMPTS
+    from glide.train.corpus import planned_prompts
+    assert planned_prompts(tmp_path / "c") == 20 and planned_prompts(tmp_path / "none") is None
     build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(10), progress=False)
-    with pytest.raises(ValueError, match="^data: .*other settings"):
+    with pytest.raises(ValueError, match="^data: .*partial shard"):
         build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(12), progress=False)
 
 

@@ -80,13 +80,13 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _positive(name, value, allow_none=False):
+def _positive(name, value, allow_none=False, minimum=1):
     from glide.api import ArgumentError
 
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArgumentError(name, f"must be an integer >= {minimum}, got {value!r}")
 
 
 def _settings(args):
@@ -123,8 +123,7 @@ def run(args) -> int:
     _positive("prompts", args.prompts, allow_none=True)
     _positive("shards", args.shards, allow_none=True)
     _positive("eval_every", args.eval_every)
-    if isinstance(args.val_shards, bool) or not isinstance(args.val_shards, int) or args.val_shards < 0:
-        raise ArgumentError("val_shards", f"must be an integer >= 0, got {args.val_shards!r}")
+    _positive("val_shards", args.val_shards, minimum=0)
     _positive("max_steps", args.max_steps, allow_none=True)
     settings = _settings(args)
     if args.init_from is not None and not os.path.isdir(args.init_from):
@@ -144,7 +143,7 @@ def run(args) -> int:
     from glide.api import eos_ids
     from glide.model.load import load_model
 
-    from .corpus import CorpusSettings, build_corpus
+    from .corpus import CorpusSettings, build_corpus, planned_prompts
     from .features import build_shard_features
     from .prompts import read_prompt_source
 
@@ -161,7 +160,7 @@ def run(args) -> int:
         target, tok = load_model(args.model, dtype=torch.bfloat16)
         corpus_dir, feat_dir = out / "corpus", out / "features"
         if args.stage in ("all", "corpus"):
-            cs = CorpusSettings(max_prompts=args.prompts or _corpus_prompts(corpus_dir),
+            cs = CorpusSettings(max_prompts=args.prompts or planned_prompts(corpus_dir) or DEFAULT_PROMPTS,
                                 max_prompt_tokens=args.max_prompt_tokens,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
                                 seed=args.seed)
@@ -197,36 +196,22 @@ def run(args) -> int:
     return 0
 
 
-def _corpus_prompts(corpus_dir) -> int:
-    """The prompts an existing corpus is made for (its ``meta.json``), else the default."""
-    import json
-
-    try:
-        n = json.loads((Path(corpus_dir) / "meta.json").read_text())["settings"]["max_prompts"]
-        return n if isinstance(n, int) and n > 0 else DEFAULT_PROMPTS
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_PROMPTS
-
-
 def _split(corpus_dir, feat_dir, shards, val_shards):
     """Training samples and features, and the validation pair (or ``None``): of the first
     ``shards`` corpus shards, the last ``val_shards``."""
     from glide.api import ArgumentError
 
-    from .corpus import corpus_shards, load_corpus_shard
-    from .features import FeatureSet, open_features
+    from .corpus import corpus_shards, load_corpus
+    from .features import open_shard_features
 
-    files = corpus_shards(corpus_dir)[:shards]
-    if val_shards >= len(files):
-        raise ArgumentError("val_shards", f"must leave shards to train on: {val_shards} of {len(files)} in use")
-    cut = len(files) - val_shards
-
-    def part(fs):
-        samples = [s for f in fs for s in load_corpus_shard(f)]
-        return samples, FeatureSet([open_features(Path(feat_dir) / f.stem) for f in fs])
-
-    train = part(files[:cut])
-    return (*train, part(files[cut:]) if val_shards else None)
+    n = len(corpus_shards(corpus_dir)[:shards])
+    if val_shards >= n:
+        raise ArgumentError("val_shards", f"must leave shards to train on: {val_shards} of {n} in use")
+    train, val = slice(0, n - val_shards), slice(n - val_shards, n)
+    validation = None
+    if val_shards:
+        validation = load_corpus(corpus_dir, val), open_shard_features(corpus_dir, feat_dir, val)
+    return load_corpus(corpus_dir, train), open_shard_features(corpus_dir, feat_dir, train), validation
 
 
 def _hardware() -> str:

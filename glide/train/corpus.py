@@ -31,7 +31,7 @@ import torch
 from .prompts import SourcePrompt, is_heldout
 
 __all__ = ["CorpusSettings", "Sample", "build_corpus", "load_corpus", "load_corpus_shard", "corpus_shards",
-           "atomic_write"]
+           "planned_prompts", "shard_range", "atomic_write"]
 
 
 @dataclass
@@ -100,17 +100,28 @@ def _select(prompts: list[SourcePrompt], tokenizer, s: CorpusSettings):
     return chosen
 
 
-def _extends(old: dict, new: dict) -> bool:
-    """Whether a corpus made as ``old`` may be continued as ``new``: the same settings, or more
-    prompts over full shards (shard ``k`` then holds the same prompts as before)."""
-    if old.get("vocab_size") != new["vocab_size"]:
-        return False
+def _check_continues(old: dict, new: dict, out: Path) -> None:
+    """Raise unless a corpus made as ``old`` may be continued as ``new``: the same settings, or
+    more prompts over full shards (shard ``k`` then holds the same prompts as before)."""
     a, b = dict(old.get("settings") or {}), dict(new["settings"])
-    if a == b:
-        return True
     n_old, n_new = a.pop("max_prompts", None), b.pop("max_prompts")
-    return (a == b and isinstance(n_old, int) and n_new > n_old
-            and n_old % new["settings"]["shard_size"] == 0)
+    if a != b or old.get("vocab_size") != new["vocab_size"] or not isinstance(n_old, int):
+        raise ValueError(f"data: {out} holds a corpus made with other settings ({out / 'meta.json'}); "
+                         "use another output folder or delete it")
+    if n_new < n_old:
+        raise ValueError(f"prompts: the corpus in {out} is made for {n_old} prompts; ask for at least "
+                         f"that many (the default), or train on fewer with --shards")
+    if n_new > n_old and n_old % b["shard_size"]:
+        raise ValueError(f"data: {out} ends in a partial shard ({n_old} prompts); it cannot grow in place")
+
+
+def planned_prompts(path) -> int | None:
+    """The prompts the corpus in ``path`` is made for (its ``meta.json``); ``None`` without one."""
+    try:
+        n = json.loads((Path(path) / "meta.json").read_text())["settings"]["max_prompts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _save_shard(path: Path, samples: list[Sample], vocab: int) -> None:
@@ -151,7 +162,8 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
     Raises
     ------
     ValueError
-        Naming ``data`` if ``out_dir`` holds a corpus made with other settings.
+        Naming ``data`` if ``out_dir`` holds a corpus made with other settings, or ``prompts``
+        if it is made for more prompts than ``settings`` asks for.
     """
     from glide.speculative.engine import generate_ids
 
@@ -161,17 +173,10 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
             "eos_token_ids": list(eos_token_ids)}
     meta["settings"]["temperatures"] = list(settings.temperatures)
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        held = (old.get("settings") or {}).get("max_prompts")
-        if isinstance(held, int) and settings.max_prompts < held and _extends(
-                {**old, "settings": {**old["settings"], "max_prompts": settings.max_prompts}}, meta):
-            raise ValueError(f"prompts: the corpus in {out} is made for {held} prompts; ask for at least "
-                             f"that many (the default), or train on fewer with --shards")
-        if not _extends(old, meta):
-            raise ValueError(f"data: {out} holds a corpus made with other settings ({meta_path}); "
-                             "use another output folder or delete it")
-    if not meta_path.exists() or old != meta:
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if old is not None:
+        _check_continues(old, meta, out)
+    if old != meta:
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     chosen = _select(prompts, tokenizer, settings)
     S = settings.shard_size
@@ -245,12 +250,18 @@ def load_corpus_shard(f) -> list[Sample]:
             for i in range(len(plens))]
 
 
-def load_corpus(path, shards: int | None = None) -> list[Sample]:
-    """Every sample of the first ``shards`` shards (all by default) in ``path``, in order.
+def shard_range(shards: int | slice | None) -> slice:
+    """The shards to use: the first ``shards`` for an int, all for ``None``, or a slice."""
+    return shards if isinstance(shards, slice) else slice(shards)
+
+
+def load_corpus(path, shards: int | slice | None = None) -> list[Sample]:
+    """Every sample of the first ``shards`` shards (all by default; or a slice of the shards)
+    in ``path``, in order.
 
     Raises
     ------
     FileNotFoundError, ValueError
         Naming ``data``.
     """
-    return [s for f in corpus_shards(path)[:shards] for s in load_corpus_shard(f)]
+    return [s for f in corpus_shards(path)[shard_range(shards)] for s in load_corpus_shard(f)]

@@ -262,7 +262,9 @@ def build_shard_features(model, corpus_dir, out_dir, shards=None, progress: bool
 
 
 def open_shard_features(corpus_dir, out_dir, shards=None) -> FeatureSet:
-    """The features of the first ``shards`` corpus shards (all by default), each finished."""
-    from .corpus import corpus_shards
+    """The features of the first ``shards`` corpus shards (all by default; or a slice of the
+    shards, as for :func:`~glide.train.corpus.load_corpus`), each finished."""
+    from .corpus import corpus_shards, shard_range
 
-    return FeatureSet([open_features(Path(out_dir) / f.stem) for f in corpus_shards(corpus_dir)[:shards]])
+    return FeatureSet([open_features(Path(out_dir) / f.stem)
+                       for f in corpus_shards(corpus_dir)[shard_range(shards)]])

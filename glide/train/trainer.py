@@ -85,7 +85,8 @@ class TrainSettings:
         ``False`` computes in float32.
     init_from : str, optional
         A draft folder to start from instead of ``init`` (to train a draft further with a new
-        schedule); its shape, cross-attention and vocabulary must be this run's.
+        schedule); its layers, cross-attention and head size must be this run's, and the run
+        keeps its head rows (its card goes into the new card as ``prior``).
     """
 
     gamma: int = 4
@@ -172,47 +173,25 @@ def init_from_target(draft: GlideDraftModel, target, which: str = "target-last")
         draft.norm.weight.copy_(target.norm.weight)
 
 
-def prior_card(path) -> dict:
-    """The card of the draft in ``path`` (``{}`` if unreadable): a continued draft keeps its
-    predecessor's card under ``prior``, so the card of the last stage holds every stage."""
-    from glide.draft.checkpoint import read_draft_config
+def _read_prior(target, settings: TrainSettings):
+    """The ``init_from`` draft (read by :func:`load_draft`, so it must fit ``target`` and pass
+    its checks) and its card; it must have this run's layers, cross-attention and head size.
+    Errors name ``init_from``."""
+    from glide.draft.checkpoint import load_draft, read_draft_config
 
+    path = settings.init_from
     try:
-        return read_draft_config(path)[1]
-    except (OSError, ValueError):
-        return {}
-
-
-def _prior_vocabulary(settings: TrainSettings):
-    """The head rows of the ``init_from`` draft, when it has as many as this run asks for: a
-    continued draft keeps its vocabulary even if the corpus (and its most frequent tokens) grew."""
-    from glide.draft.checkpoint import read_draft_config
-
-    try:
-        vocab = read_draft_config(settings.init_from)[0].draft_vocab
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # _init_from_draft says what is wrong with it
-    if vocab is None or len(vocab) != settings.draft_vocab_size:
-        return None
-    return [int(x) for x in vocab]
-
-
-def _init_from_draft(model: GlideDraftModel, target, path) -> None:
-    """Start ``model`` from the draft in ``path``, read by :func:`load_draft` (so it must fit
-    ``target`` and pass its checks); errors name ``init_from``."""
-    from glide.draft.checkpoint import load_draft
-
-    try:
+        card = read_draft_config(path)[1]
         prior = load_draft(path, target)
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"init_from: {str(exc).removeprefix('draft: ')}") from None
-    mine, theirs = model.config, prior.config
-    if (theirs.num_layers, theirs.cross_attention, theirs.draft_vocab) != (
-            mine.num_layers, mine.cross_attention, mine.draft_vocab):
+    c, size = prior.config, settings.draft_vocab_size
+    want = None if size is None or size >= target.config.vocab_size else size
+    have = None if c.draft_vocab is None else len(c.draft_vocab)
+    if (c.num_layers, c.cross_attention, have) != (settings.num_layers, settings.cross_attention, want):
         raise ValueError(f"init_from: the draft in {path} differs from this run (layers, cross-attention "
-                         "or vocabulary)")
-    own = model.state_dict()
-    model.load_state_dict({k: v.float() for k, v in prior.state_dict().items() if k in own})
+                         "or head size)")
+    return prior, card
 
 
 def batch_plan(num_samples: int, lengths, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
@@ -414,13 +393,17 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     torch.manual_seed(settings.seed)
     V = target.config.vocab_size
     eos = list(target.config.eos_token_ids)
-    vocab = _prior_vocabulary(settings) if settings.init_from is not None else None
-    if vocab is None:
+    prior, prior_card = _read_prior(target, settings) if settings.init_from is not None else (None, None)
+    if prior is not None:  # a continued draft keeps its head rows, even if the corpus grew
+        vocab = prior.config.draft_vocab
+    else:
         vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
     config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
-    if settings.init_from is not None:
-        _init_from_draft(model, target, settings.init_from)
+    if prior is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: v.float() for k, v in prior.state_dict().items() if k in own})
+        del prior
     elif settings.init != "random":
         init_from_target(model, target, settings.init)
     else:
@@ -464,8 +447,6 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     def validate():
         nonlocal val
         if validation is None or rank != 0:
-            return
-        if val.get("step") == step:
             return
         val = {"step": step, **evaluate(model, *validation, settings)}
         with open(out / "val.jsonl", "a") as fh:
@@ -525,8 +506,8 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         summary.update(val_step=val["step"], val_loss=val["loss"], val_top1=val["top1"])
     if rank == 0 and step == total:
         full_card = {"training": asdict(settings), "result": summary, **(card or {})}
-        if settings.init_from is not None:
-            full_card["prior"] = prior_card(settings.init_from)
+        if prior_card is not None:
+            full_card["prior"] = prior_card
         save_draft(model, export_dir or out / "draft", card=full_card)
     return summary
 

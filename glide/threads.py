@@ -120,7 +120,7 @@ def fit_threads(device: torch.device | str = "cpu", window: float = 0.1, every: 
     now = time.monotonic()
     if now - _LAST_FIT[0] < every and _LAST_FIT[1] is not None:
         return _LAST_FIT[1]
-    busy = others_busy_cores(window) if since is None else others_busy_cores(window, since=since)
+    busy = others_busy_cores(window, since=since)
     if busy is None:
         return None
     try:

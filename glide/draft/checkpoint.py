@@ -8,6 +8,7 @@ bfloat16. Every failure names ``draft``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -41,18 +42,31 @@ def save_draft(model: GlideDraftModel, path, card: dict | None = None, dtype=tor
     dtype : torch.dtype
         Storage dtype of the weights.
     """
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    return _write(path, tensors, model.config, card or {})
+
+
+def _write(path, tensors: dict, config: DraftConfig, card: dict) -> Path:
+    """A draft folder: the weights, then the config and card, each file written atomically."""
     from safetensors.torch import save_file
 
     from glide.train.corpus import atomic_write
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     os.chmod(out / WEIGHTS, 0o644)  # readable by everyone, like the package it may ship in
-    meta = {"format": "glide-draft", "version": 1, "config": model.config.to_dict(), "card": card or {}}
+    meta = {"format": "glide-draft", "version": 1, "config": config.to_dict(), "card": card}
     atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
     return out
+
+
+def _folder(path) -> Path:
+    """The draft folder that ``path`` names (a file in it names the folder)."""
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"draft: path {str(p)!r} does not exist")
+    return p.parent if p.is_file() else p
 
 
 def read_draft_config(path) -> tuple[DraftConfig, dict]:
@@ -63,11 +77,7 @@ def read_draft_config(path) -> tuple[DraftConfig, dict]:
     FileNotFoundError, ValueError
         Naming ``draft``.
     """
-    p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"draft: path {str(p)!r} does not exist")
-    if p.is_file():
-        p = p.parent
+    p = _folder(path)
     cfg = p / CONFIG
     if not cfg.is_file() or not (p / WEIGHTS).is_file():
         raise ValueError(f"draft: {str(p)!r} is not a GliDe draft (needs {CONFIG} and {WEIGHTS})")
@@ -95,8 +105,7 @@ def load_draft(path, target) -> GlideDraftModel:
     from safetensors.torch import load_file
 
     config, _ = read_draft_config(path)
-    p = Path(os.fspath(path)).expanduser()
-    p = p.parent if p.is_file() else p
+    p = _folder(path)
     check_fingerprint(config.fingerprint, target)
     if config.target.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft: vocab_size {config.target.vocab_size} differs from the target's "
@@ -158,13 +167,11 @@ def cut_head(src, dst, rows: int) -> Path:
         Naming ``rows`` (out of range, or a draft whose head covers the whole vocabulary and so
         carries no frequency order), or ``draft`` for an unreadable ``src``.
     """
-    from safetensors.torch import load_file, save_file
-
-    from glide.train.corpus import atomic_write
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     config, card = read_draft_config(src)
-    p = Path(os.fspath(src)).expanduser()
-    p = p.parent if p.is_file() else p
+    p = _folder(src)
     vocab = config.draft_vocab
     if vocab is None:
         raise ValueError("rows: the draft's head covers the whole vocabulary, in id order, not by frequency; "
@@ -173,18 +180,9 @@ def cut_head(src, dst, rows: int) -> Path:
         raise ValueError(f"rows: must be an int in [1, {len(vocab)}), got {rows!r}")
     try:
         state = load_file(str(p / WEIGHTS))
-    except Exception as exc:  # safetensors raises its own error type
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"draft: cannot read {p / WEIGHTS}: {exc}") from None
     if config.own_embeddings and "lm_head.weight" in state:
         state["lm_head.weight"] = state["lm_head.weight"][:rows].contiguous()
-    new = DraftConfig(target=config.target, num_layers=config.num_layers, cross_attention=config.cross_attention,
-                      draft_vocab=vocab[:rows], own_embeddings=config.own_embeddings,
-                      fingerprint=config.fingerprint)
-    out = Path(dst)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    os.chmod(out / WEIGHTS, 0o644)
-    card = {**card, "head_cut": {"from_rows": len(vocab), "rows": rows}}
-    meta = {"format": "glide-draft", "version": 1, "config": new.to_dict(), "card": card}
-    atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
-    return out
+    new = dataclasses.replace(config, draft_vocab=vocab[:rows])
+    return _write(dst, state, new, {**card, "head_cut": {"from_rows": len(vocab), "rows": rows}})

@@ -34,7 +34,7 @@ def test_a_busy_looping_process_is_seen():
     (1.0, 16, 8, 8), (10.2, 16, 8, 6),
 ])
 def test_threads_use_the_free_cores(monkeypatch, busy, cores, initial, want):
-    monkeypatch.setattr(threads, "others_busy_cores", lambda window: busy)
+    monkeypatch.setattr(threads, "others_busy_cores", lambda window, since=None: busy)
     monkeypatch.setattr(threads, "_INITIAL_THREADS", initial)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert threads.fit_threads("cpu") == want
@@ -43,7 +43,7 @@ def test_threads_use_the_free_cores(monkeypatch, busy, cores, initial, want):
 
 def test_the_users_choice_and_other_devices_are_left_alone(monkeypatch):
     calls = []
-    monkeypatch.setattr(threads, "others_busy_cores", lambda window: calls.append(1) or 1.0)
+    monkeypatch.setattr(threads, "others_busy_cores", lambda window, since=None: calls.append(1) or 1.0)
     torch.set_num_threads(2)
     assert threads.fit_threads("cuda") is None
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -56,7 +56,7 @@ def test_the_users_choice_and_other_devices_are_left_alone(monkeypatch):
 
 def test_a_recent_measurement_is_reused(monkeypatch):
     calls = []
-    monkeypatch.setattr(threads, "others_busy_cores", lambda window: calls.append(1) or 0.0)
+    monkeypatch.setattr(threads, "others_busy_cores", lambda window, since=None: calls.append(1) or 0.0)
     first = threads.fit_threads("cpu", every=60)
     assert threads.fit_threads("cpu", every=60) == first and len(calls) == 1
     threads.fit_threads("cpu", every=0)

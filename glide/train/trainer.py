@@ -238,9 +238,17 @@ class _Batch:
     shift: torch.Tensor  # (b,)
 
 
+def _block_shifts(s: TrainSettings, step: int, n: int) -> torch.Tensor:
+    """The cross-mask block offsets of a step's ``n`` global samples, a function of (seed, step):
+    drawn for the whole global batch, so that any split over ranks sees the same."""
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+    return torch.randint(0, s.gamma + 1, (n,), generator=g)
+
+
 def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: TrainSettings, vocab_index,
-                step) -> _Batch:
-    """Samples ``plan_batch[lo:hi]`` (a rank's share of the global batch) as tensors."""
+                shifts) -> _Batch:
+    """Samples ``plan_batch[lo:hi]`` (a rank's share of the global batch) as tensors;
+    ``shifts`` holds the block offsets of the whole ``plan_batch``."""
     idx = plan_batch[lo:hi]
     b = len(idx)
     lens = [min(len(samples[i].tokens), s.max_len) for i in idx]
@@ -265,9 +273,7 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
         P = smp.prompt_len
         w[r, max(P - 1, 0): L - 1] = 1.0
     rows = w > 0
-    # block offsets drawn for the whole global batch, so that any split over ranks sees the same
-    g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-    shift = torch.randint(0, s.gamma + 1, (len(plan_batch),), generator=g)[lo:hi]
+    shift = torch.as_tensor(shifts)[lo:hi]
     t_id = tid[rows]
     t_idx = torch.where(t_id >= 0, vocab_index[t_id.clamp(min=0)], -1)
     return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(L_layers)], rows, w[rows],
@@ -327,8 +333,8 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
         with torch.no_grad():
             for b in range(0, len(order), bs):
                 idx = order[b:b + bs]
-                batch = _make_batch(idx, 0, len(idx), samples, feats, settings, vocab_index, 0)
-                batch.shift = torch.tensor([i % (settings.gamma + 1) for i in idx])
+                batch = _make_batch(idx, 0, len(idx), samples, feats, settings, vocab_index,
+                                    [i % (settings.gamma + 1) for i in idx])
                 cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                     logits = model(batch.ids, batch.kv, cross, batch.rows)
@@ -462,7 +468,8 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         lo, hi = rank * per, min((rank + 1) * per, len(idx))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, settings)
-        batch = _make_batch(idx, lo, hi, samples, feats, settings, vocab_index, step)
+        batch = _make_batch(idx, lo, hi, samples, feats, settings, vocab_index,
+                            _block_shifts(settings, step, len(idx)))
         # the global weight: each rank's share of the mean, so W ranks == one process
         wsum = torch.tensor([float(batch.weight.sum())])
         if world > 1:

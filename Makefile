@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 install-train: install
 	$(PIP) install -q -e '.[train]'
 
-# Trains the shipped draft: corpus -> features -> training -> runs/smollm2/glide/draft; every
-# stage resumes where it stopped. Copy the result to glide/assets/ to ship it.
+# Trains a draft from scratch with the default recipe: corpus -> features -> training ->
+# runs/smollm2/glide/draft; every stage resumes where it stopped. The shipped draft came from
+# several --init-from stages instead: README ("Training a draft") gives their commands.
 train-draft: install-train
 	HF_HUB_OFFLINE=1 $(PY) -m glide train-draft --out runs/smollm2
 

@@ -100,24 +100,25 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
 
 
 def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temperature=0.0):
-    """The dynamic tree at batch 1 with a recorder: (calibration table, verify-cost curve, sizes)."""
+    """The uncalibrated dynamic tree at batch 1 with a recorder: the table of predicted ``v``
+    against observed acceptance, with the rate the draft's shipped calibration (recorded on
+    training prompts) gives each bucket, if it ships one; the verify-cost curve; tree sizes."""
     from glide import api
     from glide.draft import load_draft
-    from glide.draft.dynamic import Calibration, DynamicTreeDraft
-    from glide.speculative.engine import generate_ids
+    from glide.draft.dynamic import load_calibration, record_calibration
 
     model, tok = loaded
-    prompts = api.read_prompts(prompts_path)[:limit]
-    rec = Calibration()
-    net = load_draft(path, model)
-    sizes, cost = [], None
-    for p in prompts:
-        d = DynamicTreeDraft(net, record=rec)
-        generate_ids(model, [api.encode_chat(tok, p.text)], d, max_new_tokens=max_new_tokens,
-                     temperature=temperature, eos_token_ids=api.eos_ids(model.config, tok))
-        sizes += d.sizes
-        cost = d.cost
-    return {"table": rec.table(), "raw": rec.to_dict(), "temperature": temperature,
+    prompts = [api.encode_chat(tok, p.text) for p in api.read_prompts(prompts_path)[:limit]]
+    rec, sizes, cost = record_calibration(model, load_draft(path, model), prompts, max_new_tokens,
+                                          temperature, eos_token_ids=api.eos_ids(model.config, tok))
+    table = rec.table()
+    shipped = load_calibration(path, temperature)
+    if shipped is not None and list(shipped.edges) == list(rec.edges):
+        for row in table:
+            i = shipped.edges.index(row["bucket"][0])
+            n = shipped.count[i]
+            row["shipped"] = shipped.accepted[i] / n if n else None
+    return {"table": table, "raw": rec.to_dict(), "temperature": temperature,
             "tree_sizes": {"mean": float(np.mean(sizes)), "min": int(min(sizes)), "max": int(max(sizes))},
             "verify_cost": {"sizes": cost.sizes, "seconds": cost.seconds, **cost.meta}}
 
@@ -161,8 +162,9 @@ def main(argv=None) -> int:
         for cal in meta["calibration"]:
             print(f"calibration T={cal['temperature']}: tree sizes {cal['tree_sizes']}")
             for r in cal["table"]:
+                shipped = f", shipped calibration {r['shipped']:.3f}" if r.get("shipped") is not None else ""
                 print(f"  v in [{r['bucket'][0]:.2f}, {r['bucket'][1]:.2f}): {r['nodes']:6d} nodes, "
-                      f"predicted {r['predicted']:.3f}, observed {r['observed']:.3f}")
+                      f"predicted {r['predicted']:.3f}, observed {r['observed']:.3f}{shipped}")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         r = dict(r, mean_accepted_chat=r.get("mean_accepted_chat"), mean_accepted_code=r.get("mean_accepted_code"))

@@ -214,8 +214,13 @@ def check_draft_applies(method: str, draft_path: str | None) -> str | None:
 TREES = ("chain", "cape", "dynamic")
 
 
-def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None):
+def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
+               temperature: float = 0.0):
     """The draft for ``method``; ``None`` for the target-only methods.
+
+    The dynamic tree sizes itself with the calibration the draft folder ships for
+    ``temperature`` (``calibration.json``, see :func:`glide.draft.dynamic.load_calibration`),
+    or with the draft's raw probabilities when it ships none.
 
     Raises
     ------
@@ -237,9 +242,13 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
             raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
         tree = tree or ("chain" if method == "glide" else "cape")
         if tree == "dynamic":
-            from glide.draft.dynamic import DynamicTreeDraft
+            from glide.draft.dynamic import DynamicTreeDraft, load_calibration
 
-            return DynamicTreeDraft(net)
+            try:
+                calibration = load_calibration(path, temperature)
+            except ValueError as exc:
+                raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
+            return DynamicTreeDraft(net, calibration=calibration)
         if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
@@ -392,7 +401,7 @@ def generate(
     config = target.config
     if encoded is None or tokenizer is not tok:
         encoded = [encode_chat(tokenizer, p.text) for p in items]
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree)
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
     check_prompt_lengths(items, encoded, max_new_tokens, reserve, int(config.max_position_embeddings))

@@ -416,6 +416,51 @@ def test_calibration_records_what_was_accepted(trained):
     assert torch.equal(back.mapping(v), rec.mapping(v))
 
 
+def test_mapping_ignores_buckets_with_too_few_nodes():
+    cal = Calibration(edges=[0, 0.5, 1.0001])
+    cal.add(torch.full((30,), 0.2), torch.arange(30) < 3)  # 30 nodes, 10% accepted
+    cal.add(torch.full((5,), 0.9), torch.zeros(5, dtype=torch.bool))  # 5 nodes: too few
+    f = cal.mapping(torch.tensor([0.3, 0.8]))
+    assert f.tolist() == pytest.approx([0.1, 0.8])
+    assert cal.mapping(torch.tensor([0.8]), min_nodes=5).tolist() == [0.0]
+
+
+def test_calibration_ships_in_the_draft_folder_and_sizes_the_tree(trained, tmp_path):
+    from glide import api
+    from glide.draft import save_draft
+    from glide.draft.dynamic import load_calibration, record_calibration, save_calibration
+
+    t, d, _ = trained
+    folder = save_draft(d, tmp_path / "d")
+    assert load_calibration(folder, 0.0) is None  # none shipped: raw probabilities
+    greedy, sizes, cost = record_calibration(t, d, PROMPTS_SMALL, max_new_tokens=12)
+    assert len(cost.sizes) == len(cost.seconds) >= 2
+    assert sum(greedy.count) >= len(sizes) > 0
+    with pytest.raises(ValueError, match="prompts"):
+        record_calibration(t, d, [], max_new_tokens=4)
+    # an all-rejecting table for sampling: the tree must shrink to nothing beyond the root
+    never = Calibration()
+    never.add(torch.linspace(0, 1, 5000), torch.zeros(5000, dtype=torch.bool))  # every bucket well filled
+    save_calibration(folder, {"greedy": greedy, "sampled": never}, {"prompts": len(PROMPTS_SMALL)})
+    assert load_calibration(folder / "config.json", 0.0).count == greedy.count  # a file names its folder
+    assert load_calibration(folder, 0.7).accepted == never.accepted  # any T > 0 reads "sampled"
+    draft = api.make_draft("glide", str(folder), t, tree="dynamic", temperature=1.0)
+    assert draft.calibration.accepted == never.accepted
+    draft.cost = _flat_cost(0.01)  # no timing noise: only the calibration decides the size
+    out = generate_ids(t, PROMPTS_SMALL, draft, max_new_tokens=8, temperature=1.0)
+    assert set(draft.sizes) == {0} and all(a == 1 for o in out for a in o.accepted)
+    plain = DynamicTreeDraft(d, cost=_flat_cost(0.01))  # the same draft, uncalibrated, grows trees
+    generate_ids(t, PROMPTS_SMALL, plain, max_new_tokens=8, temperature=1.0)
+    assert max(plain.sizes) > 0
+    with pytest.raises(ValueError, match="tables"):
+        save_calibration(folder, {"hot": never})
+    (folder / "calibration.json").write_text('{"format": "glide-calibration", "tables": {"greedy": {"edges": [0, 1]}}}')
+    with pytest.raises(ValueError, match="^draft: cannot read"):
+        load_calibration(folder, 0.0)
+    with pytest.raises(api.ArgumentError, match="calibration.json"):
+        api.make_draft("glide", str(folder), t, tree="dynamic")
+
+
 def test_verify_cost_is_measured_and_cached(tmp_path):
     t = tiny_target(dtype=torch.float32)
     c = VerifyCost.cached(t, 2, 20, path=tmp_path / "vc.json")

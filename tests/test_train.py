@@ -371,13 +371,29 @@ def test_train_draft_command_runs_its_stages(tmp_path, capsys):
     assert all(v["tokens"] == sum(len(x.tokens) - x.prompt_len for x in samples[8:]) for v in val)
     assert main(common + ["--stage", "train", "--val-shards", "2", "--run-name", "v2"]) == 2
     assert "argument --val-shards" in capsys.readouterr().err
+    # calibrate: the run's draft, on the last shard's prompts, greedy and at temperature 1
+    from glide.draft.dynamic import load_calibration
+
+    assert main(common + ["--stage", "calibrate", "--calibration-prompts", "3"]) == 2  # 128 tokens do not fit
+    assert "argument --calibration-tokens" in capsys.readouterr().err
+    assert main(common + ["--stage", "calibrate", "--calibration-prompts", "3", "--calibration-tokens", "12"]) == 0
+    assert "calibration of 3 prompts of shard 1 written to" in capsys.readouterr().out
+    draft = tmp_path / "run" / "glide" / "draft"
+    for temp in (0.0, 1.0):
+        assert sum(load_calibration(draft, temp).count) > 0
+    info = json.loads((draft / "calibration.json").read_text())["info"]
+    assert info["corpus_shard"] == 1 and info["prompts"] == 3
+    assert main(common + ["--stage", "calibrate", "--draft", str(tmp_path / "none")]) == 2
+    assert "argument --draft" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,flag", [(["--stage", "nope"], "--stage"), (["--loss", "l2"], "--loss"),
                                        (["--epochs", "0"], "--epochs"), (["--draft-vocab", "-3"], "--draft-vocab"),
                                        (["--batch-size", "0"], "--batch-size"), (["--init", "zeros"], "--init"),
                                        (["--shards", "0"], "--shards"), (["--max-steps", "-1"], "--max-steps"),
-                                       (["--val-shards", "-1"], "--val-shards"), (["--eval-every", "0"], "--eval-every")])
+                                       (["--val-shards", "-1"], "--val-shards"), (["--eval-every", "0"], "--eval-every"),
+                                       (["--calibration-prompts", "0"], "--calibration-prompts"),
+                                       (["--calibration-tokens", "0"], "--calibration-tokens")])
 def test_train_draft_bad_arguments_name_the_flag(capsys, argv, flag):
     from glide.cli import main
 

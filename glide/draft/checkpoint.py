@@ -148,6 +148,8 @@ def cut_head(src, dst, rows: int) -> Path:
     entries are the tokens a shorter head keeps; the layers are unchanged (a shared head is the
     target's rows; a draft's own head loses its last rows). Speculative decoding stays exact: a
     token outside the head is never proposed, and the target's verification emits it when due.
+    A ``calibration.json`` is not carried over: the cut draft is accepted differently, so
+    calibrate it anew (``glide train-draft --stage calibrate --draft DST``).
 
     Parameters
     ----------

@@ -42,7 +42,8 @@ from glide.speculative.tree import Proposal, ancestor_mask
 
 from .runtime import GlideDraft
 
-__all__ = ["VerifyCost", "Calibration", "DynamicTreeDraft", "cache_dir"]
+__all__ = ["VerifyCost", "Calibration", "DynamicTreeDraft", "cache_dir", "record_calibration", "save_calibration",
+           "load_calibration", "CALIBRATION"]
 
 
 @dataclass
@@ -173,10 +174,11 @@ class Calibration:
                              "predicted": self.predicted[i] / n, "observed": self.accepted[i] / n})
         return rows
 
-    def mapping(self, v: torch.Tensor) -> torch.Tensor:
-        """``f(v)``: the observed rate of ``v``'s bucket (``v`` itself where a bucket is empty)."""
-        rate = torch.tensor([a / n if n else float("nan") for a, n in zip(self.accepted, self.count)],
-                            dtype=v.dtype, device=v.device)
+    def mapping(self, v: torch.Tensor, min_nodes: int = 20) -> torch.Tensor:
+        """``f(v)``: the observed rate of ``v``'s bucket (``v`` itself where a bucket holds fewer
+        than ``min_nodes`` nodes, too few to trust)."""
+        rate = torch.tensor([a / n if n >= max(min_nodes, 1) else float("nan")
+                             for a, n in zip(self.accepted, self.count)], dtype=v.dtype, device=v.device)
         b = torch.bucketize(v, torch.tensor(self.edges[1:-1], dtype=v.dtype, device=v.device), right=True)
         f = rate[b]
         return torch.where(torch.isnan(f), v, f)
@@ -334,3 +336,96 @@ class DynamicTreeDraft(GlideDraft):
         anc = ancestor_mask(torch.cat([minus, torch.where(prop.valid, prop.parents, -1)], 1))[:, 1:, 1:]
         ok = ~(anc & ~match[:, None, :]).any(-1)
         self.record.add(prop.draft_probs[prop.valid], ok[prop.valid])
+
+
+# ---------------------------------------------------------------------------- shipped calibration
+CALIBRATION = "calibration.json"
+
+
+def record_calibration(target, net, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
+                       seed: int = 0, eos_token_ids=(), progress: bool = False) -> tuple[Calibration, list]:
+    """Decode ``prompts`` one at a time with the uncalibrated dynamic tree and record, for every
+    proposed node, its predicted acceptance ``v`` and whether the target accepted it.
+
+    Parameters
+    ----------
+    target : LlamaModel
+    net : GlideDraftModel
+        Attached to ``target``.
+    prompts : list of list of int
+        Prompt token ids (chat template applied). Use prompts from the training distribution,
+        never the held-out evaluation prompts.
+    max_new_tokens, temperature, seed, eos_token_ids
+        As in :func:`glide.speculative.engine.generate_ids`.
+
+    Returns
+    -------
+    (Calibration, list of int, VerifyCost)
+        The table, the tree size chosen at every step, and the verify-cost curve the trees were
+        sized with (the last prompt's).
+    """
+    from tqdm.auto import tqdm
+
+    from glide.speculative.engine import generate_ids
+
+    if not prompts:
+        raise ValueError("prompts: need at least one prompt to calibrate on")
+    rec, sizes, cost = Calibration(), [], None
+    for ids in tqdm(prompts, desc=f"calibrate T={temperature:g}", disable=not progress):
+        d = DynamicTreeDraft(net, record=rec)
+        generate_ids(target, [list(ids)], d, max_new_tokens=max_new_tokens, temperature=temperature,
+                     seed=seed, eos_token_ids=eos_token_ids)
+        sizes += d.sizes
+        cost = d.cost
+    return rec, sizes, cost
+
+
+def _calibration_key(temperature: float) -> str:
+    return "greedy" if temperature == 0 else "sampled"
+
+
+def save_calibration(draft_path, tables: dict, info: dict | None = None) -> Path:
+    """Write ``tables`` (``{"greedy": Calibration, "sampled": Calibration}``, either may be
+    missing) to ``calibration.json`` in the draft folder, atomically; returns the file."""
+    from glide.train.corpus import atomic_write
+
+    from .checkpoint import _folder
+
+    bad = set(tables) - {"greedy", "sampled"}
+    if bad:
+        raise ValueError(f"tables: unknown key(s) {sorted(bad)}; use 'greedy' and 'sampled'")
+    path = _folder(draft_path) / CALIBRATION
+    body = {"format": "glide-calibration", "version": 1, "info": info or {},
+            "tables": {k: c.to_dict() for k, c in tables.items()}}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1) + "\n"))
+    return path
+
+
+def load_calibration(draft_path, temperature: float) -> Calibration | None:
+    """The calibration a draft folder ships for ``temperature`` (``greedy`` at 0, ``sampled``,
+    recorded at temperature 1, above), or ``None`` when it has none.
+
+    Raises
+    ------
+    ValueError
+        Naming ``draft``, for a damaged ``calibration.json``.
+    """
+    from .checkpoint import _folder
+
+    path = _folder(draft_path) / CALIBRATION
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        if body.get("format") != "glide-calibration":
+            raise ValueError(f"format is {body.get('format')!r}, not 'glide-calibration'")
+        table = body["tables"].get(_calibration_key(temperature))
+        if table is None:
+            return None
+        cal = Calibration.from_dict(table)
+        n = len(cal.edges) - 1
+        if n < 1 or not (len(cal.predicted) == len(cal.accepted) == len(cal.count) == n):
+            raise ValueError("its bucket lists differ in length")
+        return cal
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"draft: cannot read {path}: {exc}") from None

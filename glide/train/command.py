@@ -1,4 +1,9 @@
-"""``glide train-draft``: corpus -> features -> training -> an exported draft, each stage resumable.
+"""``glide train-draft``: corpus -> features -> training -> an exported draft -> its calibration.
+
+Each stage is resumable; ``calibrate`` decodes prompts of the corpus's last shard in use with the
+dynamic tree and stores the draft's predicted-against-observed acceptance beside it
+(``calibration.json``, greedy and temperature 1), which ``--tree dynamic`` then sizes its
+trees with.
 
 A run folder holds every stage's output::
 
@@ -24,10 +29,11 @@ FLAGS = {
     "batch_size": "--batch-size", "lr": "--lr", "init": "--init", "seed": "--seed",
     "max_steps": "--max-steps", "warmup_steps": "--warmup-steps", "init_from": "--init-from", "save_every": "--save-every", "export": "--export",
     "run_name": "--run-name", "topk": "--topk", "shards": "--shards", "val_shards": "--val-shards",
-    "eval_every": "--eval-every",
+    "eval_every": "--eval-every", "draft": "--draft", "calibration_prompts": "--calibration-prompts",
+    "calibration_tokens": "--calibration-tokens",
 }
 
-STAGES = ("all", "corpus", "features", "train")
+STAGES = ("all", "corpus", "features", "train", "calibrate")
 DEFAULT_PROMPTS = 4096
 
 
@@ -77,6 +83,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between checkpoints (default: {d.save_every})")
     p.add_argument("--export", metavar="DIR", help="where the finished draft goes (default: OUT/RUN-NAME/draft)")
+    p.add_argument("--draft", metavar="PATH", help="the draft the calibrate stage measures "
+                                                     "(default: the run's, OUT/RUN-NAME/draft or --export)")
+    p.add_argument("--calibration-prompts", type=int, default=32,
+                   help="prompts of the last corpus shard the calibrate stage decodes, each at "
+                        "temperature 0 and 1 (default: 32)")
+    p.add_argument("--calibration-tokens", type=int, default=128,
+                   help="new tokens per calibration prompt (default: 128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -125,6 +138,10 @@ def run(args) -> int:
     _positive("eval_every", args.eval_every)
     _positive("val_shards", args.val_shards, minimum=0)
     _positive("max_steps", args.max_steps, allow_none=True)
+    _positive("calibration_prompts", args.calibration_prompts)
+    _positive("calibration_tokens", args.calibration_tokens)
+    if args.draft is not None and not os.path.isdir(args.draft):
+        raise ArgumentError("draft", f"no such draft folder: {args.draft}")
     settings = _settings(args)
     if args.init_from is not None and not os.path.isdir(args.init_from):
         raise ArgumentError("init_from", f"no such draft folder: {args.init_from}")
@@ -169,6 +186,7 @@ def run(args) -> int:
         if args.stage in ("all", "features"):
             build_shard_features(target, corpus_dir, feat_dir, shards=args.shards, num_layers=settings.num_layers,
                                  topk=args.topk, progress=progress)
+        trained = False
         if args.stage in ("all", "train"):
             from .trainer import train_draft
 
@@ -182,12 +200,17 @@ def run(args) -> int:
                                   eval_every=args.eval_every)
             if int(os.environ.get("RANK", "0")) == 0:
                 where = args.export or out / args.run_name / "draft"
-                done = summary["steps"] == summary["planned_steps"]
+                done = trained = summary["steps"] == summary["planned_steps"]
                 val = (f", validation loss {summary['val_loss']} top-1 {summary['val_top1']}"
                        if "val_loss" in summary else "")
                 print(f"[train-draft] {summary['steps']}/{summary['planned_steps']} steps, loss {summary['loss']}, "
                       f"top-1 agreement {summary['top1']}{val}, {time.perf_counter() - t0:.0f} s"
                       + (f"; draft written to {where}" if done else "; resume with the same command"))
+        if args.stage in ("all", "calibrate") and int(os.environ.get("RANK", "0")) == 0:
+            draft = args.draft or args.export or out / args.run_name / "draft"
+            if args.stage == "calibrate" or trained:  # after an interrupted run: nothing to calibrate
+                _calibrate(target, tok, draft, corpus_dir, args.shards, args.calibration_prompts,
+                           args.calibration_tokens, args.seed, progress)
         if world > 1:
             dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
@@ -212,6 +235,45 @@ def _split(corpus_dir, feat_dir, shards, val_shards):
     if val_shards:
         validation = load_corpus(corpus_dir, val), open_shard_features(corpus_dir, feat_dir, val)
     return load_corpus(corpus_dir, train), open_shard_features(corpus_dir, feat_dir, train), validation
+
+
+def _calibrate(target, tok, draft, corpus_dir, shards, num_prompts, new_tokens, seed, progress) -> None:
+    """The ``calibrate`` stage: record the dynamic tree's acceptance at temperature 0 and 1 on
+    the first ``num_prompts`` prompts of the last corpus shard in use, into the draft folder."""
+    from glide.api import ArgumentError, eos_ids
+    from glide.draft import load_draft
+    from glide.draft.dynamic import record_calibration, save_calibration
+
+    from .corpus import corpus_shards, load_corpus
+
+    n = len(corpus_shards(corpus_dir)[:shards])
+    if n == 0:
+        raise ArgumentError("out", f"no corpus shards in {corpus_dir}; run --stage corpus first")
+    try:
+        net = load_draft(draft, target)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
+    samples = load_corpus(corpus_dir, slice(n - 1, n))[:num_prompts]
+    prompts = [s.tokens[:s.prompt_len].tolist() for s in samples]
+    tables, info = {}, {"corpus_shard": n - 1, "prompts": len(prompts), "max_new_tokens": new_tokens,
+                        "seed": seed, "hardware": _hardware()}
+    t0 = time.perf_counter()
+    for key, temp in (("greedy", 0.0), ("sampled", 1.0)):
+        try:
+            cal, sizes, _ = record_calibration(target, net, prompts, new_tokens, temp, seed,
+                                            eos_ids(target.config, tok), progress)
+        except ValueError as exc:  # the engine's check that prompt + new tokens + tree fit the model
+            if not str(exc).startswith("max_new_tokens="):
+                raise
+            raise ArgumentError("calibration_tokens", str(exc)) from None
+        tables[key] = cal
+        info[f"{key}_mean_tree_size"] = round(sum(sizes) / max(len(sizes), 1), 2)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    path = save_calibration(draft, tables, info)
+    for key, cal in tables.items():
+        rows = ", ".join(f"{r['predicted']:.2f}->{r['observed']:.2f}" for r in cal.table())
+        print(f"[train-draft] calibration {key} (predicted->observed by bucket): {rows}")
+    print(f"[train-draft] calibration of {len(prompts)} prompts of shard {n - 1} written to {path}")
 
 
 def _hardware() -> str:

@@ -1,4 +1,5 @@
-"""Write a draft's ``CARD.md`` from its ``config.json`` card and a ``bench.draft_eval`` results file.
+"""Write a draft's ``CARD.md`` from its ``config.json`` card, a ``bench.draft_eval`` results file
+and its ``calibration.json`` (when it ships one).
 
     python -m bench.draft_card DRAFT_DIR [--eval profiles/<slug>/draft-eval.json] [--name glide]
 """
@@ -35,7 +36,34 @@ def stages(card: dict) -> list[dict]:
     return out[::-1]
 
 
-def render(config: dict, evaluation: dict | None, name: str, notes=()) -> str:
+def calibration_lines(body: dict) -> list[str]:
+    """The card's section on a draft's ``calibration.json`` (predicted against observed
+    acceptance by bucket, greedy and at temperature 1)."""
+    from glide.draft.dynamic import Calibration
+
+    info = body.get("info", {})
+    tables = {k: Calibration.from_dict(v).table() for k, v in body.get("tables", {}).items()}
+    keys = [k for k in ("greedy", "sampled") if k in tables]
+    if not keys:
+        return []
+    lines = ["", "## Calibration of the dynamic tree",
+             f"`calibration.json`: {info.get('prompts', '?')} prompts of corpus shard {info.get('corpus_shard', '?')} "
+             f"(training distribution, not the held-out prompts), {info.get('max_new_tokens', '?')} new tokens each, "
+             "decoded with the uncalibrated dynamic tree; `--tree dynamic` expects the observed rates. "
+             "Predicted: the mean product of draft probabilities along a node's path.", "",
+             "| bucket | " + " | ".join(f"{k} nodes | {k} predicted | {k} observed" for k in keys) + " |",
+             "|---|" + "---|---|---|" * len(keys)]
+    buckets = sorted({tuple(r["bucket"]) for k in keys for r in tables[k]})
+    for b in buckets:
+        cells = []
+        for k in keys:
+            r = next((r for r in tables[k] if tuple(r["bucket"]) == b), None)
+            cells += ["-", "-", "-"] if r is None else [str(r["nodes"]), _fmt(r["predicted"], 3), _fmt(r["observed"], 3)]
+        lines.append(f"| {b[0]:.2f}-{b[1]:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(config: dict, evaluation: dict | None, name: str, notes=(), calibration: dict | None = None) -> str:
     card = config.get("card", {})
     cfg = config["config"]
     tr, corpus = card.get("training", {}), card.get("corpus", {})
@@ -89,7 +117,9 @@ def render(config: dict, evaluation: dict | None, name: str, notes=()) -> str:
             lines.append(f"| {r['method']} | {r['batch_size']} | {r['temperature']} | {_fmt(r['mean_accepted'])} | "
                          f"{_fmt(r.get('mean_accepted_chat'))} | {_fmt(r.get('mean_accepted_code'))} | "
                          f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r.get('speedup'))}x |")
-    lines += ["", "MAT: tokens emitted per target forward after the prefill (1.0 for `ar`)."]
+        lines += ["", "MAT: tokens emitted per target forward after the prefill (1.0 for `ar`)."]
+    if calibration:
+        lines += calibration_lines(calibration)
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +133,9 @@ def main(argv=None) -> int:
     d = Path(args.draft)
     config = json.loads((d / "config.json").read_text())
     evaluation = json.loads(Path(args.eval).read_text()) if args.eval else None
-    (d / "CARD.md").write_text(render(config, evaluation, args.name, args.note))
+    cal = d / "calibration.json"
+    calibration = json.loads(cal.read_text()) if cal.is_file() else None
+    (d / "CARD.md").write_text(render(config, evaluation, args.name, args.note, calibration))
     print(f"-> {d / 'CARD.md'}")
     return 0
 

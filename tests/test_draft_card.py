@@ -26,3 +26,23 @@ def test_card_lists_each_stage_and_the_totals():
     assert rows[1].startswith("| 2 | stage 1 | 47 |") and rows[1].endswith("| 2.5 | 0.6 |")
     assert "All stages: 150 steps, 15.0 min" in text and "- corpus: 10 min" in text
     assert "head cut to 3 most frequent" in text
+
+
+def test_card_shows_the_shipped_calibration():
+    import torch
+
+    from glide.draft.dynamic import Calibration
+
+    greedy, sampled = Calibration(), Calibration()
+    greedy.add(torch.tensor([0.95, 0.95, 0.25]), torch.tensor([True, False, True]))
+    sampled.add(torch.tensor([0.25]), torch.tensor([False]))
+    body = {"info": {"prompts": 32, "corpus_shard": 79, "max_new_tokens": 128},
+            "tables": {"greedy": greedy.to_dict(), "sampled": sampled.to_dict()}}
+    config = {"config": {"num_layers": 1, "cross_attention": True, "draft_vocab": None,
+                         "target": {"vocab_size": 9}}, "card": _stage(0.001, 10, 60, 8)}
+    text = render(config, None, "glide", calibration=body)
+    rows = [line for line in text.splitlines() if line.startswith("| 0.")]
+    assert rows == ["| 0.20-0.30 | 1 | 0.250 | 1.000 | 1 | 0.250 | 0.000 |",
+                    "| 0.90-1.00 | 2 | 0.950 | 0.500 | - | - | - |"]
+    assert "32 prompts of corpus shard 79" in text
+    assert "Calibration" not in render(config, None, "glide")

@@ -261,7 +261,7 @@ def _calibrate(target, tok, draft, corpus_dir, shards, num_prompts, new_tokens, 
     for key, temp in (("greedy", 0.0), ("sampled", 1.0)):
         try:
             cal, sizes, _ = record_calibration(target, net, prompts, new_tokens, temp, seed,
-                                            eos_ids(target.config, tok), progress)
+                                               eos_ids(target.config, tok), progress)
         except ValueError as exc:  # the engine's check that prompt + new tokens + tree fit the model
             if not str(exc).startswith("max_new_tokens="):
                 raise

@@ -210,8 +210,12 @@ def plot_draft_eval(data: dict[str, Any], out_dir: Path, stem: str = "draft-eval
         fig, ax = plt.subplots(figsize=(4.5, 4.0))
         for cal in cals:
             t = cal["table"]
-            ax.plot([r["predicted"] for r in t], [r["observed"] for r in t], marker="o",
-                    label=f"T={cal['temperature']:g}")
+            line, = ax.plot([r["predicted"] for r in t], [r["observed"] for r in t], marker="o",
+                            label=f"T={cal['temperature']:g}, held-out prompts")
+            shipped = [r for r in t if r.get("shipped") is not None]
+            if shipped:  # the draft's calibration.json, recorded on training prompts
+                ax.plot([r["predicted"] for r in shipped], [r["shipped"] for r in shipped], marker="x",
+                        ls=":", color=line.get_color(), label=f"T={cal['temperature']:g}, shipped table")
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
         ax.set_xlabel("predicted acceptance (product of draft probabilities)")
         ax.set_ylabel("observed acceptance")

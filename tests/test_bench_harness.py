@@ -256,6 +256,20 @@ def test_plot_e2e_results(tmp_path):
     assert [p.name for p in out] == ["e2e.png"] and _png(out[0])
 
 
+def test_plot_draft_eval_with_a_shipped_calibration(tmp_path):
+    rows = [dict(e2e.aggregate(_gen_rows([8, 8], [7, 4], [0.5, 0.5]), method=m, batch_size=1,
+                               max_new_tokens=8), temperature=0.0, speedup=1.0)
+            for m in ("ar", "dynamic")]
+    table = [{"bucket": [0.1, 0.2], "nodes": 40, "predicted": 0.14, "observed": 0.16, "shipped": 0.12},
+             {"bucket": [0.5, 0.6], "nodes": 30, "predicted": 0.55, "observed": 0.57}]
+    cal = {"table": table, "temperature": 0.0, "verify_cost": {"sizes": [1, 4], "seconds": [0.01, 0.02]}}
+    src = tmp_path / "draft-eval.json"
+    harness.write_results(src, rows, {"device": "test", "sweep": "draft-eval", "calibration": [cal]})
+    out = plot.plot_file(src)
+    assert [p.name for p in out] == ["draft-eval.png", "draft-eval-calibration.png", "draft-eval-verify-cost.png"]
+    assert all(_png(p) for p in out)
+
+
 def test_plot_verify_cost_and_ar_vs_hf(tmp_path):
     rows = [dict(dtype="bfloat16", batch=1, context=c, tree_len=t, median_ms=t + c / 100,
                  p20_ms=t, p80_ms=t + 1, reps=5, vs_one_token=1.0)

@@ -423,6 +423,8 @@ def test_mapping_ignores_buckets_with_too_few_nodes():
     f = cal.mapping(torch.tensor([0.3, 0.8]))
     assert f.tolist() == pytest.approx([0.1, 0.8])
     assert cal.mapping(torch.tensor([0.8]), min_nodes=5).tolist() == [0.0]
+    cal.add(torch.full((30,), 0.2), torch.ones(30, dtype=torch.bool))  # new nodes: the rates are redone
+    assert cal.mapping(torch.tensor([0.3])).tolist() == pytest.approx([0.55])
 
 
 def test_calibration_ships_in_the_draft_folder_and_sizes_the_tree(trained, tmp_path):

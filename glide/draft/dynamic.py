@@ -149,6 +149,8 @@ class Calibration:
     predicted: list = None
     accepted: list = None
     count: list = None
+    # (dtype, device, min_nodes) -> (rates, inner edges): mapping() runs at every decode step
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n = len(self.edges) - 1
@@ -164,6 +166,7 @@ class Calibration:
         for name, x in (("predicted", v), ("accepted", ok), ("count", torch.ones_like(v))):
             acc = torch.zeros(n, dtype=torch.float64).index_add_(0, b, x)
             setattr(self, name, [a + float(c) for a, c in zip(getattr(self, name), acc)])
+        self._tables.clear()
 
     def table(self) -> list[dict]:
         """One row per non-empty bucket: range, nodes, mean predicted, observed rate."""
@@ -177,10 +180,14 @@ class Calibration:
     def mapping(self, v: torch.Tensor, min_nodes: int = 20) -> torch.Tensor:
         """``f(v)``: the observed rate of ``v``'s bucket (``v`` itself where a bucket holds fewer
         than ``min_nodes`` nodes, too few to trust)."""
-        rate = torch.tensor([a / n if n >= max(min_nodes, 1) else float("nan")
-                             for a, n in zip(self.accepted, self.count)], dtype=v.dtype, device=v.device)
-        b = torch.bucketize(v, torch.tensor(self.edges[1:-1], dtype=v.dtype, device=v.device), right=True)
-        f = rate[b]
+        key = (v.dtype, v.device, min_nodes)
+        if key not in self._tables:  # built once, not at every step
+            self._tables[key] = (
+                torch.tensor([a / n if n >= max(min_nodes, 1) else float("nan")
+                              for a, n in zip(self.accepted, self.count)], dtype=v.dtype, device=v.device),
+                torch.tensor(self.edges[1:-1], dtype=v.dtype, device=v.device))
+        rate, inner = self._tables[key]
+        f = rate[torch.bucketize(v, inner, right=True)]
         return torch.where(torch.isnan(f), v, f)
 
     def to_dict(self) -> dict:
@@ -362,7 +369,7 @@ def record_calibration(target, net, prompts, max_new_tokens: int = 128, temperat
     -------
     (Calibration, list of int, VerifyCost)
         The table, the tree size chosen at every step, and the verify-cost curve the trees were
-        sized with (the last prompt's).
+        sized with (measured or read at the first prompt, then kept).
     """
     from tqdm.auto import tqdm
 
@@ -370,14 +377,12 @@ def record_calibration(target, net, prompts, max_new_tokens: int = 128, temperat
 
     if not prompts:
         raise ValueError("prompts: need at least one prompt to calibrate on")
-    rec, sizes, cost = Calibration(), [], None
+    rec = Calibration()
+    d = DynamicTreeDraft(net, record=rec)  # one draft: its verify-cost curve is looked up once
     for ids in tqdm(prompts, desc=f"calibrate T={temperature:g}", disable=not progress):
-        d = DynamicTreeDraft(net, record=rec)
         generate_ids(target, [list(ids)], d, max_new_tokens=max_new_tokens, temperature=temperature,
                      seed=seed, eos_token_ids=eos_token_ids)
-        sizes += d.sizes
-        cost = d.cost
-    return rec, sizes, cost
+    return rec, d.sizes, d.cost
 
 
 def _calibration_key(temperature: float) -> str:

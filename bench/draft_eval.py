@@ -102,7 +102,7 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
 def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temperature=0.0):
     """The uncalibrated dynamic tree at batch 1 with a recorder: the table of predicted ``v``
     against observed acceptance, with the rate the draft's shipped calibration (recorded on
-    training prompts) gives each bucket, if it ships one; the verify-cost curve; tree sizes."""
+    training prompts) expects at each bucket, if it ships one; the verify-cost curve; tree sizes."""
     from glide import api
     from glide.draft import load_draft
     from glide.draft.dynamic import load_calibration, record_calibration
@@ -113,11 +113,10 @@ def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temp
                                           temperature, eos_token_ids=api.eos_ids(model.config, tok))
     table = rec.table()
     shipped = load_calibration(path, temperature)
-    if shipped is not None and list(shipped.edges) == list(rec.edges):
-        for row in table:
-            i = shipped.edges.index(row["bucket"][0])
-            n = shipped.count[i]
-            row["shipped"] = shipped.accepted[i] / n if n else None
+    if shipped is not None:  # what the calibrated tree expects at each bucket's mean v
+        f = shipped.mapping(torch.tensor([r["predicted"] for r in table], dtype=torch.float64))
+        for row, x in zip(table, f.tolist()):
+            row["shipped"] = x
     return {"table": table, "raw": rec.to_dict(), "temperature": temperature,
             "tree_sizes": {"mean": float(np.mean(sizes)), "min": int(min(sizes)), "max": int(max(sizes))},
             "verify_cost": {"sizes": cost.sizes, "seconds": cost.seconds, **cost.meta}}

@@ -240,9 +240,9 @@ def _split(corpus_dir, feat_dir, shards, val_shards):
 def _calibrate(target, tok, draft, corpus_dir, shards, num_prompts, new_tokens, seed, progress) -> None:
     """The ``calibrate`` stage: record the dynamic tree's acceptance at temperature 0 and 1 on
     the first ``num_prompts`` prompts of the last corpus shard in use, into the draft folder."""
-    from glide.api import ArgumentError, eos_ids
+    from glide.api import ArgumentError, Prompt, check_prompt_lengths, eos_ids
     from glide.draft import load_draft
-    from glide.draft.dynamic import record_calibration, save_calibration
+    from glide.draft.dynamic import DynamicTreeDraft, record_calibration, save_calibration
 
     from .corpus import corpus_shards, load_corpus
 
@@ -255,17 +255,18 @@ def _calibrate(target, tok, draft, corpus_dir, shards, num_prompts, new_tokens, 
         raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
     samples = load_corpus(corpus_dir, slice(n - 1, n))[:num_prompts]
     prompts = [s.tokens[:s.prompt_len].tolist() for s in samples]
+    try:  # the API's own check, with the engine's reserve for one tree past the last token
+        check_prompt_lengths([Prompt("", s.id) for s in samples], prompts, new_tokens,
+                             1 + DynamicTreeDraft(net).max_nodes, target.config.max_position_embeddings)
+    except ArgumentError as exc:
+        name = "calibration_tokens" if exc.argument == "max_new_tokens" else exc.argument
+        raise ArgumentError(name, exc.detail) from None
+    eos = eos_ids(target.config, tok)
     tables, info = {}, {"corpus_shard": n - 1, "prompts": len(prompts), "max_new_tokens": new_tokens,
                         "seed": seed, "hardware": _hardware()}
     t0 = time.perf_counter()
     for key, temp in (("greedy", 0.0), ("sampled", 1.0)):
-        try:
-            cal, sizes, _ = record_calibration(target, net, prompts, new_tokens, temp, seed,
-                                               eos_ids(target.config, tok), progress)
-        except ValueError as exc:  # the engine's check that prompt + new tokens + tree fit the model
-            if not str(exc).startswith("max_new_tokens="):
-                raise
-            raise ArgumentError("calibration_tokens", str(exc)) from None
+        cal, sizes, _ = record_calibration(target, net, prompts, new_tokens, temp, seed, eos, progress)
         tables[key] = cal
         info[f"{key}_mean_tree_size"] = round(sum(sizes) / max(len(sizes), 1), 2)
     info["seconds"] = round(time.perf_counter() - t0, 1)

@@ -321,7 +321,7 @@ def test_attention_config_heuristic(B, T, Hq, Hkv, D, keys):
     rows = T * (Hq // Hkv)
     assert cfg.block_m >= 16 and cfg.block_m >= min(rows, 64)
     assert cfg.block_d >= D and cfg.block_d & (cfg.block_d - 1) == 0
-    base = B * Hkv * math.ceil(rows / cfg.block_m)
+    base = B * Hkv  # the M tiles do not count: the key chunk must not depend on T
     n_tiles = math.ceil(keys / cfg.block_n)
     if base >= 132:
         assert cfg.num_splits == 1
@@ -332,6 +332,17 @@ def test_attention_config_heuristic(B, T, Hq, Hkv, D, keys):
     assert attention_config(B, T, Hq, Hkv, D, keys, num_splits=3).num_splits == 3
     fields = {"block_m", "block_n", "block_d", "num_splits", "num_warps", "num_stages"}
     assert set(cfg.as_dict()) == fields
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_config_splits_do_not_drop_past_one_m_tile(dtype):
+    """Llama-8B heads (32 q, 8 kv, head_dim 128), 32k keys: at q_len 17 the 68 query rows of
+    a KV head need a second M tile, which must not halve the KV splits (the H100 cliff of
+    commit ef05f09: 84 us at T=16, 228 us at T=17)."""
+    at16 = attention_config(1, 16, 32, 8, 128, 32768, dtype=dtype)
+    at17 = attention_config(1, 17, 32, 8, 128, 32768, dtype=dtype)
+    assert at17.num_splits == at16.num_splits > 1
+    assert attention_config(1, 64, 32, 8, 128, 32768, dtype=dtype).num_splits == at16.num_splits
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -92,11 +92,19 @@ def attention_config(
       252-255 registers per thread with the tree mask, and 20 bytes of spill with 3 stages;
       8 warps take 195) and at BLOCK_M 32 in float32 (4 warps spilled 684 bytes at
       BLOCK_N 64; 8 warps take 90 registers).
-    - ``num_splits`` (flash-decoding): the base grid is ``batch * num_kv_heads * m_tiles``
-      programs. If that is below the device's SM count, the key range is split into
-      ``ceil(num_sms / base)`` chunks so one wave fills the GPU (132 SMs on an H100 at
-      batch 1), but never into chunks shorter than ``_MIN_TILES_PER_SPLIT`` tiles, nor more
-      than ``_MAX_SPLITS``. Unmeasured.
+    - ``num_splits`` (flash-decoding): with ``base = batch * num_kv_heads``, the key range
+      is split into ``ceil(num_sms / base)`` chunks when ``base`` is below the device's SM
+      count (132 on an H100), but never into chunks shorter than ``_MIN_TILES_PER_SPLIT``
+      tiles, nor more than ``_MAX_SPLITS``. The count of M tiles
+      (``ceil(q_len * group / BLOCK_M)``) is left out on purpose, so the key chunk a
+      program reads does not grow with the tree. Counting it (the policy before this one)
+      halved the splits as soon as ``q_len * group`` passed 64 rows, and on an H100
+      (Llama-8B heads, group 4, 32k context, bf16, commit ef05f09) tree attention fell from
+      84 us at T=16 to 228 us at T=17 and 377 us at T=64. Now a tree past 64 rows launches
+      ``m_tiles * base * num_splits`` programs, more than one wave; the M tiles of one
+      ``(batch, kv_head, split)`` are adjacent in launch order (the kernel's grid), so the
+      second read of each K/V tile should come from L2. That gain is a prediction, not yet
+      measured on a GPU.
 
     Parameters
     ----------
@@ -133,9 +141,8 @@ def attention_config(
         large = block_m * block_d >= 64 * 128
         num_stages = 2 if large else 3
         num_warps = 8 if large else 4
-    m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
-        base = batch * num_kv_heads * m_tiles
+        base = batch * num_kv_heads
         n_tiles = triton.cdiv(max(max_keys, 1), block_n)
         wanted = triton.cdiv(_num_sms(device), max(base, 1))
         num_splits = max(1, min(wanted, n_tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
@@ -275,6 +282,8 @@ def _finish(out, result):
 
 # ----------------------------------------------------------------------------- launch
 
+_MAX_GRID_YZ = 65535  # CUDA's limit on the grid's second and third dimensions
+
 
 def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits, autotune):
     B, T, Hq, D = q.shape
@@ -283,6 +292,10 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
+    if B * Hkv > _MAX_GRID_YZ:
+        raise ValueError(
+            f"batch * num_kv_heads = {B} * {Hkv} exceeds the grid limit of {_MAX_GRID_YZ}"
+        )
     cfg = attention_config(
         B, T, Hq, Hkv, D, max_keys, dtype=q.dtype, num_splits=num_splits, device=q.device
     )
@@ -299,7 +312,8 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         # Never touched: the NUM_SPLITS == 1 kernel writes `out` directly.
         opart = torch.empty((1, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
         lse = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
-    grid = (B * Hkv, triton.cdiv(T * (Hq // Hkv), cfg.block_m), cfg.num_splits)
+    # M tiles first (fastest varying): see attention_config on why.
+    grid = (triton.cdiv(T * (Hq // Hkv), cfg.block_m), B * Hkv, cfg.num_splits)
     if autotune and q.device.type == "cuda":
         kernel, tuned = _autotuned_fwd, {}
     else:

@@ -4,7 +4,9 @@ One program owns one ``(batch, kv_head)`` pair, one ``BLOCK_M`` tile of the flat
 ``(tree_len * GROUP)`` query rows and one split of the key range. Row ``r`` of the flattened
 tile is tree node ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, so every query
 head that shares a KV head reads each K/V tile once (decode and verification are bound by the
-bandwidth of that read).
+bandwidth of that read). Past ``BLOCK_M`` rows, every M tile of a ``(batch, kv_head, split)``
+reads the same K/V tiles again; the M tile is the fastest-varying program id so that those
+programs run together and the repeated reads can come from L2 rather than HBM.
 
 Mask rule, for node ``i`` of sequence ``b`` with ``P = prefix_lens[b]``::
 
@@ -84,15 +86,17 @@ def attention_fwd_kernel(
     """Tree attention (``HAS_TREE=True``) or cross attention (``HAS_TREE=False``).
 
     Cross attention is this kernel with the tree loop compiled out: ``lens`` are then the
-    ``kv_lens`` and ``mask_ptr`` is never read. Grid: ``(B * NUM_KV_HEADS, cdiv(T * GROUP,
-    BLOCK_M), NUM_SPLITS)``. With ``NUM_SPLITS == 1`` the output is written directly;
+    ``kv_lens`` and ``mask_ptr`` is never read. Grid: ``(cdiv(T * GROUP, BLOCK_M),
+    B * NUM_KV_HEADS, NUM_SPLITS)``. With ``NUM_SPLITS == 1`` the output is written directly;
     otherwise ``opart``/``lse`` receive the split's partial for :func:`attention_merge_kernel`.
     ``DOT_UPCAST`` feeds ``tl.dot`` float32 copies of its (already rounded) operands; the
     launcher sets it only for bfloat16 under Triton's interpreter, whose ``dot`` multiplies
     bfloat16's raw uint16 storage (Triton 3.9).
     """
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
+    # The M tile is the fastest-varying program id, so the M tiles of one (batch, kv head,
+    # split) are launched side by side and read the same K/V tiles at about the same time.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
     b = pid_bh // NUM_KV_HEADS
     kvh = pid_bh % NUM_KV_HEADS

@@ -221,7 +221,8 @@ def test_autotune_flag_is_ignored_off_cuda():
 
 def test_tree_attention_empty_tree():
     q, k, v = make_inputs(2, 0, 2, 1, 16, 4, torch.float32, torch.Generator().manual_seed(0))
-    lens, mask = torch.zeros(2, dtype=torch.int64), torch.zeros(2, 0, 0, dtype=torch.bool)
+    lens = torch.zeros(2, dtype=torch.int64, device=q.device)
+    mask = torch.zeros(2, 0, 0, dtype=torch.bool, device=q.device)
     out = tree_attention(q, k, v, lens, mask)
     assert out.shape == (2, 0, 2, 16)
 

@@ -12,8 +12,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 import glide.kernels.attention as attn_mod  # noqa: E402
 import glide.kernels.compact as compact_mod  # noqa: E402
+import glide.kernels.hf_adapter as adapter_mod  # noqa: E402
 from glide.kernels.hf_adapter import (  # noqa: E402
     ATTN_IMPLEMENTATION,
+    cache_kwargs,
     compact_hf_cache,
     enable_tree_attention,
     verify_tree_hf,
@@ -59,7 +61,9 @@ def _eager(model, ids, cache, allowed, position_ids):
     """transformers' eager attention with an additive 4D mask built from ``allowed`` (B, T, S)."""
     model.set_attn_implementation("eager")
     additive = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
-    return model(input_ids=ids, attention_mask=additive, position_ids=position_ids, cache=cache, use_cache=True).logits
+    out = model(input_ids=ids, attention_mask=additive, position_ids=position_ids, use_cache=True,
+                **cache_kwargs(model, cache))
+    return out.logits
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,10 @@ def prefix_state(model):
     model.set_attn_implementation("eager")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=prefix_ids, cache=cache, use_cache=True)
+        model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model, cache))
+    # transformers' forward swallows an unknown keyword: a cache passed under the wrong name
+    # stays empty, and every test below would then see a tree without its prefix.
+    assert cache.get_seq_length() == PREFIX
     return prefix_ids, tree_ids, cache
 
 
@@ -110,7 +117,7 @@ def test_accepted_path_then_decode_matches_plain_decoding(model, prefix_state):
     # One more token through the adapter's default causal path.
     next_ids = torch.tensor([[7], [42]], device=DEVICE)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    ours = model(input_ids=next_ids, cache=cache, use_cache=True).logits[:, -1]
+    ours = model(input_ids=next_ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
 
     accepted = torch.gather(tree_ids, 1, path_idx)
     full = torch.cat([prefix_ids, accepted, next_ids], dim=1)
@@ -140,6 +147,17 @@ def test_bad_inputs(model, prefix_state):
 
 
 @torch.no_grad()
+def test_cache_the_model_ignores_is_refused(model, prefix_state, monkeypatch):
+    # Under a keyword this transformers does not read, the cache is dropped without an error;
+    # verify_tree_hf must notice instead of returning logits computed without the prefix.
+    _, tree_ids, cache = prefix_state
+    enable_tree_attention(model)
+    monkeypatch.setattr(adapter_mod, "cache_kwargs", lambda model, cache: {"kv_cache": cache})
+    with pytest.raises(RuntimeError, match="kv_cache=.*expected 5 \\+ 6"):
+        verify_tree_hf(model, tree_ids, _ancestor_mask(PARENTS), copy.deepcopy(cache), backend="reference")
+
+
+@torch.no_grad()
 def test_auto_backend_runs_the_kernels(model, prefix_state, monkeypatch):
     # The adapter's default backend on DEVICE ("cuda", or "cpu" under TRITON_INTERPRET=1) must
     # launch the kernels: with the references made to raise, a silent fallback fails here.
@@ -158,4 +176,4 @@ def test_auto_backend_runs_the_kernels(model, prefix_state, monkeypatch):
     assert_close(got, want, dtype=torch.float32, name="tree logits (auto backend)")
     path_idx = torch.tensor([[0, 2, 5], [0, 1, 2]], device=DEVICE)
     compact_hf_cache(cache, PREFIX, path_idx, torch.tensor([3, 3], device=DEVICE))
-    model(input_ids=tree_ids[:, :1], cache=cache, use_cache=True)  # default causal path
+    model(input_ids=tree_ids[:, :1], use_cache=True, **cache_kwargs(model, cache))  # default causal path

@@ -10,7 +10,9 @@ interface (Llama, Qwen2, Mistral, ...) verify a token tree with our kernel:
 
 The tree mask travels to every layer as the extra keyword ``glide_tree_mask`` that
 transformers forwards from ``model(...)`` down to the attention function. Without it the
-function attends causally, so prefill and plain decoding run through the same kernel.
+function attends causally, so prefill and plain decoding run through the same kernel. Pass the
+cache to your own forward calls with ``**cache_kwargs(model, cache)``: transformers renamed that
+argument within 5.x and silently ignores the name it does not know.
 
 Limits: sequences of a batch share one prefix length (a ``DynamicCache`` has one length), so
 left-padded batches are not supported and a padding mask with zeros is refused.
@@ -32,6 +34,7 @@ __all__ = [
     "tree_attention_forward",
     "verify_tree_hf",
     "compact_hf_cache",
+    "cache_kwargs",
 ]
 
 #: The name under which the attention function is registered.
@@ -130,10 +133,18 @@ def enable_tree_attention(model) -> None:
     model.set_attn_implementation(register_tree_attention())
 
 
-def _cache_kwarg(model) -> str:
-    # transformers 5.x calls the cache argument `cache`; 4.x called it `past_key_values`.
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the keyword that ``model.forward`` reads its cache from.
+
+    transformers renamed ``past_key_values`` to ``cache`` within 5.x (4.56 and 5.17 read
+    ``past_key_values``, 5.24 reads ``cache`` and still accepts the old name with a warning).
+    The forward takes ``**kwargs``, so the wrong name is swallowed without an error and the
+    cache is silently neither read nor updated: ask the signature rather than the version.
+
+    >>> model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))  # doctest: +SKIP
+    """
     params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def verify_tree_hf(model, tree_ids, tree_mask, cache, *, backend: str = "auto") -> torch.Tensor:
@@ -174,15 +185,24 @@ def verify_tree_hf(model, tree_ids, tree_mask, cache, *, backend: str = "auto") 
     if tuple(tree_mask.shape) != (batch, new, new):
         raise ValueError(f"tree_mask must have shape {(batch, new, new)}, got {tuple(tree_mask.shape)}")
     depth = tree_mask.sum(-1) - 1  # ancestors-or-self, minus self
-    position_ids = cache.get_seq_length() + depth
+    prefix_len = cache.get_seq_length()
+    cache_arg = cache_kwargs(model, cache)
     out = model(
         input_ids=tree_ids,
-        position_ids=position_ids,
+        position_ids=prefix_len + depth,
         use_cache=True,
         glide_tree_mask=tree_mask,
         glide_backend=backend,
-        **{_cache_kwarg(model): cache},
+        **cache_arg,
     )
+    # A cache under a name the model does not read is dropped silently and the tree never sees
+    # the prefix; say so here rather than as a length mismatch in compact_hf_cache.
+    if cache.get_seq_length() != prefix_len + new:
+        (name,) = cache_arg
+        raise RuntimeError(
+            f"{type(model).__name__} did not append the tree to the cache passed as {name}=: "
+            f"length {cache.get_seq_length()} after the forward, expected {prefix_len} + {new}"
+        )
     return out.logits
 
 

@@ -12,6 +12,7 @@ they should be replaced by numbers from an H100 sweep.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,7 @@ import torch
 import triton
 
 from ._dispatch import use_triton
+from ._host import cdiv, next_power_of_2
 from ._jit.attention import attention_fwd_kernel, attention_merge_kernel
 from .reference import cross_attention_ref, tree_attention_ref
 
@@ -51,9 +53,16 @@ class AttentionConfig:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_num_sms(index: int) -> int:
+    # get_device_properties costs microseconds of host time; the launchers ask every call.
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device | None) -> int:
     if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_num_sms(index)
     return _DEFAULT_NUM_SMS
 
 
@@ -125,10 +134,19 @@ def attention_config(
     -------
     AttentionConfig
     """
+    return _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype,
+                   num_splits, _num_sms(device))
+
+
+# The launchers ask for a config on every call, mostly with the same arguments (with
+# check_lens=False max_keys is fixed too): cached, it costs a dict lookup.
+@functools.lru_cache(maxsize=1024)
+def _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype, num_splits,
+            num_sms) -> AttentionConfig:
     group = num_q_heads // num_kv_heads
     rows = q_len * group
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_d = max(16, next_power_of_2(head_dim))
+    block_m = min(64, max(16, next_power_of_2(rows)))
     if dtype == torch.float32:
         # sm_90 ptxas, float32 (see the docstring): M16 N64 w4 80-91 registers, 40-76 KiB;
         # M32 N64 D64 w8 90 registers, 48 KiB.
@@ -143,8 +161,8 @@ def attention_config(
         num_warps = 8 if large else 4
     if num_splits is None:
         base = batch * num_kv_heads
-        n_tiles = triton.cdiv(max(max_keys, 1), block_n)
-        wanted = triton.cdiv(_num_sms(device), max(base, 1))
+        n_tiles = cdiv(max(max_keys, 1), block_n)
+        wanted = cdiv(num_sms, max(base, 1))
         num_splits = max(1, min(wanted, n_tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
     return AttentionConfig(
         block_m=block_m,
@@ -282,7 +300,21 @@ def _finish(out, result):
 
 # ----------------------------------------------------------------------------- launch
 
+_UNUSED_PARTIALS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _MAX_GRID_YZ = 65535  # CUDA's limit on the grid's second and third dimensions
+
+
+def _unused_partials(device):
+    """The ``opart``/``lse`` arguments of a ``NUM_SPLITS == 1`` launch, which writes ``out``
+    directly and never touches them: one tiny pair per device, allocated once."""
+    pair = _UNUSED_PARTIALS.get(device)
+    if pair is None:
+        pair = (torch.empty((1, 1, 1, 1, 1), dtype=torch.float32, device=device),
+                torch.empty((1, 1, 1, 1), dtype=torch.float32, device=device))
+        if torch.compiler.is_compiling():
+            return pair  # a traced (fake) tensor must not outlive the trace
+        _UNUSED_PARTIALS[device] = pair
+    return pair
 
 
 def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits, autotune):
@@ -309,11 +341,9 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         opart = torch.empty((cfg.num_splits, B, T, Hq, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((cfg.num_splits, B, T, Hq), dtype=torch.float32, device=q.device)
     else:
-        # Never touched: the NUM_SPLITS == 1 kernel writes `out` directly.
-        opart = torch.empty((1, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
-        lse = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+        opart, lse = _unused_partials(q.device)
     # M tiles first (fastest varying): see attention_config on why.
-    grid = (triton.cdiv(T * (Hq // Hkv), cfg.block_m), B * Hkv, cfg.num_splits)
+    grid = (cdiv(T * (Hq // Hkv), cfg.block_m), B * Hkv, cfg.num_splits)
     if autotune and q.device.type == "cuda":
         kernel, tuned = _autotuned_fwd, {}
     else:
@@ -342,7 +372,7 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
             HEAD_DIM=D,
             BLOCK_D=cfg.block_d,
             NUM_SPLITS=cfg.num_splits,
-            BLOCK_S=triton.next_power_of_2(cfg.num_splits),
+            BLOCK_S=next_power_of_2(cfg.num_splits),
             num_warps=4,
         )
     return out

@@ -7,9 +7,9 @@ The kernel lives in :mod:`glide.kernels._jit.compact`.
 from __future__ import annotations
 
 import torch
-import triton
 
 from ._dispatch import use_triton
+from ._host import next_power_of_2
 from ._jit.compact import compact_kv_kernel
 from .reference import compact_kv_ref
 
@@ -143,7 +143,7 @@ def compact_kv(
         path_idx.stride(1),
         path_lens.stride(0),
         HEAD_DIM=head_dim,
-        BLOCK_A=triton.next_power_of_2(max_path),
-        BLOCK_D=min(triton.next_power_of_2(head_dim), _MAX_BLOCK_D),
+        BLOCK_A=next_power_of_2(max_path),
+        BLOCK_D=min(next_power_of_2(head_dim), _MAX_BLOCK_D),
     )
     return kv

@@ -10,9 +10,9 @@ import math
 import numbers
 
 import torch
-import triton
 
 from ._dispatch import use_triton
+from ._host import cdiv, next_power_of_2
 from ._jit.topk import topk_merge_kernel, topk_partial_kernel
 from .reference import cape_topk_ref
 
@@ -34,11 +34,11 @@ _MAX_CHUNKS = 64
 
 def _chunking(num_rows: int, vocab: int, k_pad: int) -> tuple[int, int, int]:
     """Return ``(block_v, tiles_per_chunk, num_chunks)`` for a ``(num_rows, vocab)`` input."""
-    block_v = max(min(_BLOCK_V, triton.next_power_of_2(vocab)), k_pad)
-    num_tiles = triton.cdiv(vocab, block_v)
-    wanted = max(1, min(_MAX_CHUNKS, triton.cdiv(_TARGET_PROGRAMS, num_rows), num_tiles))
-    tiles_per_chunk = triton.cdiv(num_tiles, wanted)
-    return block_v, tiles_per_chunk, triton.cdiv(num_tiles, tiles_per_chunk)
+    block_v = max(min(_BLOCK_V, next_power_of_2(vocab)), k_pad)
+    num_tiles = cdiv(vocab, block_v)
+    wanted = max(1, min(_MAX_CHUNKS, cdiv(_TARGET_PROGRAMS, num_rows), num_tiles))
+    tiles_per_chunk = cdiv(num_tiles, wanted)
+    return block_v, tiles_per_chunk, cdiv(num_tiles, tiles_per_chunk)
 
 
 def _check_out(out, num_rows: int, k: int, device: torch.device):
@@ -127,7 +127,7 @@ def cape_topk(
     if num_rows == 0:
         return probs, ids
 
-    k_pad = triton.next_power_of_2(k)
+    k_pad = next_power_of_2(k)
     block_v, tiles_per_chunk, num_chunks = _chunking(num_rows, vocab, k_pad)
     dev = logits.device
     part_max = torch.empty((num_rows, num_chunks), dtype=torch.float32, device=dev)
@@ -171,6 +171,6 @@ def cape_topk(
         ids.stride(0),
         ids.stride(1),
         K_PAD=k_pad,
-        CHUNKS_PAD=triton.next_power_of_2(num_chunks),
+        CHUNKS_PAD=next_power_of_2(num_chunks),
     )
     return probs, ids

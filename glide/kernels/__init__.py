@@ -3,9 +3,11 @@
 Import path: ``from glide.kernels import tree_attention``. The package is ``glide.kernels``, not
 a top-level ``kernels``, because transformers probes for a distribution called ``kernels``.
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors.
+The same kernels are torch custom ops, ``torch.ops.glide.*``, for ``torch.compile`` and CUDA
+graphs (:mod:`glide.kernels.ops`).
 """
 
-from . import reference
+from . import ops, reference  # ops: registers torch.ops.glide.* (about 12 ms)
 from ._dispatch import interpreter_enabled, use_triton
 from .attention import attention_config, cross_attention, tree_attention
 from .compact import compact_kv
@@ -18,6 +20,7 @@ __all__ = [
     "compact_kv",
     "attention_config",
     "reference",
+    "ops",
     "interpreter_enabled",
     "use_triton",
 ]

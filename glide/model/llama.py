@@ -348,10 +348,29 @@ class LlamaModel(nn.Module):
             Shape (batch, T, vocab), or (batch, vocab) with ``logits_index``, or
             (logits_rows.sum(), vocab) with ``logits_rows``.
         """
-        B, T = self._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
+        self._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
+        if logits_rows is not None:
+            B, T = input_ids.shape
+            if not isinstance(logits_rows, torch.Tensor) or logits_rows.dtype != torch.bool or \
+                    logits_rows.shape != (B, T):
+                raise ValueError(f"logits_rows must be a ({B}, {T}) bool tensor")
+        # checked by _check_forward's check_room: no sync
+        return self.run_unchecked(input_ids, position_ids, tree_mask, cache, cache.uniform_length(),
+                                  logits_index, logits_rows)
+
+    @torch.no_grad()
+    def run_unchecked(self, input_ids, position_ids, tree_mask, cache, same_len=None,
+                      logits_index=None, logits_rows=None):
+        """:meth:`forward` without its argument checks, for callers that checked them already.
+
+        ``same_len`` is the length every sequence has when the host knows it (then the K/V
+        write is one slice copy at that offset), else ``None`` (an indexed write at ``lens``,
+        which also serves any later length: what a captured CUDA graph needs). Makes no host
+        sync and no host-to-device copy on CUDA when ``same_len`` is ``None``.
+        """
+        B, T = input_ids.shape
         dev = input_ids.device
         lens = cache.lens
-        same_len = cache.uniform_length()  # checked by _check_forward's check_room: no sync
         cos = self.rope_cos[position_ids].unsqueeze(2)
         sin = self.rope_sin[position_ids].unsqueeze(2)
         h = self.embed_tokens(input_ids)
@@ -362,9 +381,6 @@ class LlamaModel(nn.Module):
         if logits_index is not None:
             h = h[torch.arange(B, device=dev), logits_index]
         elif logits_rows is not None:
-            if not isinstance(logits_rows, torch.Tensor) or logits_rows.dtype != torch.bool or \
-                    logits_rows.shape != (B, T):
-                raise ValueError(f"logits_rows must be a ({B}, {T}) bool tensor")
             h = h[logits_rows]
         logits = self.lm_head(self.norm(h))
         return logits if logits.dtype == torch.float64 else logits.float()

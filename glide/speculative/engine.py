@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glide.model.graphs import CudaGraphs, graphs_for
+
 from .drafts import Draft, DraftContext
 from .tree import Tree, build_tree, raise_problems
 from .verify import (check_sampling, counter_uniforms, process_logits, sample, stream_keys, verify_greedy,
@@ -131,7 +133,7 @@ def _check_row_ids(row_ids, batch, seed) -> list[int]:
 
 def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=(), seed: int = 0,
-                 row_ids=None, on_tokens=None) -> list[SequenceOutput]:
+                 row_ids=None, on_tokens=None, cuda_graphs=None) -> list[SequenceOutput]:
     """Generate from a batch of prompts, speculatively with ``draft`` or autoregressively.
 
     Greedy speculative output equals greedy autoregressive output token for token; sampled
@@ -162,6 +164,11 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         samples.
     on_tokens : callable, optional
         ``on_tokens(seq_index, new_token_ids)`` after every step that emitted tokens.
+    cuda_graphs : bool or CudaGraphs, optional
+        Replay the target's decode and verification forwards from CUDA graphs
+        (:mod:`glide.model.graphs`). ``None`` (the default) turns them on for a model on
+        CUDA; ``False`` runs every forward eagerly. A :class:`CudaGraphs` is used as given
+        (tests pass one with ``capture=False``). The prefill and the draft run eagerly.
 
     Returns
     -------
@@ -177,8 +184,13 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tree_size)
     B, dev = len(prompts), model.device
     row_ids = _check_row_ids(row_ids, B, seed)
+    target = cuda_graphs if isinstance(cuda_graphs, CudaGraphs) else graphs_for(model, cuda_graphs)
+    if target is None:
+        target = model
+    elif target.model is not model:
+        raise ValueError("cuda_graphs holds the graphs of another model")
     capacity = max(len(p) for p in prompts) + max_new_tokens
-    cache = model.new_cache(B, capacity + tree_size)
+    cache = target.new_cache(B, capacity + tree_size)
     state = _Batch(prompts, capacity, max_new_tokens, eos_token_ids or (), dev)
     keys = stream_keys(seed, row_ids, device=dev)
     greedy = temperature == 0.0
@@ -196,7 +208,7 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
                              counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth))
 
     outputs = [SequenceOutput() for _ in range(B)]
-    logits = model.prefill([list(p) for p in prompts], cache)
+    logits = target.prefill([list(p) for p in prompts], cache)
     if logits.device.type == "cuda":  # keep the asynchronous prefill out of the decode time
         torch.cuda.synchronize(logits.device)
     start = time.perf_counter()
@@ -209,18 +221,19 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     while running:
         was_active = state.active.clone()
         if draft is None:  # AR: the tree is just the root, so commit it without compaction
-            new = pick(model.decode(state.root, cache))[:, None]
+            new = pick(target.decode(state.root, cache))[:, None]
             count, problems = state.emit(new, ones), None
         else:
-            new, count, problems = _speculative_step(model, cache, draft, ctx, state, verify)
+            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify)
         running = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
                           model.config.vocab_size)
     return outputs
 
 
-def _speculative_step(model, cache, draft, ctx, state, verify):
-    """Draft a tree, verify it in one forward, keep the accepted path. Returns the emitted
-    tokens (B, T), how many of them each sequence kept, and the draft's validity flags."""
+def _speculative_step(model, target, cache, draft, ctx, state, verify):
+    """Draft a tree, verify it in one forward of ``target`` (the model or its CUDA graphs), keep
+    the accepted path. Returns the emitted tokens (B, T), how many of them each sequence kept,
+    and the draft's validity flags."""
     proposal = draft.propose(ctx)
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
@@ -229,7 +242,7 @@ def _speculative_step(model, cache, draft, ctx, state, verify):
     tree = build_tree(state.root, proposal, max_depth=(state.max_new - state.num_new - 1).clamp(min=0))
     if tree.tokens.device.type == "cpu":  # a host read is free here; it costs a sync on a GPU
         tree = _trim(tree)
-    logits = model.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
+    logits = target.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
     verdict = verify(tree, logits)
     count = state.emit(verdict.tokens, verdict.path_lens)
     cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS

@@ -1,0 +1,265 @@
+"""CUDA graphs for the target's decode step and its tree verification.
+
+An eager forward of the embedded model launches ~580 kernels and spends most of its time on
+the host (13.9 ms eager against 1.5 ms captured on an H100 at batch 1, ctx 512: see
+../shared/measurements/h100-ef05f09). :class:`CudaGraphs` captures
+:meth:`LlamaModel.run_unchecked` once per ``(batch, tree bucket, logits mode)`` over static
+input buffers, and replays it at every step.
+
+What makes one capture serve every step:
+
+- **One cache per batch size.** A graph holds the addresses of the K/V cache and of its
+  ``lens``, so :meth:`CudaGraphs.new_cache` hands out one pooled :class:`KVCache` per batch size
+  (grown when a longer one is asked for, which drops its graphs). At most one generation may
+  use a pooled cache at a time.
+- **Lengths read on the device.** The captured forward writes K/V at ``lens[b] + j`` with an
+  indexed write and runs the attention kernel with ``check_lens=False``: no host sync, no
+  host-to-device copy, and the same graph serves any length.
+- **Tree buckets.** ``T`` new tokens run in the graph of the smallest bucket ``>= T``
+  (:data:`BUCKETS`). Padding nodes are token 0 at position ``lens``, see only themselves, and
+  no real node sees them; their K/V land in uncommitted slots, which the pooled cache sizes for.
+  A tree longer than the largest bucket, or a cache without room for the padding, runs eagerly.
+
+With ``capture=False`` the same static-buffer path runs without capturing (CPU tests of the
+padding and bookkeeping); :func:`graphs_for` captures exactly when the model is on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+
+__all__ = ["BUCKETS", "CudaGraphs", "graphs_for", "bucket_for"]
+
+# Tree sizes with a graph of their own. Drafts propose fixed-width trees (GliDe's chain: 5,
+# CaPE: up to ~20, dynamic trees: up to max_nodes + 1), so small sizes are exact and larger
+# ones round up to a power of two; padding rows cost little next to the weight reads.
+BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
+_SEQ_ROUND = 256  # a pooled cache grows in steps of this many positions
+
+
+def bucket_for(T: int) -> int | None:
+    """The smallest bucket ``>= T``, or ``None`` above the largest."""
+    for b in BUCKETS:
+        if b >= T:
+            return b
+    return None
+
+
+class _Graph:
+    """One captured forward with its static inputs and output."""
+
+    def __init__(self, model, cache: KVCache, B: int, T: int, last_only: bool, capture: bool, pool):
+        dev = cache.device
+        self.T = T
+        self.ids = torch.zeros(B, T, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(B, T, dtype=torch.int64, device=dev)
+        self.eye = torch.eye(T, dtype=torch.bool, device=dev).expand(B, T, T).contiguous()
+        self.mask = self.eye.clone()
+        self.index = torch.zeros(B, dtype=torch.int64, device=dev) if last_only else None
+        self._body = lambda: model.run_unchecked(self.ids, self.pos, self.mask, cache, None,
+                                                 self.index)
+        self.graph = None
+        self.out = None
+        self._capture = capture
+        self._pool = pool
+
+    def run(self) -> torch.Tensor:
+        if not self._capture:
+            self.out = self._body()
+            return self.out
+        if self.graph is None:
+            # Triton compiles and the allocator warms up outside the capture, on a side stream
+            # as torch.cuda.graph asks. The warm-up writes K/V only into uncommitted slots.
+            side = torch.cuda.Stream(device=self.ids.device)
+            side.wait_stream(torch.cuda.current_stream(self.ids.device))
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream(self.ids.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self.out = self._body()
+            self.graph = graph
+        self.graph.replay()
+        return self.out
+
+
+class CudaGraphs:
+    """Captured target forwards of one :class:`LlamaModel`, one pooled cache per batch size.
+
+    It offers the three calls the engine makes on the target, with the same meaning:
+    :meth:`new_cache`, :meth:`prefill` (eager: one call per generation, of any length),
+    :meth:`decode` and :meth:`forward` (replayed graphs).
+
+    Parameters
+    ----------
+    model : LlamaModel
+    capture : bool
+        Capture CUDA graphs (needs a CUDA model); ``False`` runs the same static-buffer path
+        eagerly, for tests on the CPU.
+
+    Attributes
+    ----------
+    captures : int
+        Graphs captured so far (a benchmark reports it; each costs one warm-up forward).
+    replays : int
+        Forwards served from a graph; forwards that ran eagerly are in ``eager_calls``.
+    """
+
+    def __init__(self, model, capture: bool = True):
+        if capture and model.device.type != "cuda":
+            raise ValueError(f"capture=True needs a CUDA model, the model is on {model.device}")
+        self.model = model
+        self.capture = capture
+        self._caches: dict[int, KVCache] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captures = 0
+        self.replays = 0
+        self.eager_calls = 0
+
+    # ------------------------------------------------------------------ caches
+    def new_cache(self, batch_size: int, max_seq: int) -> KVCache:
+        """The pooled cache for ``batch_size``, reset, with room for ``max_seq`` positions plus
+        the padding of the largest bucket.
+
+        Parameters
+        ----------
+        batch_size, max_seq : int
+
+        Returns
+        -------
+        KVCache
+            Shared by every call with this ``batch_size``: a new call resets it.
+        """
+        limit = self.model.config.max_position_embeddings
+        want = max_seq + BUCKETS[-1]
+        cache = self._caches.get(batch_size)
+        if cache is None or cache.max_seq < max(max_seq, min(want, limit)):
+            # Past the model's positions the padding room is dropped (those trees run eagerly);
+            # a max_seq beyond them is refused by new_cache.
+            size = max(max_seq, min(-(-want // _SEQ_ROUND) * _SEQ_ROUND, limit))
+            self._drop(batch_size)
+            cache = self._caches[batch_size] = self.model.new_cache(batch_size, size)
+        cache.reset()
+        return cache
+
+    def _ones(self, B: int, T: int) -> torch.Tensor:
+        key = ("ones", B, T)
+        ones = self._masks.get(key)
+        if ones is None:
+            ones = self._masks[key] = torch.ones(B, T, T, dtype=torch.bool, device=self.model.device)
+        return ones
+
+    def _drop(self, batch_size: int) -> None:
+        old = self._caches.pop(batch_size, None)
+        if old is not None:
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] is not old}
+
+    def clear(self) -> None:
+        """Free every pooled cache and graph."""
+        self._caches.clear()
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ forwards
+    def prefill(self, prompts, cache: KVCache) -> torch.Tensor:
+        """:meth:`LlamaModel.prefill`, eagerly."""
+        return self.model.prefill(prompts, cache)
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """:meth:`LlamaModel.decode` through the ``T = 1`` graph.
+
+        Parameters
+        ----------
+        tokens : torch.Tensor, shape (batch,), int64
+        cache : KVCache
+
+        Returns
+        -------
+        torch.Tensor, shape (batch, vocab), float32
+        """
+        logits = self.forward(tokens[:, None], cache.lens[:, None], None, cache)[:, 0]
+        cache.commit(1)
+        return logits
+
+    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None):
+        """:meth:`LlamaModel.forward` through the graph of ``T``'s bucket when one applies.
+
+        Parameters
+        ----------
+        input_ids, position_ids : torch.Tensor, shape (batch, T), int64
+        tree_mask : torch.Tensor, shape (batch, T, T), bool, or None
+            ``None`` means all true (one token per sequence, or a causal chunk of one).
+        cache : KVCache
+        logits_index : torch.Tensor, shape (batch,), int64, optional
+
+        Returns
+        -------
+        torch.Tensor, float32
+            (batch, T, vocab), or (batch, vocab) with ``logits_index``; a new tensor.
+        """
+        model = self.model
+        B, T = input_ids.shape
+        bucket = bucket_for(T)
+        pooled = self._caches.get(B) is cache
+        if bucket is None or not pooled or cache.max_len_bound() + bucket > cache.max_seq:
+            if tree_mask is None:
+                tree_mask = torch.ones(B, T, T, dtype=torch.bool, device=input_ids.device)
+            self.eager_calls += 1
+            return model.forward(input_ids, position_ids, tree_mask, cache, logits_index)
+        model._check_forward(input_ids, position_ids,
+                             tree_mask if tree_mask is not None else self._ones(B, T),
+                             cache, logits_index)
+        key = (cache, B, bucket, logits_index is not None)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = _Graph(model, cache, B, bucket, logits_index is not None,
+                                               self.capture, self._pool)
+            self.captures += 1
+        graph.ids[:, :T].copy_(input_ids)
+        graph.pos[:, :T].copy_(position_ids)
+        if T < bucket:
+            # Padding rows see only themselves and nobody sees them; their position is lens (any
+            # valid one) and their token whatever the last call left.
+            graph.mask.copy_(graph.eye)
+            graph.pos[:, T:].copy_(cache.lens[:, None].expand(B, bucket - T))
+        if tree_mask is None:
+            graph.mask[:, :T, :T].fill_(True)
+        else:
+            graph.mask[:, :T, :T].copy_(tree_mask)
+        if logits_index is not None:
+            graph.index.copy_(logits_index)
+        out = graph.run()
+        self.replays += 1
+        return out.clone() if logits_index is not None else out[:, :T].clone()
+
+
+def graphs_for(model, enabled: bool | None = None) -> CudaGraphs | None:
+    """The model's :class:`CudaGraphs` (made on first use and kept on the model), or ``None``.
+
+    Parameters
+    ----------
+    model : LlamaModel
+    enabled : bool, optional
+        ``None`` turns graphs on exactly for a CUDA model; ``True`` on a CPU model raises.
+
+    Raises
+    ------
+    ValueError
+        If ``enabled`` is not a bool or ``None``, or is ``True`` for a model not on CUDA.
+    """
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None, got {enabled!r}")
+    on_cuda = model.device.type == "cuda"
+    if enabled is None:
+        enabled = on_cuda
+    if not enabled:
+        return None
+    if not on_cuda:
+        raise ValueError(f"cuda_graphs=True needs a model on CUDA, this one is on {model.device}")
+    graphs = getattr(model, "_cuda_graphs", None)
+    if graphs is None:
+        graphs = model._cuda_graphs = CudaGraphs(model)
+    return graphs

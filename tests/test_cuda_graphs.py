@@ -1,0 +1,172 @@
+"""CUDA-graph replay of the target's forwards (glide.model.graphs).
+
+On the CPU, ``CudaGraphs(model, capture=False)`` runs the same static buffers, bucket padding
+and pooled caches without capturing, so the bookkeeping is tested everywhere; the capture
+itself is tested on CUDA only.
+"""
+
+import pytest
+import torch
+
+from glide.model import LlamaModel, ModelConfig
+from glide.model.graphs import BUCKETS, CudaGraphs, bucket_for, graphs_for
+from glide.speculative.drafts import OracleDraft, RandomTreeDraft
+from glide.speculative.engine import generate_ids
+from glide.speculative.tree import depths
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 3]]
+
+
+def _model(dtype=torch.float64, device="cpu", seed=0, max_pos=256):
+    cfg = ModelConfig(vocab_size=41, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=max_pos)
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg, dtype=dtype, device=device, init_std=0.3)
+    if device == "cpu":
+        model.attn_backend = "reference"
+    return model
+
+
+def _random_tree(B, T, gen):
+    """A random topologically ordered tree per row: parents, mask (B, T, T) and depths."""
+    parents = torch.full((B, T), -1, dtype=torch.int64)
+    for j in range(1, T):
+        parents[:, j] = torch.randint(0, j, (B,), generator=gen)
+    mask = torch.zeros(B, T, T, dtype=torch.bool)
+    for j in range(T):
+        mask[:, j, j] = True
+        for b in range(B):
+            p = int(parents[b, j])
+            if p >= 0:
+                mask[b, j] |= mask[b, p]
+    return mask, depths(parents)
+
+
+def test_bucket_for_rounds_up_and_stops_at_the_largest():
+    assert [bucket_for(t) for t in (1, 5, 7, 9, 17, 64)] == [1, 5, 8, 12, 24, 64]
+    assert bucket_for(BUCKETS[-1] + 1) is None
+
+
+@pytest.mark.parametrize("T", [1, 3, 7, 13])
+def test_padded_tree_forward_matches_eager(T):
+    """A tree in a larger bucket gives the eager forward's logits and writes the same K/V into
+    the real slots; the committed prefix is untouched."""
+    model = _model()
+    graphs = CudaGraphs(model, capture=False)
+    gen = torch.Generator().manual_seed(T)
+    B = 3
+    lens = torch.tensor([5, 9, 2])
+    eager_cache = model.new_cache(B, 64)
+    pooled = graphs.new_cache(B, 64)
+    assert pooled.max_seq >= 64 + BUCKETS[-1]
+    for cache in (eager_cache, pooled):  # the same committed prefix in both
+        ids = torch.randint(0, 41, (B, 9), generator=torch.Generator().manual_seed(0))
+        model.forward(ids, torch.arange(9).expand(B, 9), torch.ones(9, 9, dtype=torch.bool).tril().expand(B, 9, 9),
+                      cache)
+        cache.commit(lens)
+    for step in range(3):  # several calls: leftovers of a previous call must not leak
+        tokens = torch.randint(0, 41, (B, T), generator=gen)
+        mask, depth = _random_tree(B, T, gen)
+        pos = eager_cache.lens[:, None] + depth
+        want = model.forward(tokens, pos, mask, eager_cache)
+        got = graphs.forward(tokens, pos.clone(), mask, pooled)
+        assert got.shape == want.shape == (B, T, 41)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for b in range(B):
+            n = int(lens[b]) + T
+            torch.testing.assert_close(pooled.kv[:, :, b, :, :n], eager_cache.kv[:, :, b, :, :n],
+                                       rtol=1e-12, atol=1e-12)
+    assert graphs.eager_calls == 0 and graphs.replays == 3
+    assert graphs.captures == 1  # one graph per (cache, batch, bucket, logits mode)
+
+
+def test_decode_through_graphs_commits_like_the_model():
+    model = _model()
+    graphs = CudaGraphs(model, capture=False)
+    a, b = model.new_cache(2, 32), graphs.new_cache(2, 32)
+    for cache, runner in ((a, model), (b, graphs)):
+        runner.prefill([[1, 2, 3], [4, 5]], cache)
+    tok = torch.tensor([6, 7])
+    for _ in range(4):
+        want, got = model.decode(tok, a), graphs.decode(tok, b)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a.lens, b.lens)
+        tok = want.argmax(-1)
+
+
+def test_unpooled_cache_and_oversized_tree_run_eagerly():
+    model = _model()
+    graphs = CudaGraphs(model, capture=False)
+    cache = model.new_cache(1, 200)  # not the pooled cache: its address is not in any graph
+    T = 3
+    out = graphs.forward(torch.ones(1, T, dtype=torch.int64), torch.arange(T)[None],
+                         torch.ones(T, T, dtype=torch.bool).tril()[None], cache)
+    assert out.shape == (1, T, 41) and graphs.eager_calls == 1 and graphs.replays == 0
+    big = BUCKETS[-1] + 1
+    pooled = graphs.new_cache(1, 8)
+    graphs.forward(torch.ones(1, big, dtype=torch.int64), torch.arange(big)[None],
+                   torch.ones(big, big, dtype=torch.bool).tril()[None], pooled)
+    assert graphs.eager_calls == 2 and graphs.replays == 0
+
+
+def test_pooled_cache_is_reused_then_grown_and_its_graphs_dropped():
+    model = _model(max_pos=1024)
+    graphs = CudaGraphs(model, capture=False)
+    first = graphs.new_cache(2, 16)
+    assert graphs.new_cache(2, 10) is first  # a shorter request reuses it
+    graphs.decode(torch.tensor([1, 2]), first)
+    assert len(graphs._graphs) == 1
+    grown = graphs.new_cache(2, first.max_seq + 1)
+    assert grown is not first and grown.max_seq > first.max_seq
+    assert len(graphs._graphs) == 0 and int(grown.lens.sum()) == 0
+    assert graphs.new_cache(3, 16) is not grown  # one cache per batch size
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        graphs.new_cache(2, 1025)
+    edge = graphs.new_cache(2, 1000)  # no room left for padding: the cache stops at the limit
+    assert edge.max_seq == 1024
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_through_graphs_is_identical(temperature):
+    """AR and a random-tree draft (tree sizes change every step, so buckets pad) give the same
+    tokens through the graphs as eagerly, at T=0 and T=1."""
+    model = _model()
+    kw = dict(max_new_tokens=20, temperature=temperature, seed=3)
+    ar = generate_ids(model, PROMPTS, **kw)
+    refs = [o.output_ids for o in ar]
+    for draft_fn in (lambda: None, lambda: RandomTreeDraft(10, seed=1, references=refs, p_correct=0.6),
+                     lambda: OracleDraft(refs, 4, width=2)):
+        want = generate_ids(model, PROMPTS, draft_fn(), **kw)
+        graphs = CudaGraphs(model, capture=False)
+        got = generate_ids(model, PROMPTS, draft_fn(), cuda_graphs=graphs, **kw)
+        assert [o.output_ids for o in got] == [o.output_ids for o in want]
+        assert [o.accepted for o in got] == [o.accepted for o in want]
+        assert graphs.replays > 0 and graphs.eager_calls == 0
+
+
+def test_cuda_graphs_argument_is_checked():
+    model = _model()
+    assert graphs_for(model) is None and graphs_for(model, False) is None
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a model on CUDA"):
+        graphs_for(model, True)
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or None"):
+        graphs_for(model, "yes")
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        generate_ids(model, PROMPTS, max_new_tokens=4, cuda_graphs=True)
+    with pytest.raises(ValueError, match="capture=True needs a CUDA model"):
+        CudaGraphs(model)
+    with pytest.raises(ValueError, match="another model"):
+        generate_ids(model, PROMPTS, max_new_tokens=4, cuda_graphs=CudaGraphs(_model(), capture=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_captured_graphs_match_eager_on_cuda():
+    model = _model(dtype=torch.float32, device="cuda")
+    graphs = graphs_for(model)
+    assert graphs is not None and graphs.capture
+    for draft in (None, OracleDraft([o.output_ids for o in generate_ids(model, PROMPTS, max_new_tokens=16,
+                                                                        cuda_graphs=False)], 4, width=2)):
+        want = generate_ids(model, PROMPTS, draft, max_new_tokens=16, cuda_graphs=False)
+        got = generate_ids(model, PROMPTS, draft, max_new_tokens=16)
+        assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    assert graphs.captures >= 2 and graphs.replays > 0

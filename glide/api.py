@@ -311,6 +311,7 @@ def generate(
     tree: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    cuda_graphs: bool | None = None,
     progress: bool = False,
     on_text: Callable[[int, str], None] | None = None,
     loaded=None,
@@ -351,6 +352,10 @@ def generate(
     device : {"cpu", "cuda"}, optional
         ``cuda`` when this machine has it, else ``cpu``, by default.
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
+    cuda_graphs : bool, optional
+        Replay the target's decode and verification forwards from CUDA graphs
+        (:mod:`glide.model.graphs`). ``None`` turns them on for ``device="cuda"``; ``True`` on
+        the CPU is an error naming ``cuda_graphs``. Not used by ``hf``.
     progress : bool
         Show a progress bar over the prompts (on stderr).
     on_text : callable(prompt_index, text_piece), optional
@@ -378,6 +383,10 @@ def generate(
         raise ArgumentError("seed", f"must be an integer, got {seed!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ArgumentError("cuda_graphs", f"must be True, False or None, got {cuda_graphs!r}")
+    if cuda_graphs and dev.type != "cuda":
+        raise ArgumentError("cuda_graphs", f"CUDA graphs need device cuda, got {dev.type}")
     items = check_prompts(prompts)
     model_path = check_path("model", model)
     draft_path = check_path("draft", draft)
@@ -421,7 +430,7 @@ def generate(
             outs = _hf_generate(target, ids, max_new_tokens, temperature, top_p, seed, eos, tokenizer, chunk)
         else:
             outs = _our_generate(target, ids, draft_obj, max_new_tokens, temperature, top_p, seed, eos,
-                                 tokenizer, on_text, chunk)
+                                 tokenizer, on_text, chunk, cuda_graphs)
         batch_seconds = max(float(out.seconds) for out in outs)  # the batch's decode wall time
         for i, out in zip(chunk, outs):
             rows[i] = _row(items[i], out, tokenizer)
@@ -469,7 +478,7 @@ def _row(prompt: Prompt, out, tokenizer) -> dict:
 
 
 def _our_generate(target, ids, draft, max_new_tokens, temperature, top_p, seed, eos, tokenizer,
-                  on_text, chunk):
+                  on_text, chunk, cuda_graphs=None):
     from glide.speculative.engine import generate_ids
 
     on_tokens = None
@@ -488,7 +497,7 @@ def _our_generate(target, ids, draft, max_new_tokens, temperature, top_p, seed, 
 
     return generate_ids(
         target, ids, draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        eos_token_ids=eos, seed=seed, row_ids=chunk, on_tokens=on_tokens,
+        eos_token_ids=eos, seed=seed, row_ids=chunk, on_tokens=on_tokens, cuda_graphs=cuda_graphs,
     )
 
 

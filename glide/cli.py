@@ -28,6 +28,7 @@ _FLAGS = {
     "gamma": "--gamma",
     "bins": "--bins",
     "tree": "--tree",
+    "cuda_graphs": "--no-cuda-graphs",
     "device": "--device",
     "dtype": "--dtype",
     "out": "--out",
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
                    help="float32, bfloat16 or float16 (default: bfloat16)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                   help="on cuda, run every target forward eagerly (default: decode and verification "
+                        "replay CUDA graphs)")
     g.add_argument("--out", metavar="FILE.jsonl",
                    help="write one JSON row per prompt here (default: print the replies)")
     from glide.train.command import add_parser as add_train_parser
@@ -124,7 +128,7 @@ def _generate(args) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
             bins=args.bins, tree=args.tree,
-            device=args.device,
+            device=args.device, cuda_graphs=args.cuda_graphs,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )
     except BaseException:

@@ -170,3 +170,22 @@ def test_captured_graphs_match_eager_on_cuda():
         got = generate_ids(model, PROMPTS, draft, max_new_tokens=16)
         assert [o.output_ids for o in got] == [o.output_ids for o in want]
     assert graphs.captures >= 2 and graphs.replays > 0
+
+
+def test_api_refuses_cuda_graphs_off_cuda_naming_the_argument():
+    from glide import api
+
+    with pytest.raises(api.ArgumentError) as err:
+        api.generate(["hi"], method="ar", device="cpu", cuda_graphs=True)
+    assert err.value.argument == "cuda_graphs"
+    with pytest.raises(api.ArgumentError) as err:
+        api.generate(["hi"], method="ar", device="cpu", cuda_graphs="on")
+    assert err.value.argument == "cuda_graphs"
+
+
+def test_cli_flag_turns_graphs_off():
+    from glide.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--no-cuda-graphs"])
+    assert args.cuda_graphs is False
+    assert build_parser().parse_args(["generate", "--prompt", "x"]).cuda_graphs is None

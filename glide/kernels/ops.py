@@ -34,11 +34,13 @@ range lengths read garbage. Shapes, dtypes and devices are still checked on ever
 Eager code should keep calling the launchers: an op call adds the dispatcher's round trip
 (C++ dispatch, the autograd and dynamo-disable wrappers of ``torch.library.custom_op``, then
 back into Python) to the launcher's own host work. ``python -m bench.launch_overhead``
-measures both with the Triton launch stubbed out. On the 2-core CPU dev machine (torch 2.13,
-SmolLM2 heads, batch 1, bf16): the launchers took 12-14 us a call (4.5 us for compact_kv)
-and the ops 7-8 us more (12 us more for compact_kv, whose mutation the wrapper checks).
-Under ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``) none of this host
-time is paid per replay.
+measures both with the Triton launch stubbed out (SmolLM2 heads, batch 1, bf16). On the
+2-core CPU dev machine (torch 2.13, CPU tensors) the launchers took 12-14 us a call (4.5 us
+for compact_kv) and the ops 7-11 us more (12 us for compact_kv). On the H100 machine
+(torch 2.11, CUDA tensors, a slower and noisier host; two runs) the launchers took 28-57 us
+(7-12 us for compact_kv; 40-55 us and 8-10 us before the trim of the same commit series) and
+the ops 20-50 us more. Under ``torch.compile`` with CUDA graphs
+(``mode="reduce-overhead"``) none of this host time is paid per replay.
 
 The ops have no autograd formula: they are for inference.
 """

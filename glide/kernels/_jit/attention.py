@@ -5,13 +5,11 @@ One program owns one ``(batch, kv_head)`` pair, one ``BLOCK_M`` tile of the flat
 tile is tree node ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, so every query
 head that shares a KV head reads each K/V tile once (decode and verification are bound by the
 bandwidth of that read). Past ``BLOCK_M`` rows, every M tile of a ``(batch, kv_head, split)``
-reads the same K/V tiles again; the M tile is the fastest-varying program id so that those
-programs run together and the repeated reads can come from L2 rather than HBM. At batch 1 this
-order measured no gain over ``(batch * kv_head)`` first, whose M tiles were only
-``num_kv_heads`` programs apart: on an H100 (bf16, 32k context, at the same split count) it
-was 2-4% slower with Llama-8B heads at T=17-64 and 0-3% faster with SmolLM2 heads at T=24-64.
-It is meant for large batches, where the other order puts those programs
-``batch * num_kv_heads`` apart; that case is unmeasured.
+reads the same K/V tiles again; with ``(batch * kv_head)`` as the fastest program id those
+programs are ``batch * num_kv_heads`` apart in launch order. An order with the M tile fastest
+(so that the repeated reads come from L2) measured no gain on an H100 at batch 1 (bf16, 32k
+context, the same split count): 2-4% slower with Llama-8B heads at T=17-64, 0-3% faster with
+SmolLM2 heads at T=24-64; so this order stays. Large batches are unmeasured.
 
 Mask rule, for node ``i`` of sequence ``b`` with ``P = prefix_lens[b]``::
 
@@ -98,10 +96,8 @@ def attention_fwd_kernel(
     launcher sets it only for bfloat16 under Triton's interpreter, whose ``dot`` multiplies
     bfloat16's raw uint16 storage (Triton 3.9).
     """
-    # The M tile is the fastest-varying program id, so the M tiles of one (batch, kv head,
-    # split) are launched side by side and read the same K/V tiles at about the same time.
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
     b = pid_bh // NUM_KV_HEADS
     kvh = pid_bh % NUM_KV_HEADS

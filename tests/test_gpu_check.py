@@ -1,0 +1,47 @@
+"""bench.gpu_check and bench.gpu_plots on the CPU (--smoke: tiny shapes, no capture)."""
+
+import json
+
+import pytest
+
+from bench import gpu_check, gpu_plots
+
+
+def test_smoke_run_writes_rows_and_plots(tmp_path):
+    out = tmp_path / "gc"
+    assert gpu_check.main(["--smoke", "--out", str(out), "--steps", "copy", "forward", "tree", "launch"]) == 0
+    data = json.loads((out / "gpu-check.json").read_text())
+    assert data["errors"] == []
+    steps = [r["step"] for r in data["rows"]]
+    assert steps.count("forward") == 4 and steps.count("tree") == 4 and steps[0] == "copy"
+    for r in data["rows"]:
+        if r["step"] == "forward":
+            assert r["eager_us"] > 0 and r["graphed_us"] > 0 and r["replay_us"] is None  # no capture on CPU
+        if r["step"] == "tree":
+            assert r["default_us"] > 0 and r["default_gbps"] > 0 and r["old_splits"] >= 1
+    names = {p.name for p in out.glob("*.png")}
+    assert names == {"gpu-tree-attention.png", "gpu-forward.png"}  # no e2e rows, no e2e plot
+
+
+def test_budget_skips_late_steps(tmp_path):
+    out = tmp_path / "gc"
+    gpu_check.main(["--smoke", "--out", str(out), "--steps", "copy", "tree", "--budget-s", "1e-9"])
+    rows = json.loads((out / "gpu-check.json").read_text())["rows"]
+    assert [r.get("skipped") for r in rows] == ["budget spent", "budget spent"]
+
+
+def test_refuses_to_run_without_cuda_or_smoke(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as err:
+        gpu_check.main([])
+    assert err.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_plots_need_an_existing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_plots.main([str(tmp_path / "missing.json")])
+    assert "no such file" in capsys.readouterr().err

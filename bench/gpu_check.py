@@ -11,8 +11,9 @@ a run stopped at a time limit keeps what it finished):
   and a 1B Llama shape, eager vs replayed from a CUDA graph (:mod:`glide.model.graphs`), at
   batch 1 and 8, T = 1 and 16, ctx 512.
 - ``e2e``: tokens/s of ``ar`` eager and graphed, of an oracle draft (chain of 4, always right:
-  the verification path at a mean acceptance of 5), and of transformers' ``generate()`` on the
-  same shape, batch 1 and 8, 128 new tokens after 128-token prompts.
+  the verification path at a mean acceptance of 5), of a random GliDe draft (the draft's own
+  steps, captured when graphed), and of transformers' ``generate()`` on the same shape,
+  batch 1 and 8, 128 new tokens after 128-token prompts.
 - ``tree``: tree attention GPU time (a CUDA graph over input copies that overflow L2) by tree
   size T at ctx 8k and 32k, Llama-8B heads (group 4) and SmolLM2 heads (group 3), plus groups
   1-8 at T = 64; the launcher's default KV splits against the pre-fix policy, in GB/s.
@@ -265,6 +266,23 @@ def step_e2e(rec, dev, dtype, smoke):
                 rec.add("e2e", shape=shape, batch=B, method="oracle-chain4", mode=label,
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=same, new_tokens=new, prompt_len=plen)
+            # A random one-layer GliDe draft: rejected almost always, but it times the draft's
+            # own steps (captured as one graph a generation when graphed) and checks the tokens.
+            from glide.draft import GlideDraft, GlideDraftModel, new_draft_config
+
+            torch.manual_seed(1)
+            net = GlideDraftModel(new_draft_config(model, num_layers=1), dtype=dtype, device=dev,
+                                  init_std=0.02).attach(model)
+            if dev.type != "cuda":
+                net.attn_backend = "reference"
+            for label, graphs in (("eager", False), ("graphed", gr)):
+                run(GlideDraft(net, 4), graphs)
+                outs3, tps_wall, tps_decode, mat = run(GlideDraft(net, 4), graphs)
+                rec.add("e2e", shape=shape, batch=B, method="glide-random-draft", mode=label,
+                        tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
+                        same_tokens_as_ar=[o.output_ids for o in outs3] == refs, new_tokens=new,
+                        prompt_len=plen)
+            del net
             try:
                 hf = _hf_model(shape, dev, dtype)
                 tps, made = _hf_tok_s(hf, prompts, new, dev)

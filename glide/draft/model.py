@@ -265,7 +265,7 @@ class GlideDraftModel(nn.Module):
 
     @torch.no_grad()
     def step(self, input_ids, position_ids, tree_mask, cache: KVCache, cross_attend, logits_index=None,
-             need_logits=True, last_rows=None):
+             need_logits=True, last_rows=None, checked=True):
         """Run ``T`` new tokens over the draft's cache; their K/V go to ``cache.lens + j``.
 
         Like the target's forward, ``cache.lens`` is not advanced.
@@ -287,6 +287,10 @@ class GlideDraftModel(nn.Module):
             ``False`` only fills the cache.
         last_rows : int, optional
             Compute the head only at the last ``last_rows`` rows.
+        checked : bool
+            ``False`` skips the cache's room check and writes K/V by index at ``cache.lens``:
+            no host sync, so the step can be captured in a CUDA graph (the caller guarantees
+            the room).
 
         Returns
         -------
@@ -295,8 +299,11 @@ class GlideDraftModel(nn.Module):
             ``logits_index``, or (batch, last_rows, vocab_out).
         """
         B, T = input_ids.shape
-        cache.check_room(T, f"draft step with T={T} tokens")
-        same_len = cache.uniform_length()
+        if checked:
+            cache.check_room(T, f"draft step with T={T} tokens")
+            same_len = cache.uniform_length()
+        else:
+            same_len = None
         store = kv_writer(cache.lens, same_len, B, T)
         attend = tree_attender(cache.lens, same_len, tree_mask, self.attn_backend)
         h = F.embedding(input_ids, self._embed_head()[0])

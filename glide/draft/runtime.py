@@ -50,6 +50,9 @@ class GlideDraft(Draft):
         self.gamma = gamma
         self.max_nodes = gamma
         self.cache = None
+        self._graph_mode = None  # see use_cuda_graphs
+        self._graphs = {}
+        self._graph_ctx = None
 
     # ------------------------------------------------------------------ Draft interface
     def check(self, model) -> None:
@@ -62,10 +65,18 @@ class GlideDraft(Draft):
             raise ValueError(f"draft: it is {self.model.dtype} on {self.model.device}, the target "
                              f"{model.dtype} on {model.device}; load it for this target")
 
+    def use_cuda_graphs(self, capture) -> None:
+        """Draft the chain through one CUDA graph per generation (``capture=True``), the same
+        static path without capturing (``False``, CPU tests), or eagerly (``None``)."""
+        if capture and self.model.device.type != "cuda":
+            raise ValueError(f"draft: CUDA graphs need a CUDA draft, this one is on {self.model.device}")
+        self._graph_mode = capture
+
     def begin(self, ctx: DraftContext) -> None:
         """Fill the draft's cache over the prompts (the prompt is ``tokens[:lengths - 1]``)."""
         B, cap = ctx.tokens.shape
         m = self.model
+        self._graphs, self._graph_ctx = {}, None  # a new context: new addresses to capture
         self.cache = m.new_cache(B, cap + self.cache_extra())
         prompt_lens = ctx.lengths - 1
         P = int(prompt_lens.max())  # once a generation: a host sync is fine here
@@ -102,6 +113,22 @@ class GlideDraft(Draft):
         logits : torch.Tensor, shape (batch, gamma, vocab_out), or None
             The draft's logits at every depth (over ``draft_vocab``), with ``keep_logits``.
         """
+        if self._graph_mode is None:
+            return self._chain(ctx, keep_logits, checked=True)
+        from glide.model.graphs import CapturedCall
+
+        if ctx is not self._graph_ctx:  # the graphs hold this context's tensors
+            self._graphs, self._graph_ctx = {}, ctx
+        call = self._graphs.get(keep_logits)
+        if call is None:
+            call = self._graphs[keep_logits] = CapturedCall(
+                lambda: self._chain(ctx, keep_logits, checked=False), self._graph_mode, ctx.root.device)
+        tokens, probs, logits = call.run()
+        return tokens.clone(), probs.clone(), None if logits is None else logits.clone()
+
+    def _chain(self, ctx: DraftContext, keep_logits: bool, checked: bool):
+        """:meth:`draft_chain`'s work. ``checked=False`` makes no host sync (the draft cache's
+        room is the engine's to guarantee): the body of the captured graph."""
         m, cache = self.model, self.cache
         B, dev = ctx.root.shape[0], ctx.root.device
         root_pos = ctx.lengths - 1
@@ -111,8 +138,9 @@ class GlideDraft(Draft):
         ids = torch.cat([prev, ctx.root[:, None]], 1)
         pos = torch.stack([root_pos - 1, root_pos], 1)
         causal = torch.ones(2, 2, dtype=torch.bool, device=dev).tril().expand(B, 2, 2)
-        logits = m.step(ids, pos, causal, cache, cross, logits_index=torch.ones_like(root_pos))
-        cache.commit(2)
+        logits = m.step(ids, pos, causal, cache, cross, logits_index=torch.ones_like(root_pos),
+                        checked=checked)
+        self._advance(cache, 2, checked)
         tokens, probs, rows = [], [], []
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
         for j in range(1, self.gamma + 1):
@@ -122,9 +150,17 @@ class GlideDraft(Draft):
             if keep_logits:
                 rows.append(logits)
             if j < self.gamma:
-                logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross)[:, 0]
-                cache.commit(1)
+                logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross,
+                                checked=checked)[:, 0]
+                self._advance(cache, 1, checked)
         return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits else None
+
+    @staticmethod
+    def _advance(cache, n: int, checked: bool) -> None:
+        if checked:
+            cache.commit(n)
+        else:
+            cache.lens += n  # on the device only; the host bound is re-measured if ever needed
 
     # ------------------------------------------------------------------ pieces
     def cache_extra(self) -> int:

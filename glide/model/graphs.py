@@ -30,7 +30,7 @@ import torch
 
 from .cache import KVCache
 
-__all__ = ["BUCKETS", "CudaGraphs", "graphs_for", "bucket_for"]
+__all__ = ["BUCKETS", "CapturedCall", "CudaGraphs", "graphs_for", "bucket_for"]
 
 # Tree sizes with a graph of their own. Drafts propose fixed-width trees (GliDe's chain: 5,
 # CaPE: up to ~20, dynamic trees: up to max_nodes + 1), so small sizes are exact and larger
@@ -47,6 +47,51 @@ def bucket_for(T: int) -> int | None:
     return None
 
 
+class CapturedCall:
+    """``fn()`` captured once in a CUDA graph, then replayed.
+
+    ``fn`` must read and write only tensors whose addresses stay fixed, and make no host sync.
+    The first :meth:`run` calls it once eagerly on a side stream (Triton compiles, the
+    allocator warms up; ``fn`` must tolerate running twice), captures it, and replays it;
+    later calls replay. Returns what the captured call returned: static tensors, overwritten
+    by the next replay. With ``capture=False`` every :meth:`run` calls ``fn`` eagerly (CPU
+    tests of the static-buffer logic).
+
+    Parameters
+    ----------
+    fn : callable() -> object
+    capture : bool
+    device : torch.device
+    pool : optional
+        A ``torch.cuda.graph_pool_handle()`` to share memory with other graphs.
+    """
+
+    def __init__(self, fn, capture: bool, device, pool=None):
+        self.fn = fn
+        self.capture = capture
+        self.device = torch.device(device)
+        self.pool = pool
+        self.graph = None
+        self.out = None
+
+    def run(self):
+        if not self.capture:
+            self.out = self.fn()
+            return self.out
+        if self.graph is None:
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.out = self.fn()
+            self.graph = graph
+        self.graph.replay()
+        return self.out
+
+
 class _Graph:
     """One captured forward with its static inputs and output."""
 
@@ -58,31 +103,17 @@ class _Graph:
         self.eye = torch.eye(T, dtype=torch.bool, device=dev).expand(B, T, T).contiguous()
         self.mask = self.eye.clone()
         self.index = torch.zeros(B, dtype=torch.int64, device=dev) if last_only else None
-        self._body = lambda: model.run_unchecked(self.ids, self.pos, self.mask, cache, None,
-                                                 self.index)
-        self.graph = None
-        self.out = None
-        self._capture = capture
-        self._pool = pool
+        # The warm-up run before the capture writes K/V only into uncommitted slots.
+        self._call = CapturedCall(
+            lambda: model.run_unchecked(self.ids, self.pos, self.mask, cache, None, self.index),
+            capture, dev, pool)
+
+    @property
+    def graph(self):
+        return self._call.graph
 
     def run(self) -> torch.Tensor:
-        if not self._capture:
-            self.out = self._body()
-            return self.out
-        if self.graph is None:
-            # Triton compiles and the allocator warms up outside the capture, on a side stream
-            # as torch.cuda.graph asks. The warm-up writes K/V only into uncommitted slots.
-            side = torch.cuda.Stream(device=self.ids.device)
-            side.wait_stream(torch.cuda.current_stream(self.ids.device))
-            with torch.cuda.stream(side):
-                self._body()
-            torch.cuda.current_stream(self.ids.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self.out = self._body()
-            self.graph = graph
-        self.graph.replay()
-        return self.out
+        return self._call.run()
 
 
 class CudaGraphs:

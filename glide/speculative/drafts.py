@@ -76,6 +76,12 @@ class Draft:
     def observe(self, ctx: DraftContext) -> None:
         """Called after each commit, with the updated context."""
 
+    def use_cuda_graphs(self, capture) -> None:
+        """Called by the engine before :meth:`begin`: ``True`` when the target's forwards replay
+        CUDA graphs (a draft may capture its own steps too), ``False`` for the same static path
+        without capture (CPU tests), ``None`` when everything runs eagerly. Ignored by
+        default."""
+
 
 def _check_count(name: str, value, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

@@ -168,7 +168,8 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         Replay the target's decode and verification forwards from CUDA graphs
         (:mod:`glide.model.graphs`). ``None`` (the default) turns them on for a model on
         CUDA; ``False`` runs every forward eagerly. A :class:`CudaGraphs` is used as given
-        (tests pass one with ``capture=False``). The prefill and the draft run eagerly.
+        (tests pass one with ``capture=False``). The prefill runs eagerly; the draft is told
+        through :meth:`Draft.use_cuda_graphs` (the GliDe drafts capture their chain).
 
     Returns
     -------
@@ -217,6 +218,7 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     running = _report(outputs, state.emit(first, ones), first, state.active, None, start, on_tokens)
     ctx = state.context(model, cache)
     if draft is not None and running:
+        draft.use_cuda_graphs(None if target is model else target.capture)
         draft.begin(ctx)
     while running:
         was_active = state.active.clone()

@@ -342,3 +342,195 @@ def test_results_dir_roots_the_results_and_plots(tmp_path, capsys):
     assert harness.results_path("dev", "verify_cost", str(tmp_path)) == tmp_path / "dev" / "verify-cost.json"
     assert plot.main(["--results-dir", str(tmp_path)]) == 1  # nothing there yet: says so
     assert "no results files under" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- failures, interruption, resume
+
+
+def _tiny_sweep(tmp_path, vocabs=(111, 113)):
+    spec = {"name": "tiny", "timing": {"warmup_ms": 0.0, "rep_ms": 0.0, "min_reps": 3},
+            "head_configs": {},
+            "kernels": {"cape_topk": {"dtype": ["float32"], "vocab": list(vocabs), "k": [2],
+                                      "rows": [1]}}}
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps(spec))
+    return sweeps.load_sweep(p)
+
+
+@pytest.fixture
+def counted_timing(monkeypatch):
+    """harness.time_fn counting its calls; raises KeyboardInterrupt (a run stopped from outside)
+    at call number ``stop_at`` when that is set. The copy bandwidth is a constant."""
+    real = harness.time_fn
+    state = {"calls": 0, "stop_at": None}
+
+    def timing(fn, inputs, device, **kw):
+        state["calls"] += 1
+        if state["calls"] == state["stop_at"]:
+            raise KeyboardInterrupt("time limit")
+        return real(fn, inputs, device, **kw)
+
+    monkeypatch.setattr(harness, "time_fn", timing)
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, **kw: 10.0)
+    return state
+
+
+def test_interrupted_sweep_keeps_finished_rows_and_resumes(tmp_path, counted_timing):
+    sweep, cpu, out = _tiny_sweep(tmp_path), torch.device("cpu"), tmp_path / "res" / "tiny.json"
+    counted_timing["stop_at"] = 4  # 3 impls per case: the first timing of the 2nd case
+    with pytest.raises(KeyboardInterrupt):
+        kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    kept = harness.read_results(out)
+    assert kept["meta"]["complete"] is False
+    assert [(r["shape"]["vocab"], r["status"]) for r in kept["rows"]] == [(111, "ok")] * 3
+    assert not list(out.parent.glob("*.tmp"))  # written by rename
+
+    counted_timing.update(calls=0, stop_at=None)
+    rows, meta = kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    assert counted_timing["calls"] == 3  # only the 2nd case ran
+    assert meta["complete"] is True and meta["resumed_cases"] == 1
+    assert [r["shape"]["vocab"] for r in rows] == [111] * 3 + [113] * 3
+    back = harness.read_results(out)
+    assert back["rows"][:3] == kept["rows"] and back["meta"]["complete"] is True
+
+    # a case with some of its rows missing runs again, without duplicate rows
+    partial = dict(back, meta=dict(back["meta"], complete=False), rows=back["rows"][:-1])
+    out.write_text(json.dumps(partial))
+    counted_timing["calls"] = 0
+    rows, meta = kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    assert counted_timing["calls"] == 3 and meta["resumed_cases"] == 1
+    assert [(r["shape"]["vocab"], r["impl"]) for r in rows] == [(v, r["impl"]) for v in (111, 113)
+                                                                for r in back["rows"][:3]]
+
+    # a finished file is not resumed: the next run starts over; so does --fresh (resume=False)
+    counted_timing["calls"] = 0
+    kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    assert counted_timing["calls"] == 6
+    counted_timing.update(calls=0, stop_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    counted_timing.update(calls=0, stop_at=None)
+    kernels.run_sweep(sweep, cpu, progress=False, out=out, resume=False)
+    assert counted_timing["calls"] == 6
+
+
+def test_resume_needs_the_same_code(tmp_path, counted_timing, monkeypatch):
+    sweep, cpu, out = _tiny_sweep(tmp_path), torch.device("cpu"), tmp_path / "tiny.json"
+    counted_timing["stop_at"] = 4
+    with pytest.raises(KeyboardInterrupt):
+        kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    counted_timing.update(calls=0, stop_at=None)
+    monkeypatch.setattr(harness, "git_sha", lambda short=False: "another")
+    _, meta = kernels.run_sweep(sweep, cpu, progress=False, out=out)
+    assert counted_timing["calls"] == 6 and meta["resumed_cases"] == 0
+
+
+@pytest.mark.parametrize("failing, status", [("torch-softmax-topk", "skipped"),
+                                             ("reference", "skipped"),
+                                             ("glide:torch-fallback", "error")])
+def test_failing_impl_is_a_row_with_its_reason(tmp_path, counted_timing, monkeypatch, failing,
+                                               status):
+    real = kernels.impls_for
+
+    def boom(x):
+        raise RuntimeError("no kernel config fits this shape")
+
+    def impls_for(case, device):
+        impls = real(case, device)
+        for impl in impls:
+            if impl.name == failing:
+                impl.call = boom
+        return impls
+
+    monkeypatch.setattr(kernels, "impls_for", impls_for)
+    out = tmp_path / "tiny.json"
+    rows, meta = kernels.run_sweep(_tiny_sweep(tmp_path), torch.device("cpu"), progress=False,
+                                   out=out)
+    assert len(rows) == 6 and meta["complete"]  # the sweep went on to the 2nd case
+    for r in rows:
+        if r["impl"] == failing:
+            assert r["status"] == status and r["median_ms"] is None
+            assert r["note"] == "RuntimeError: no kernel config fits this shape"
+        else:
+            assert r["status"] == "ok" and r["median_ms"] > 0
+            if failing == "reference":  # nothing to compare with, and the row says so
+                assert r["max_abs_err"] is None and "the reference failed" in r["note"]
+    assert harness.read_results(out)["rows"] == json.loads(json.dumps(rows))
+
+
+def test_case_whose_inputs_fail_is_skipped(counted_timing, monkeypatch):
+    def no_memory(case, device, seed=0):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kernels, "make_inputs", no_memory)
+    case = dict(kernel="cape_topk", dtype="float32", vocab=111, k=2, rows=1)
+    rows = kernels.run_case(case, torch.device("cpu"), 10.0, {})
+    assert [r["status"] for r in rows] == ["skipped"] * 3
+    assert all(r["note"] == "inputs: OutOfMemoryError: CUDA out of memory" for r in rows)
+
+
+# ------------------------------------------------------------------------- flex_attention
+
+
+FLEX_CASE = dict(kernel="tree_attention", dtype="float32", heads_name="t", num_q_heads=4,
+                 num_kv_heads=2, head_dim=8, batch=2,
+                 tree={"kind": "cape", "spine": 2, "leaves": 1}, context=5)
+
+
+def _flex_run(flex):
+    """The flex baseline of FLEX_CASE on the CPU with ``flex`` in place of the compiled one."""
+    from glide.kernels import reference as ref
+
+    impl = kernels._flex_impl(torch.device("cpu"), flex=flex)
+    x = kernels.make_inputs(FLEX_CASE, torch.device("cpu"))
+    args = [impl.prepare(c) for c in (x, {k: v.clone() for k, v in x.items()})]
+    assert args[0][3] is args[1][3]  # one block mask for every input copy
+    want = ref.tree_attention_ref(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"],
+                                  x["tree_mask"])
+    return impl, impl.call(args[0]), want
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_flex_baseline_masks_like_the_reference():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    impl, out, want = _flex_run(flex_attention)  # eager: the maths of the compiled baseline
+    assert (out - want).abs().max() < 1e-5
+    assert impl.config == {"kernel_options": None}
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_flex_baseline_retries_on_its_main_kernel():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seen = []
+
+    def no_decoding_config(*a, kernel_options=None, **kw):
+        seen.append(kernel_options)
+        if not kernel_options:
+            raise RuntimeError("NoValidChoicesError: No choices to select")
+        return flex_attention(*a, kernel_options=kernel_options, **kw)
+
+    impl, out, want = _flex_run(no_decoding_config)
+    assert (out - want).abs().max() < 1e-5
+    assert impl.config["kernel_options"] == kernels.FLEX_RETRY_OPTIONS
+    assert "NoValidChoicesError" in impl.config["default_options_error"]
+    impl.call(impl.prepare(kernels.make_inputs(FLEX_CASE, torch.device("cpu"))))
+    assert seen == [None, kernels.FLEX_RETRY_OPTIONS, kernels.FLEX_RETRY_OPTIONS]  # chosen once
+
+    def never(*a, **kw):
+        raise RuntimeError("NoValidChoicesError")
+
+    with pytest.raises(RuntimeError, match="default options: .*FORCE_USE_FLEX_ATTENTION"):
+        _flex_run(never)
+
+
+def test_flex_recompile_limit_is_raised(monkeypatch):
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 8)
+    assert kernels._raise_recompile_limit(512)[name] == 512
+    assert getattr(dynamo_config, name) == 512
+    monkeypatch.setattr(dynamo_config, name, 1000)
+    assert kernels._raise_recompile_limit(512)[name] == 1000  # never lowered

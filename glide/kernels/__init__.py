@@ -11,6 +11,7 @@ from . import ops, reference  # ops: registers torch.ops.glide.* (about 12 ms)
 from ._dispatch import interpreter_enabled, use_triton
 from .attention import attention_config, cross_attention, tree_attention
 from .compact import compact_kv
+from .rope import rope_store
 from .topk import cape_topk
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "cross_attention",
     "cape_topk",
     "compact_kv",
+    "rope_store",
     "attention_config",
     "reference",
     "ops",

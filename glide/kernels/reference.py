@@ -5,7 +5,10 @@ functions (with float64 inputs), the benchmarks time them as the baseline, and t
 call them as the fallback for CPU tensors when Triton's interpreter is off.
 
 The references do no input validation: the public launchers own every check.
-Arithmetic runs in float64 for float64 inputs and in float32 otherwise.
+Arithmetic runs in float64 for float64 inputs and in float32 otherwise, except in the decoder's
+elementwise references (:func:`rotate_half_rope`, :func:`rope_store_ref`, :func:`rms_norm_ref`,
+:func:`add_rms_norm_ref`, :func:`silu_mul_ref`): those are the runner's own CPU code
+(:mod:`glide.model.llama` calls them), so they round where the model rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ __all__ = [
     "cross_attention_ref",
     "cape_topk_ref",
     "compact_kv_ref",
+    "rotate_half_rope",
+    "rope_store_ref",
+    "rms_norm_ref",
+    "add_rms_norm_ref",
+    "silu_mul_ref",
 ]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -191,3 +201,125 @@ def compact_kv_ref(kv, cache_seqlens, path_idx, path_lens):
     moved = kv[:, b_idx, :, src]  # (N, B, A, H, D); advanced indexing copies
     kv[:, b_idx, :, dst] = moved
     return kv
+
+
+def rotate_half_rope(x, cos, sin):
+    """Rotate-half RoPE with a signed ``sin`` table, out of place (reference; the model's RoPE).
+
+    ``sin`` has its first half negated, so that ``rotate_half(x) * sin`` (transformers) equals
+    ``roll(x, D/2) * sin``: one ``addcmul`` instead of slice, negate and concatenate. Runs in
+    the input dtype, as the model does: ``x * cos`` is rounded before the sum.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., head_dim)
+    cos, sin : torch.Tensor
+        Broadcast to ``x``.
+
+    Returns
+    -------
+    torch.Tensor, shape of ``x``
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def rope_store_ref(qkv, cos, sin, kv_layer, lens):
+    """RoPE on the query and key heads of a fused projection, K/V into the cache (reference).
+
+    What the runner's decoder layer does with :func:`rotate_half_rope` and its indexed K/V
+    write: query heads are rotated in place; for token ``t`` of sequence ``b`` the rotated key
+    heads go to ``kv_layer[0, b, :, lens[b] + t]`` and the value heads, unrotated, to
+    ``kv_layer[1, b, :, lens[b] + t]``. ``qkv``'s key and value heads are left as they are.
+
+    Parameters
+    ----------
+    qkv : torch.Tensor, shape (batch, T, num_q_heads + 2 * num_kv_heads, head_dim)
+    cos, sin : torch.Tensor, shape (batch, T, head_dim)
+        The RoPE tables at each token's position, ``sin`` signed (:func:`rotate_half_rope`).
+    kv_layer : torch.Tensor, shape (2, batch, num_kv_heads, max_seq, head_dim)
+    lens : torch.Tensor, shape (batch,), integer
+
+    Returns
+    -------
+    torch.Tensor
+        ``qkv``, its query heads rotated in place.
+    """
+    B, T, H, _ = qkv.shape
+    Hkv = kv_layer.shape[2]
+    Hq = H - 2 * Hkv
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    q = qkv[:, :, :Hq]
+    q.copy_(rotate_half_rope(q, cos, sin))
+    k = rotate_half_rope(qkv[:, :, Hq:Hq + Hkv], cos, sin)
+    kv = torch.stack((k, qkv[:, :, Hq + Hkv:]), dim=2)  # (B, T, 2, Hkv, D)
+    dev = kv_layer.device
+    write_pos = lens.to(device=dev, dtype=torch.long)[:, None] + torch.arange(T, device=dev)
+    b_idx = torch.arange(B, device=dev)[:, None].expand(B, T)
+    # Advanced indices on dims 1 and 3 put (B, T) first: the slot is (B, T, 2, Hkv, D).
+    kv_layer[:, b_idx, :, write_pos] = kv
+    return qkv
+
+
+def rms_norm_ref(x, weight, eps):
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis (reference; the model's RMSNorm).
+
+    For float16 and bfloat16 ``x`` it normalises in float32, rounds to the dtype, then
+    multiplies by ``weight`` in the dtype, as transformers' ``LlamaRMSNorm`` does
+    (``F.rms_norm`` without a weight is bit-identical to its ``x.float() ... .to(dtype)``,
+    without those two copies). Other dtypes normalise and scale in their own precision.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., hidden)
+    weight : torch.Tensor, shape (hidden,)
+    eps : float
+
+    Returns
+    -------
+    torch.Tensor, shape and dtype of ``x``
+    """
+    if x.dtype in _HALF_DTYPES:
+        return weight * F.rms_norm(x, weight.shape, eps=eps)
+    return F.rms_norm(x, weight.shape, weight, eps=eps)
+
+
+def add_rms_norm_ref(x, delta, weight, eps):
+    """Residual add then RMSNorm (reference): ``h = x + delta``, ``y = rms_norm_ref(h)``.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., hidden)
+        The residual stream.
+    delta : torch.Tensor, shape of ``x``, or None
+        The update to add; ``None`` normalises ``x`` itself (then ``h`` is ``x``).
+    weight : torch.Tensor, shape (hidden,)
+    eps : float
+
+    Returns
+    -------
+    h : torch.Tensor, shape and dtype of ``x``
+        ``x + delta``, rounded to the dtype (the new residual stream).
+    y : torch.Tensor, shape and dtype of ``x``
+        :func:`rms_norm_ref` of ``h``.
+    """
+    h = x if delta is None else x + delta
+    return h, rms_norm_ref(h, weight, eps)
+
+
+def silu_mul_ref(gate_up):
+    """SwiGLU's activation ``silu(gate) * up`` of a fused gate/up projection (reference).
+
+    ``silu(gate)`` is rounded to the input dtype before the product, as the model's
+    ``F.silu(gate) * up`` does.
+
+    Parameters
+    ----------
+    gate_up : torch.Tensor, shape (..., 2 * intermediate)
+        ``gate`` is the first half of the last axis, ``up`` the second.
+
+    Returns
+    -------
+    torch.Tensor, shape (..., intermediate), dtype of ``gate_up``
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

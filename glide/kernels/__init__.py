@@ -10,7 +10,9 @@ graphs (:mod:`glide.kernels.ops`).
 from . import ops, reference  # ops: registers torch.ops.glide.* (about 12 ms)
 from ._dispatch import interpreter_enabled, use_triton
 from .attention import attention_config, cross_attention, tree_attention
+from .activation import silu_mul
 from .compact import compact_kv
+from .norm import add_rms_norm
 from .rope import rope_store
 from .topk import cape_topk
 
@@ -20,6 +22,8 @@ __all__ = [
     "cape_topk",
     "compact_kv",
     "rope_store",
+    "add_rms_norm",
+    "silu_mul",
     "attention_config",
     "reference",
     "ops",

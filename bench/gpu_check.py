@@ -16,7 +16,8 @@ a run stopped at a time limit keeps what it finished):
   batch 1 and 8, 128 new tokens after 128-token prompts.
 - ``tree``: tree attention GPU time (a CUDA graph over input copies that overflow L2) by tree
   size T at ctx 8k and 32k, Llama-8B heads (group 4) and SmolLM2 heads (group 3), plus groups
-  1-8 at T = 64; the launcher's default KV splits against the pre-fix policy, in GB/s.
+  1-8 at T = 64; the launcher's default KV splits against the pre-fix policy and, past 64
+  query rows per KV head, against 128-row tiles (``max_block_m=128``), in GB/s.
 - ``launch``: host time per eager launcher call (what an eager decoder pays) with and without
   the length check, and through the ``torch.ops.glide`` custom op when it exists.
 - ``hf_compile``: transformers with a static cache and ``torch.compile`` (the strongest setup a
@@ -340,14 +341,17 @@ def step_tree(rec, dev, dtype, copy_gbps, smoke):
         old = _old_splits(cfg, B, T, Hq, Hkv, ctx + T, num_sms)
         row = dict(heads=name, ctx=ctx, T=T, group=Hq // Hkv, bytes=nbytes, copies=copies,
                    config=cfg.as_dict(), old_splits=old)
-        for label, splits in (("default", None), ("old_splits", old)):
-            if label == "old_splits" and old == cfg.num_splits:
+        variants = [("default", None, 64), ("old", old, 64)]
+        if T * (Hq // Hkv) > 64:  # the 128-row tile candidate (attention_config's max_block_m)
+            variants.append(("bm128", None, 128))
+        for key, splits, max_bm in variants:
+            if key == "old" and old == cfg.num_splits:
                 row["old_us"], row["old_gbps"] = row.get("default_us"), row.get("default_gbps")
                 continue
-            fns = [lambda s=s, sp=splits: tree_attention(*s[:5], out=s[5], num_splits=sp, check_lens=False,
-                                                          backend=backend) for s in sets]
+            fns = [lambda s=s, sp=splits, bm=max_bm: tree_attention(
+                *s[:5], out=s[5], num_splits=sp, check_lens=False, backend=backend, max_block_m=bm)
+                for s in sets]
             us = graph_us(fns, dev)
-            key = "default" if label == "default" else "old"
             row[f"{key}_us"], row[f"{key}_gbps"] = us, nbytes / us / 1e3
         if copy_gbps:
             row["default_frac_copy"] = row["default_gbps"] / copy_gbps
@@ -452,8 +456,9 @@ def _summary(rec):
             extra = f" MAT {r['mean_accepted']:.2f}" if "mean_accepted" in r else ""
             print(f"e2e {r['shape']} b{r['batch']} {r['method']}/{r['mode']}: {r['tok_s_wall']:.0f} tok/s{extra}")
         elif s == "tree":
+            bm = f", 128-row tiles {r['bm128_gbps']:.0f}" if "bm128_gbps" in r else ""
             print(f"tree {r['heads']} ctx{r['ctx']} T{r['T']}: {r['default_us']:.1f} us "
-                  f"{r['default_gbps']:.0f} GB/s (old splits {r.get('old_gbps') or 0:.0f})")
+                  f"{r['default_gbps']:.0f} GB/s (old splits {r.get('old_gbps') or 0:.0f}{bm})")
         elif s == "launch":
             print(f"launch {r['call']}: {r['wall_us']:.1f} us wall")
         elif s in ("hf_compile", "tests"):

@@ -346,6 +346,34 @@ def test_attention_config_splits_do_not_drop_past_one_m_tile(dtype):
     assert attention_config(1, 64, 32, 8, 128, 32768, dtype=dtype).num_splits == at16.num_splits
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tree_attention_with_128_row_tiles(dtype):
+    """max_block_m=128: the 96 query rows of a T=24, group-4 tree (and 2 sequences with ragged
+    prefixes, several splits) in one M tile give the reference's result."""
+    cfg = attention_config(2, 24, 8, 2, 64, 300, dtype=dtype, max_block_m=128)
+    assert cfg.block_m == 128 and cfg.num_warps == 8 and cfg.num_stages == 2
+    assert attention_config(2, 24, 8, 2, 64, 300, dtype=dtype).block_m == 64
+    gen = torch.Generator().manual_seed(21)
+    lens = torch.tensor([250, 7], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_inputs(2, 24, 8, 2, 64, 300, dtype, gen)
+    mask = batch_tree_mask("random", 2, 24, gen).to(DEVICE)
+    for splits in (None, 3):
+        out = nan_out(q)
+        tree_attention(q, k, v, lens, mask, out=out, num_splits=splits, backend="triton", max_block_m=128)
+        assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask), dtype=dtype, name="tree_attention")
+
+
+def test_max_block_m_is_checked():
+    q, k, v, lens, mask = _small()
+    for bad in (48, 256, True, "64"):
+        with pytest.raises(ValueError, match="max_block_m"):
+            tree_attention(q, k, v, lens, mask, max_block_m=bad)
+        with pytest.raises(ValueError, match="max_block_m"):
+            cross_attention(q, k, v, lens, max_block_m=bad)
+    # float32 keeps its own cap (its dots run on FMA units)
+    assert attention_config(1, 32, 8, 2, 64, 100, dtype=torch.float32, max_block_m=128).block_m <= 32
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -77,6 +77,7 @@ def attention_config(
     dtype: torch.dtype = torch.bfloat16,
     num_splits: int | None = None,
     device: torch.device | None = None,
+    max_block_m: int = 64,
 ) -> AttentionConfig:
     """Block sizes, warps and KV splits for one attention launch (the heuristic).
 
@@ -126,6 +127,11 @@ def attention_config(
         same ones. Defaults to bfloat16, the models' dtype.
     num_splits : int, optional
         Force this many KV splits (tests, benchmarks); ``None`` applies the heuristic.
+    max_block_m : {16, 32, 64, 128}
+        The largest ``BLOCK_M`` for 16-bit inputs (float32 keeps its own cap). 64 by default;
+        128 puts up to 128 query rows of a KV head in one tile, so a tree of ``T * group`` in
+        65..128 rows reads the K/V once instead of twice (8 warps, 2 stages). A candidate for
+        the T > 16 cliff at group 4, not yet timed on a GPU: benchmarks pass it explicitly.
     device : torch.device, optional
         Its SM count replaces the H100's 132 when it is a CUDA device.
 
@@ -133,19 +139,21 @@ def attention_config(
     -------
     AttentionConfig
     """
+    if max_block_m not in (16, 32, 64, 128):
+        raise ValueError(f"max_block_m must be one of 16, 32, 64, 128, got {max_block_m!r}")
     return _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype,
-                   num_splits, _num_sms(device))
+                   num_splits, _num_sms(device), max_block_m)
 
 
 # The launchers ask for a config on every call, mostly with the same arguments (with
 # check_lens=False max_keys is fixed too): cached, it costs a dict lookup.
 @functools.lru_cache(maxsize=1024)
 def _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype, num_splits,
-            num_sms) -> AttentionConfig:
+            num_sms, max_block_m=64) -> AttentionConfig:
     group = num_q_heads // num_kv_heads
     rows = q_len * group
     block_d = max(16, next_power_of_2(head_dim))
-    block_m = min(64, max(16, next_power_of_2(rows)))
+    block_m = min(max_block_m if dtype != torch.float32 else 64, max(16, next_power_of_2(rows)))
     if dtype == torch.float32:
         # sm_90 ptxas, float32 (see the docstring): M16 N64 w4 80-91 registers, 40-76 KiB;
         # M32 N64 D64 w8 90 registers, 48 KiB.
@@ -315,7 +323,8 @@ def _unused_partials(device):
     return pair
 
 
-def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits, autotune):
+def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits, autotune,
+            max_block_m=64):
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     if out is None:
@@ -323,7 +332,8 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
     if q.numel() == 0:
         return out
     cfg = attention_config(
-        B, T, Hq, Hkv, D, max_keys, dtype=q.dtype, num_splits=num_splits, device=q.device
+        B, T, Hq, Hkv, D, max_keys, dtype=q.dtype, num_splits=num_splits, device=q.device,
+        max_block_m=max_block_m,
     )
     has_tree = tree_mask is not None
     if has_tree:
@@ -388,6 +398,7 @@ def tree_attention(
     autotune=False,
     check_lens=True,
     backend="auto",
+    max_block_m=64,
 ):
     """Tree-masked attention for verification, prefill (causal tree) and decode (``T = 1``).
 
@@ -421,6 +432,8 @@ def tree_attention(
         then assumes every sequence fills ``max_seq``, and out-of-range lengths read garbage.
     backend : {"auto", "triton", "reference"}
         See :func:`glide.kernels.use_triton`.
+    max_block_m : {16, 32, 64, 128}
+        See :func:`attention_config` (benchmarks of larger tiles).
 
     Returns
     -------
@@ -441,6 +454,7 @@ def tree_attention(
     )
     _check_out(out, q)
     _check_num_splits(num_splits)
+    _check_max_block_m(max_block_m)
     if not use_triton(q.device, backend):
         if q.numel() == 0:
             return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
@@ -448,7 +462,8 @@ def tree_attention(
         return _finish(out, ref)
     _check_triton_dtype(q)
     return _launch(
-        q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits, autotune
+        q, k_cache, v_cache, cache_seqlens, tree_mask, out, sm_scale, hi + T, num_splits, autotune,
+        max_block_m,
     )
 
 
@@ -464,6 +479,7 @@ def cross_attention(
     autotune=False,
     check_lens=True,
     backend="auto",
+    max_block_m=64,
 ):
     """GliDe cross attention: draft queries over the target's KV cache, read in place.
 
@@ -493,6 +509,8 @@ def cross_attention(
         ``False`` in a decode loop when the caller guarantees the range: the split heuristic
         then assumes every sequence fills ``max_seq``, and out-of-range lengths read garbage.
     backend : {"auto", "triton", "reference"}
+    max_block_m : {16, 32, 64, 128}
+        See :func:`attention_config`.
 
     Returns
     -------
@@ -503,12 +521,14 @@ def cross_attention(
     hi = _check_lens("kv_lens", kv_lens, B, q.device, k_cache.shape[2], 0, check_lens)
     _check_out(out, q)
     _check_num_splits(num_splits)
+    _check_max_block_m(max_block_m)
     if not use_triton(q.device, backend):
         if q.numel() == 0:
             return _finish(out, torch.empty(q.shape, dtype=q.dtype, device=q.device))
         return _finish(out, cross_attention_ref(q, k_cache, v_cache, kv_lens, sm_scale))
     _check_triton_dtype(q)
-    return _launch(q, k_cache, v_cache, kv_lens, None, out, sm_scale, hi, num_splits, autotune)
+    return _launch(q, k_cache, v_cache, kv_lens, None, out, sm_scale, hi, num_splits, autotune,
+                   max_block_m)
 
 
 def _check_num_splits(num_splits):
@@ -518,3 +538,8 @@ def _check_num_splits(num_splits):
         raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+
+
+def _check_max_block_m(max_block_m):
+    if isinstance(max_block_m, bool) or max_block_m not in (16, 32, 64, 128):
+        raise ValueError(f"max_block_m must be one of 16, 32, 64, 128, got {max_block_m!r}")

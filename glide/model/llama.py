@@ -10,6 +10,14 @@ The maths is transformers' ``LlamaForCausalLM`` (RMSNorm in float32, rotate-half
 SwiGLU), with q/k/v fused into one matmul and gate/up into another. The forward syncs with the
 device only when the cache's host-side length bound cannot vouch that ``T`` more tokens fit
 (the attention launcher may sync on its own).
+
+On the Triton path (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) with
+``LlamaModel.fused_kernels`` on, a decoder layer launches four fused kernels around its four
+matmuls and its attention instead of torch's elementwise ops (:meth:`DecoderLayer.forward_fused`):
+:func:`~glide.kernels.add_rms_norm` twice (a block's residual add with the norm that follows),
+:func:`~glide.kernels.rope_store` (RoPE on q and k, and the K/V cache write) and
+:func:`~glide.kernels.silu_mul`. Elsewhere the layer runs the references of those kernels
+(:mod:`glide.kernels.reference`), which are this module's own torch code.
 """
 
 from __future__ import annotations
@@ -20,16 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glide.kernels import reference, tree_attention
+from glide.kernels import add_rms_norm, reference, rope_store, silu_mul, tree_attention
 from glide.kernels._dispatch import BACKENDS, use_triton
+from glide.kernels.norm import MAX_HIDDEN
 
 from .cache import KVCache
 from .config import ModelConfig
 
 __all__ = ["LlamaModel", "RMSNorm", "DecoderLayer", "FastLinear", "rope_tables", "apply_rope", "kv_writer",
            "tree_attender"]
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _is_int_tensor(t) -> bool:
@@ -69,9 +76,10 @@ def rope_tables(config: ModelConfig, dtype, device):
 def apply_rope(x, cos, sin):
     """Rotate-half RoPE with a signed ``sin`` table (:func:`rope_tables`), out of place.
 
-    ``x`` is ``(..., head_dim)``; ``cos``/``sin`` broadcast to it.
+    ``x`` is ``(..., head_dim)``; ``cos``/``sin`` broadcast to it. This is
+    :func:`glide.kernels.reference.rotate_half_rope`.
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+    return reference.rotate_half_rope(x, cos, sin)
 
 
 def kv_writer(lens, same_len, B, T):
@@ -187,13 +195,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # F.rms_norm is bit-identical to transformers' weight * (x * rsqrt(mean(x^2) + eps)), in
-        # fewer ops. For half inputs it normalises in float32 and rounds once, as transformers'
-        # x.float() ... .to(dtype) does (checked bit for bit), without those two copies; the
-        # weight is then applied in the half dtype, as transformers does.
-        if x.dtype in _HALF_DTYPES:
-            return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, eps=self.eps)
+        # reference.rms_norm_ref: F.rms_norm, bit-identical to transformers' weight * (x *
+        # rsqrt(mean(x^2) + eps)) in fewer ops. For half inputs it normalises in float32 and
+        # rounds once, as transformers' x.float() ... .to(dtype) does (checked bit for bit),
+        # without those two copies; the weight is then applied in the half dtype, as
+        # transformers does. glide.kernels.add_rms_norm rounds at the same places.
+        return reference.rms_norm_ref(x, self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -236,8 +243,51 @@ class DecoderLayer(nn.Module):
         store(kv_layer, qkv[:, :, Hq:].view(B, T, 2, Hkv, D))
         attn = attend(qkv[:, :, :Hq], kv_layer[0], kv_layer[1], self.sm_scale)
         x = x + self.o_proj(attn.reshape(B, T, Hq * D))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        return x + self.down_proj(reference.silu_mul_ref(gate_up))  # F.silu(gate) * up
+
+    def forward_fused(self, x, delta, cos, sin, kv_layer, lens, attend):
+        """The layer with fused Triton kernels; its output is ``h + delta``, the add left to the next.
+
+        The same maths as :meth:`forward`, with the residual add of the previous block fused
+        into this block's first norm (:func:`~glide.kernels.add_rms_norm`), RoPE and the K/V
+        write in one kernel (:func:`~glide.kernels.rope_store`, at ``lens`` on the device: no
+        host sync, so a CUDA graph replays it at any length), the attention residual fused into
+        the second norm, and :func:`~glide.kernels.silu_mul`. Only for the Triton path.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (batch, T, hidden)
+            The residual stream before the previous block's update.
+        delta : torch.Tensor, shape (batch, T, hidden), or None
+            The previous block's update (``down_proj`` output), or ``None`` for the first layer.
+        cos, sin : torch.Tensor, shape (batch, T, head_dim)
+            ``sin`` signed, as in :meth:`forward`.
+        kv_layer : torch.Tensor, shape (2, batch, num_kv_heads, max_seq, head_dim)
+        lens : torch.Tensor, shape (batch,), int64
+            Token ``t`` of sequence ``b`` goes to cache slot ``lens[b] + t``; the caller checked
+            the room.
+        attend : callable(q, k_cache, v_cache, sm_scale) -> out
+            As in :meth:`forward`.
+
+        Returns
+        -------
+        h, delta : torch.Tensor, shape (batch, T, hidden)
+            The residual stream after attention and this block's MLP update; the layer's output
+            is ``h + delta``.
+        """
+        B, T, hidden = x.shape
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        rows = B * T
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        d = None if delta is None else delta.reshape(rows, hidden)
+        h, y = add_rms_norm(x.reshape(rows, hidden), d, n1.weight, n1.eps, backend="triton")
+        qkv = self.qkv_proj(y).view(B, T, Hq + 2 * Hkv, D)
+        rope_store(qkv, cos, sin, kv_layer, lens, check_lens=False, backend="triton")
+        attn = attend(qkv[:, :, :Hq], kv_layer[0], kv_layer[1], self.sm_scale)
+        h, y = add_rms_norm(h, self.o_proj(attn.reshape(rows, Hq * D)), n2.weight, n2.eps, backend="triton")
+        delta = self.down_proj(silu_mul(self.gate_up_proj(y), backend="triton"))
+        return h.view(B, T, hidden), delta.view(B, T, hidden)
 
 
 class LlamaModel(nn.Module):
@@ -264,7 +314,17 @@ class LlamaModel(nn.Module):
     attn_backend : {"auto", "reference", "triton"}
         Passed to :func:`glide.kernels.tree_attention`, and to :func:`glide.kernels.compact_kv`
         through the caches that :meth:`new_cache` makes from then on.
+    fused_kernels : bool
+        When the attention runs on Triton (``attn_backend`` with
+        :func:`glide.kernels.use_triton`), also run each decoder layer's elementwise work as
+        fused Triton kernels (:meth:`DecoderLayer.forward_fused`): 4 launches a layer where
+        torch's ops made 13 in bfloat16/float16 and 11 in float32, so 9 launches a layer in all
+        instead of 18 or 16 (counted from the code, not measured). A class attribute, ``True``; set
+        ``LlamaModel.fused_kernels = False`` (or on one model) for torch's ops everywhere.
+        Off the Triton path it has no effect: the CPU runs the references.
     """
+
+    fused_kernels = True
 
     def __init__(self, config: ModelConfig, dtype=torch.float32, device="cpu", init_std=0.02):
         super().__init__()
@@ -371,11 +431,14 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         lens = cache.lens
-        cos = self.rope_cos[position_ids].unsqueeze(2)
-        sin = self.rope_sin[position_ids].unsqueeze(2)
+        cos = self.rope_cos[position_ids]
+        sin = self.rope_sin[position_ids]
         h = self.embed_tokens(input_ids)
-        store = kv_writer(lens, same_len, B, T)
         attend = tree_attender(lens, same_len, tree_mask, self.attn_backend)
+        if self._fused(dev):
+            return self._run_fused(h, cos, sin, cache, attend, logits_index, logits_rows)
+        store = kv_writer(lens, same_len, B, T)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
             h = layer(h, cos, sin, kv_layer, store, attend)
         if logits_index is not None:
@@ -383,6 +446,29 @@ class LlamaModel(nn.Module):
         elif logits_rows is not None:
             h = h[logits_rows]
         logits = self.lm_head(self.norm(h))
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def _fused(self, device) -> bool:
+        """Whether :meth:`run_unchecked` runs :meth:`DecoderLayer.forward_fused` (host-only)."""
+        return (self.fused_kernels and use_triton(device, self.attn_backend)
+                and self.config.hidden_size <= MAX_HIDDEN)
+
+    def _run_fused(self, h, cos, sin, cache, attend, logits_index, logits_rows):
+        """The layers and the head of :meth:`run_unchecked` on fused kernels (no host sync)."""
+        delta = None
+        for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
+            h, delta = layer.forward_fused(h, delta, cos, sin, kv_layer, cache.lens, attend)
+        # Rows are picked before the last residual add: the add and the norm are row-wise.
+        if logits_index is not None:
+            rows = torch.arange(h.shape[0], device=h.device)
+            h, delta = h[rows, logits_index], delta[rows, logits_index]
+        elif logits_rows is not None:
+            picked = logits_rows.nonzero(as_tuple=True)  # the host sync of a boolean index, once
+            h, delta = h[picked], delta[picked]
+        hidden = h.shape[-1]
+        _, y = add_rms_norm(h.reshape(-1, hidden), delta.reshape(-1, hidden), self.norm.weight,
+                            self.norm.eps, backend="triton")
+        logits = self.lm_head(y.view(h.shape))
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def prefill(self, prompts, cache: KVCache) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Compile the Triton kernels of :mod:`glide.kernels` ahead of time for NVIDIA GPUs, on a CPU.
 
 Each case calls a launcher (``tree_attention``, ``cross_attention``, ``cape_topk``,
-``compact_kv``) on ``meta`` tensors with every ``@triton.jit`` kernel it launches replaced by
+``compact_kv``, ``rope_store``, ``add_rms_norm``, ``silu_mul``) on ``meta`` tensors with every ``@triton.jit`` kernel it launches replaced by
 a recorder. A recorded launch is then specialised exactly as ``JITFunction.run`` would
 specialise it on a GPU (argument types, 16-byte divisibility, constexprs, ``num_warps`` and
 ``num_stages``) and compiled by ``triton.compile`` for a given ``GPUTarget``: Triton ships
@@ -85,8 +85,36 @@ _COMPACT = [
     ("d64_p16", "float32", 8, 3, 4, 256, 64, 16, "int64"),
     ("d256_p1", "float64", 4, 1, 2, 64, 256, 1, "int64"),
 ]
+# (name, dtype, batch, T, num_q_heads, num_kv_heads, head_dim, max_seq): SmolLM2's heads at
+# decode, Llama-8B's over a tree, a head_dim of 80 (half 40: masked lanes), float32.
+_ROPE = [
+    ("smollm2_decode", "bfloat16", 1, 1, 9, 3, 64, 2048),
+    ("llama8b_tree16", "bfloat16", 4, 16, 32, 8, 128, 4096),
+    ("d80_tree7", "float16", 2, 7, 24, 8, 80, 1024),
+    ("smollm2_tree7", "float32", 2, 7, 9, 3, 64, 512),
+]
+# (name, dtype, rows, hidden, with delta): SmolLM2's 576, Llama-8B's 4096, 8192; with and
+# without the residual add; half and float32 rounding.
+_NORM = [
+    ("h576_add_r1", "bfloat16", 1, 576, True),
+    ("h576_r16", "bfloat16", 16, 576, False),
+    ("h4096_add_r64", "bfloat16", 64, 4096, True),
+    ("h8192_add_r8", "float16", 8, 8192, True),
+    ("h576_add_r4", "float32", 4, 576, True),
+    ("h4096_r1", "float32", 1, 4096, False),
+]
+# (name, dtype, rows, intermediate): SmolLM2's 1536, Llama-8B's 14336, a tiny 56.
+_SILU = [
+    ("i1536_r1", "bfloat16", 1, 1536),
+    ("i14336_r64", "bfloat16", 64, 14336),
+    ("i1536_r16", "float16", 16, 1536),
+    ("i56_r3", "float32", 3, 56),
+]
 # A100: one case of each kind and dtype family, enough to catch an sm_80-only failure.
 _SM80 = {
+    "rope-bfloat16-llama8b_tree16",
+    "norm-bfloat16-h4096_add_r64",
+    "silu-bfloat16-i14336_r64",
     "attention-bfloat16-decode_d128_g8_long",
     "attention-bfloat16-tree_t7_d80_g3",
     "attention-float32-tree_t64_d64_g1",
@@ -114,6 +142,16 @@ def case_specs() -> list[dict]:
         specs.append(dict(name=f"compact-{dtype}-{n}", kind="compact", dtype=dtype,
                           params=dict(num_caches=C, batch=B, num_kv_heads=H, max_seq=S,
                                       head_dim=D, max_path=P, index_dtype=idx)))
+    for n, dtype, B, T, Hq, Hkv, D, S in _ROPE:
+        specs.append(dict(name=f"rope-{dtype}-{n}", kind="rope", dtype=dtype,
+                          params=dict(batch=B, q_len=T, num_q_heads=Hq, num_kv_heads=Hkv,
+                                      head_dim=D, max_seq=S)))
+    for n, dtype, rows, hidden, with_delta in _NORM:
+        specs.append(dict(name=f"norm-{dtype}-{n}", kind="norm", dtype=dtype,
+                          params=dict(rows=rows, hidden=hidden, with_delta=with_delta)))
+    for n, dtype, rows, inter in _SILU:
+        specs.append(dict(name=f"silu-{dtype}-{n}", kind="silu", dtype=dtype,
+                          params=dict(rows=rows, intermediate=inter)))
     out = [dict(s, name=f"sm90-{s['name']}", arch=90) for s in specs]
     out += [dict(s, name=f"sm80-{s['name']}", arch=80) for s in specs if s["name"] in _SM80]
     return out
@@ -142,10 +180,10 @@ def _patch_launchers(sink):
     launchers hold, for the coverage check.
     """
     import glide.kernels._jit as jit_pkg
-    from glide.kernels import attention, compact, topk
+    from glide.kernels import activation, attention, compact, norm, rope, topk
     from triton.runtime.jit import JITFunction
 
-    for mod in (attention, compact, topk):
+    for mod in (attention, compact, topk, rope, norm, activation):
         mod.use_triton = lambda device, backend="auto": True
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and obj.__module__.startswith(jit_pkg.__name__):
@@ -174,7 +212,8 @@ def _launch_case(spec):
     """Call the case's launcher on meta tensors (the patched kernels only record)."""
     import torch
 
-    from glide.kernels import compact_kv, cape_topk, cross_attention, tree_attention
+    from glide.kernels import (add_rms_norm, cape_topk, compact_kv, cross_attention, rope_store,
+                               silu_mul, tree_attention)
 
     meta = torch.device("meta")
     dtype = getattr(torch, spec["dtype"])
@@ -203,6 +242,23 @@ def _launch_case(spec):
         path_idx = torch.empty(p["batch"], p["max_path"], dtype=idx, device=meta)
         path_lens = torch.empty(p["batch"], dtype=idx, device=meta)
         compact_kv(kv, lens, path_idx, path_lens, check_values=False)
+    elif spec["kind"] == "rope":
+        B, T, Hq, Hkv, D, S = (p[k] for k in ("batch", "q_len", "num_q_heads", "num_kv_heads",
+                                              "head_dim", "max_seq"))
+        # The runner's layout: qkv a view of the projection, the layer a slice of the cache.
+        qkv = torch.empty(B, T, (Hq + 2 * Hkv) * D, dtype=dtype, device=meta).view(B, T, -1, D)
+        cos = torch.empty(B, T, D, dtype=dtype, device=meta)
+        sin = torch.empty(B, T, D, dtype=dtype, device=meta)
+        kv_layer = torch.empty(2, 2, B, Hkv, S, D, dtype=dtype, device=meta)[1]
+        lens = torch.empty(B, dtype=torch.int64, device=meta)
+        rope_store(qkv, cos, sin, kv_layer, lens, check_lens=False)
+    elif spec["kind"] == "norm":
+        x = torch.empty(p["rows"], p["hidden"], dtype=dtype, device=meta)
+        delta = torch.empty_like(x) if p["with_delta"] else None
+        weight = torch.empty(p["hidden"], dtype=dtype, device=meta)
+        add_rms_norm(x, delta, weight, 1e-5)
+    elif spec["kind"] == "silu":
+        silu_mul(torch.empty(p["rows"], 2 * p["intermediate"], dtype=dtype, device=meta))
     else:
         raise ValueError(f"unknown case kind {spec['kind']!r}")
 

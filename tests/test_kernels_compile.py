@@ -74,7 +74,7 @@ def test_case_compiles(compiled, spec):
 
 def test_every_kernel_and_code_path_is_covered(compiled):
     """The cases reach every launched ``@triton.jit`` kernel on both targets, and each branch
-    of the attention kernel's constexpr flags."""
+    of the attention and add_rms_norm kernels' constexpr flags."""
     for arch in SHARED_LIMIT:
         seen = {r["kernel"] for r in compiled["jobs"].values() if r["arch"] == arch}
         assert seen == set(compiled["kernels"]), f"sm_{arch}: compiled {sorted(seen)}"
@@ -88,3 +88,6 @@ def test_every_kernel_and_code_path_is_covered(compiled):
     assert {c["BLOCK_M"] for c in fwd} == {16, 32, 64}
     assert {c["BLOCK_N"] for c in fwd} == {64, 128}
     assert any(c["HEAD_DIM"] < c["BLOCK_D"] for c in fwd)  # a masked head_dim (80)
+    norm = {(c["HAS_DELTA"], c["HALF"]) for r in compiled["jobs"].values()
+            if r["kernel"] == "add_rms_norm_kernel" and r["arch"] == 90 for c in [r["constexprs"]]}
+    assert norm == {(True, True), (False, True), (True, False), (False, False)}, norm

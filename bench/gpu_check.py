@@ -9,7 +9,8 @@ a run stopped at a time limit keeps what it finished):
 - ``copy``: device-to-device copy bandwidth (bytes read + written), the ceiling for the rest.
 - ``forward``: one target forward, random weights in the embedded model's shape (SmolLM2-135M)
   and a 1B Llama shape, eager vs replayed from a CUDA graph (:mod:`glide.model.graphs`), at
-  batch 1 and 8, T = 1 and 16, ctx 512.
+  batch 1 and 8, T = 1 and 16, ctx 512, with the fused elementwise kernels off and on (and how
+  far the fused logits are from the unfused ones).
 - ``e2e``: tokens/s of ``ar`` eager and graphed, of an oracle draft (chain of 4, always right:
   the verification path at a mean acceptance of 5), of a random GliDe draft (the draft's own
   steps, captured when graphed), and of transformers' ``generate()`` on the same shape,
@@ -167,30 +168,43 @@ def step_copy(rec, dev, smoke):
 
 
 def step_forward(rec, dev, dtype, smoke):
+    """Eager vs graphed forwards, with the fused elementwise kernels on and off
+    (``LlamaModel.fused_kernels``); each fused row also says how far its logits are from the
+    unfused forward's on the same inputs and cache."""
     from glide.model.graphs import CudaGraphs
 
     shapes = ["tiny"] if smoke else ["smollm2-135m", "llama-1b"]
     ctx = 64 if smoke else 512
     for shape in shapes:
         model = _model(shape, dev, dtype)
-        graphs = CudaGraphs(model, capture=dev.type == "cuda")
         for B in (1, 8):
-            cache = graphs.new_cache(B, ctx + 64)
-            cache.kv.normal_()
-            cache.commit(ctx)
             for T in (1, 16):
                 ids = torch.randint(0, model.config.vocab_size, (B, T), device=dev)
-                pos = cache.lens[:, None] + torch.arange(T, device=dev)
                 mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T).contiguous()
-                n = 3 if smoke else 30
-                eager = wall_us(lambda: model.forward(ids, pos, mask, cache), dev, n)
-                graphed = wall_us(lambda: graphs.forward(ids, pos, mask, cache), dev, n)
-                g = graphs._graphs[(cache, B, T, False)]
-                replay = (wall_us(g.graph.replay, dev, n) if g.graph is not None else None)
-                rec.add("forward", shape=shape, batch=B, T=T, ctx=ctx, eager_us=eager,
-                        graphed_us=graphed, replay_us=replay,
-                        weight_bytes=_weight_bytes(model))
-        del model, graphs
+                logits = {}
+                for fused in (False, True):
+                    model.fused_kernels = fused
+                    graphs = CudaGraphs(model, capture=dev.type == "cuda")
+                    cache = graphs.new_cache(B, ctx + 64)
+                    torch.manual_seed(7)
+                    cache.kv.normal_()
+                    cache.commit(ctx)
+                    pos = cache.lens[:, None] + torch.arange(T, device=dev)
+                    logits[fused] = model.forward(ids, pos, mask, cache)
+                    n = 3 if smoke else 30
+                    eager = wall_us(lambda: model.forward(ids, pos, mask, cache), dev, n)
+                    graphed = wall_us(lambda: graphs.forward(ids, pos, mask, cache), dev, n)
+                    g = graphs._graphs[(cache, B, T, False)]
+                    replay = (wall_us(g.graph.replay, dev, n) if g.graph is not None else None)
+                    diff = None
+                    if fused:
+                        ref = logits[False].double()
+                        diff = float((logits[True].double() - ref).norm() / ref.norm())
+                    rec.add("forward", shape=shape, batch=B, T=T, ctx=ctx, fused=fused, eager_us=eager,
+                            graphed_us=graphed, replay_us=replay, rel_diff_vs_unfused=diff,
+                            weight_bytes=_weight_bytes(model))
+                    del graphs, cache
+        del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -450,8 +464,9 @@ def _summary(rec):
             print(f"copy {r['gbps']:.0f} GB/s")
         elif s == "forward":
             rp = f"{r['replay_us']:.0f}" if r.get("replay_us") else "-"
-            print(f"fwd {r['shape']} b{r['batch']} T{r['T']}: eager {r['eager_us']:.0f} us, "
-                  f"graphed {r['graphed_us']:.0f} us, replay {rp} us")
+            diff = f", logits rel diff {r['rel_diff_vs_unfused']:.1e}" if r.get("fused") else ""
+            print(f"fwd {r['shape']} b{r['batch']} T{r['T']} fused={r.get('fused')}: eager "
+                  f"{r['eager_us']:.0f} us, graphed {r['graphed_us']:.0f} us, replay {rp} us{diff}")
         elif s == "e2e" and "method" in r:
             extra = f" MAT {r['mean_accepted']:.2f}" if "mean_accepted" in r else ""
             print(f"e2e {r['shape']} b{r['batch']} {r['method']}/{r['mode']}: {r['tok_s_wall']:.0f} tok/s{extra}")

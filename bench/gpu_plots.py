@@ -66,7 +66,8 @@ def plot_forward(data: dict, out: Path) -> Path | None:
     rows = _rows(data, "forward")
     if not rows:
         return None
-    labels = [f"{r['shape']}\nb{r['batch']} T{r['T']}" for r in rows]
+    labels = [f"{r['shape']}\nb{r['batch']} T{r['T']}" + ("\nfused" if r.get("fused") else "")
+              for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.8))
     ax.bar([i - 0.2 for i in x], [r["eager_us"] / 1e3 for r in rows], 0.4, label="eager")

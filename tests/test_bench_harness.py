@@ -525,12 +525,16 @@ def test_flex_baseline_retries_on_its_main_kernel():
         _flex_run(never)
 
 
-def test_flex_recompile_limit_is_raised(monkeypatch):
+def test_flex_recompile_limit_is_raised():
     import torch._dynamo.config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, name, 8)
-    assert kernels._raise_recompile_limit(512)[name] == 512
-    assert getattr(dynamo_config, name) == 512
-    monkeypatch.setattr(dynamo_config, name, 1000)
-    assert kernels._raise_recompile_limit(512)[name] == 1000  # never lowered
+    acc = "accumulated_" + name
+    # config.patch, not monkeypatch: undoing a monkeypatch on torch's config module hides the
+    # entry (torch._dynamo then fails with "recompile_limit does not exist")
+    with dynamo_config.patch({name: 8, acc: getattr(dynamo_config, acc)}):
+        assert kernels._raise_recompile_limit(512)[name] == 512
+        assert getattr(dynamo_config, name) == 512
+    with dynamo_config.patch({name: 1000, acc: getattr(dynamo_config, acc)}):
+        assert kernels._raise_recompile_limit(512)[name] == 1000  # never lowered
+    assert hasattr(dynamo_config, name)

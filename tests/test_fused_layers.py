@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from glide.model import LlamaModel, ModelConfig
+from glide.kernels import use_triton
 from glide.model.llama import DecoderLayer
 from tolerances import assert_close
 
@@ -166,8 +167,20 @@ def test_reference_backend_ignores_the_switch(model, monkeypatch):
     gen = torch.Generator().manual_seed(4)
     prompts = prompts_for(gen, (3,))
     monkeypatch.setattr(model, "attn_backend", "reference")
+    monkeypatch.setattr(model, "fused_kernels", True)
     monkeypatch.setattr(DecoderLayer, "forward_fused", _not_called("DecoderLayer.forward_fused"))
     cache = model.new_cache(1, 8)
     cache.compact_backend = "reference"
-    assert model.fused_kernels
     model.prefill(prompts, cache)
+
+
+def test_default_fuses_on_cuda_only(model, monkeypatch):
+    """fused_kernels=None (the default) keeps the interpreter's CPU tensors on torch's ops, and
+    True runs the fused kernels there too."""
+    monkeypatch.setattr(model, "fused_kernels", None)
+    assert LlamaModel.fused_kernels is None
+    assert not model._fused(torch.device("cpu"))
+    monkeypatch.setattr(model, "fused_kernels", True)
+    assert model._fused(torch.device("cpu")) == use_triton(torch.device("cpu"), model.attn_backend)
+    monkeypatch.setattr(model, "fused_kernels", False)
+    assert not model._fused(torch.device("cpu"))

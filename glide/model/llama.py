@@ -11,8 +11,8 @@ SwiGLU), with q/k/v fused into one matmul and gate/up into another. The forward 
 device only when the cache's host-side length bound cannot vouch that ``T`` more tokens fit
 (the attention launcher may sync on its own).
 
-On the Triton path (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) with
-``LlamaModel.fused_kernels`` on, a decoder layer launches four fused kernels around its four
+On CUDA (by default; with ``LlamaModel.fused_kernels = True`` also on CPU tensors under
+``TRITON_INTERPRET=1``) a decoder layer launches four fused kernels around its four
 matmuls and its attention instead of torch's elementwise ops (:meth:`DecoderLayer.forward_fused`):
 :func:`~glide.kernels.add_rms_norm` twice (a block's residual add with the norm that follows),
 :func:`~glide.kernels.rope_store` (RoPE on q and k, and the K/V cache write) and
@@ -314,17 +314,18 @@ class LlamaModel(nn.Module):
     attn_backend : {"auto", "reference", "triton"}
         Passed to :func:`glide.kernels.tree_attention`, and to :func:`glide.kernels.compact_kv`
         through the caches that :meth:`new_cache` makes from then on.
-    fused_kernels : bool
-        When the attention runs on Triton (``attn_backend`` with
-        :func:`glide.kernels.use_triton`), also run each decoder layer's elementwise work as
-        fused Triton kernels (:meth:`DecoderLayer.forward_fused`): 4 launches a layer where
-        torch's ops made 13 in bfloat16/float16 and 11 in float32, so 9 launches a layer in all
-        instead of 18 or 16 (counted from the code, not measured). A class attribute, ``True``; set
-        ``LlamaModel.fused_kernels = False`` (or on one model) for torch's ops everywhere.
-        Off the Triton path it has no effect: the CPU runs the references.
+    fused_kernels : bool or None
+        Run each decoder layer's elementwise work as fused Triton kernels
+        (:meth:`DecoderLayer.forward_fused`): 4 launches a layer where torch's ops made 13 in
+        bfloat16/float16 and 11 in float32, so 9 launches a layer in all instead of 18 or 16
+        (counted from the code, not measured). ``None`` (the class default): on CUDA tensors
+        when the attention runs on Triton. ``True``: wherever the attention runs on Triton,
+        the CPU interpreter included (tests; there each launch is slow and grows with the
+        rows, which would skew the dynamic tree's measured verify cost). ``False``: torch's
+        ops everywhere. Off the Triton path it has no effect: the CPU runs the references.
     """
 
-    fused_kernels = True
+    fused_kernels = None
 
     def __init__(self, config: ModelConfig, dtype=torch.float32, device="cpu", init_std=0.02):
         super().__init__()
@@ -450,8 +451,11 @@ class LlamaModel(nn.Module):
 
     def _fused(self, device) -> bool:
         """Whether :meth:`run_unchecked` runs :meth:`DecoderLayer.forward_fused` (host-only)."""
-        return (self.fused_kernels and use_triton(device, self.attn_backend)
-                and self.config.hidden_size <= MAX_HIDDEN)
+        if self.fused_kernels is False or not use_triton(device, self.attn_backend):
+            return False
+        if self.fused_kernels is None and torch.device(device).type != "cuda":
+            return False
+        return self.config.hidden_size <= MAX_HIDDEN
 
     def _run_fused(self, h, cos, sin, cache, attend, logits_index, logits_rows):
         """The layers and the head of :meth:`run_unchecked` on fused kernels (no host sync)."""

@@ -113,13 +113,16 @@ def test_pooled_cache_is_reused_then_grown_and_its_graphs_dropped():
     model = _model(max_pos=1024)
     graphs = CudaGraphs(model, capture=False)
     first = graphs.new_cache(2, 16)
+    graphs.release(first)
     assert graphs.new_cache(2, 10) is first  # a shorter request reuses it
     graphs.decode(torch.tensor([1, 2]), first)
     assert len(graphs._graphs) == 1
+    graphs.release(first)
     grown = graphs.new_cache(2, first.max_seq + 1)
     assert grown is not first and grown.max_seq > first.max_seq
     assert len(graphs._graphs) == 0 and int(grown.lens.sum()) == 0
     assert graphs.new_cache(3, 16) is not grown  # one cache per batch size
+    graphs.release(grown)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         graphs.new_cache(2, 1025)
     edge = graphs.new_cache(2, 1000)  # no room left for padding: the cache stops at the limit
@@ -235,3 +238,70 @@ def test_glide_draft_refuses_capture_off_cuda(glide_pair):
 
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA draft"):
         GlideDraft(glide_pair[1]).use_cuda_graphs(True)
+
+
+def test_pooled_cache_is_leased_while_a_generation_runs():
+    """A second generation of the same batch size started while one runs (from a callback) gets
+    a plain cache and eager forwards, never the pooled cache the first one is using."""
+    model = _model()
+    graphs = CudaGraphs(model, capture=False)
+    first = graphs.new_cache(2, 16)
+    second = graphs.new_cache(2, 16)
+    other = graphs.new_cache(3, 16)
+    assert second is not first and other is not first
+    graphs.release(other)
+    graphs.forward(torch.ones(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), None, second)
+    assert graphs.eager_calls == 1 and graphs.replays == 0  # the plain cache is never captured
+    graphs.release(first)
+    assert graphs.new_cache(2, 16) is first
+    # generate_ids leases and releases, also when a callback starts a nested generation
+    inner = []
+
+    def on_tokens(b, ids):
+        if not inner:
+            inner.append(generate_ids(model, PROMPTS[:2], max_new_tokens=3, cuda_graphs=graphs))
+
+    graphs.release(first)
+    want = generate_ids(model, PROMPTS[:2], max_new_tokens=6)
+    got = generate_ids(model, PROMPTS[:2], max_new_tokens=6, cuda_graphs=graphs, on_tokens=on_tokens)
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    assert [o.output_ids for o in inner[0]] == [o.output_ids[:3] for o in want]
+    assert graphs._leased == set()
+
+
+def test_a_bound_running_ahead_is_measured_before_falling_back():
+    """compact() moves the host bound ahead by the tree width; the forward measures the real
+    lengths (one sync) instead of running eagerly."""
+    model = _model()
+    graphs = CudaGraphs(model, capture=False)
+    cache = graphs.new_cache(1, 16)
+    model.prefill([[1, 2, 3]], cache)
+    cache._set_bound(cache.max_seq - 2, same=False)  # as after many compactions
+    T = 4
+    graphs.forward(torch.ones(1, T, dtype=torch.int64), cache.lens[:, None] + torch.arange(T),
+                   torch.ones(T, T, dtype=torch.bool).tril()[None], cache)
+    assert graphs.replays == 1 and graphs.eager_calls == 0
+    assert cache.max_len_bound() == 3
+
+
+def test_changed_model_setup_runs_eagerly():
+    model = _model()
+    graphs = CudaGraphs(model, capture=False)
+    cache = graphs.new_cache(1, 16)
+    model.prefill([[1, 2, 3]], cache)
+    tok = torch.tensor([4])
+    graphs.decode(tok, cache)
+    model.fused_kernels = False  # the graphs were made with the class default
+    graphs.decode(tok, cache)
+    assert graphs.replays == 1 and graphs.eager_calls == 1
+
+
+def test_graphs_need_the_triton_attention():
+    """A CUDA model on the reference attention (float64 needs it) decodes eagerly by default,
+    and cuda_graphs=True says why it cannot. No CUDA call is made: the checks are host-only."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(device=torch.device("cuda"), attn_backend="reference")
+    assert graphs_for(fake) is None
+    with pytest.raises(ValueError, match="needs the Triton attention"):
+        graphs_for(fake, True)

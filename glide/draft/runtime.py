@@ -70,6 +70,8 @@ class GlideDraft(Draft):
         static path without capturing (``False``, CPU tests), or eagerly (``None``)."""
         if capture and self.model.device.type != "cuda":
             raise ValueError(f"draft: CUDA graphs need a CUDA draft, this one is on {self.model.device}")
+        if capture and not use_triton(self.model.device, self.model.attn_backend):
+            capture = None  # the reference attention reads lengths on the host: stay eager
         self._graph_mode = capture
 
     def begin(self, ctx: DraftContext) -> None:

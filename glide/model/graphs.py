@@ -143,7 +143,9 @@ class CudaGraphs:
             raise ValueError(f"capture=True needs a CUDA model, the model is on {model.device}")
         self.model = model
         self.capture = capture
+        self.setup = _setup(model)
         self._caches: dict[int, KVCache] = {}
+        self._leased: set[int] = set()  # ids of pooled caches a generation holds
         self._graphs: dict[tuple, _Graph] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -163,11 +165,15 @@ class CudaGraphs:
         Returns
         -------
         KVCache
-            Shared by every call with this ``batch_size``: a new call resets it.
+            Pooled and leased until :meth:`release`. While it is leased (another generation
+            with this batch size is running, e.g. one started from a callback), a plain cache
+            of the model is returned instead, and its forwards run eagerly.
         """
         limit = self.model.config.max_position_embeddings
         want = max_seq + BUCKETS[-1]
         cache = self._caches.get(batch_size)
+        if cache is not None and id(cache) in self._leased:
+            return self.model.new_cache(batch_size, max_seq)
         if cache is None or cache.max_seq < max(max_seq, min(want, limit)):
             # Past the model's positions the padding room is dropped (those trees run eagerly);
             # a max_seq beyond them is refused by new_cache.
@@ -175,7 +181,12 @@ class CudaGraphs:
             self._drop(batch_size)
             cache = self._caches[batch_size] = self.model.new_cache(batch_size, size)
         cache.reset()
+        self._leased.add(id(cache))
         return cache
+
+    def release(self, cache: KVCache) -> None:
+        """End the lease of a pooled cache from :meth:`new_cache` (others are ignored)."""
+        self._leased.discard(id(cache))
 
     def _ones(self, B: int, T: int) -> torch.Tensor:
         key = ("ones", B, T)
@@ -190,9 +201,10 @@ class CudaGraphs:
             self._graphs = {k: g for k, g in self._graphs.items() if k[0] is not old}
 
     def clear(self) -> None:
-        """Free every pooled cache and graph."""
+        """Free every pooled cache and graph (none may be in use)."""
         self._caches.clear()
         self._graphs.clear()
+        self._leased.clear()
 
     # ------------------------------------------------------------------ forwards
     def prefill(self, prompts, cache: KVCache) -> torch.Tensor:
@@ -235,7 +247,12 @@ class CudaGraphs:
         B, T = input_ids.shape
         bucket = bucket_for(T)
         pooled = self._caches.get(B) is cache
-        if bucket is None or not pooled or cache.max_len_bound() + bucket > cache.max_seq:
+        if pooled and bucket is not None and cache.max_len_bound() + bucket > cache.max_seq:
+            # compact() advances the host bound by the whole tree width, so it runs ahead of
+            # the lengths: measure them (one sync) before giving up on the graph
+            cache.max_len_bound(exact=True)
+        if (bucket is None or not pooled or cache.max_len_bound() + bucket > cache.max_seq
+                or _setup(model) != self.setup):
             if tree_mask is None:
                 tree_mask = torch.ones(B, T, T, dtype=torch.bool, device=input_ids.device)
             self.eager_calls += 1
@@ -267,30 +284,49 @@ class CudaGraphs:
         return out.clone() if logits_index is not None else out[:, :T].clone()
 
 
+def _setup(model) -> tuple:
+    """What a captured forward depends on besides its buffers: a change drops the graphs."""
+    return (model.device, model.dtype, model.attn_backend, model.fused_kernels,
+            model.embed_tokens.weight.data_ptr())
+
+
 def graphs_for(model, enabled: bool | None = None) -> CudaGraphs | None:
     """The model's :class:`CudaGraphs` (made on first use and kept on the model), or ``None``.
+
+    Graphs need the Triton attention (the reference attention reads lengths on the host). The
+    object is rebuilt, its graphs and pooled caches dropped, when the model's device, dtype,
+    ``attn_backend``, ``fused_kernels`` or weights (their storage) have changed since.
+    ``model._cuda_graphs.clear()`` frees them by hand.
 
     Parameters
     ----------
     model : LlamaModel
     enabled : bool, optional
-        ``None`` turns graphs on exactly for a CUDA model; ``True`` on a CPU model raises.
+        ``None`` turns graphs on for a CUDA model whose attention runs on Triton; ``True``
+        raises where that does not hold.
 
     Raises
     ------
     ValueError
-        If ``enabled`` is not a bool or ``None``, or is ``True`` for a model not on CUDA.
+        Naming ``cuda_graphs``: ``enabled`` is not a bool or ``None``, or is ``True`` for a
+        model not on CUDA or on the reference attention.
     """
+    from glide.kernels import use_triton
+
     if enabled is not None and not isinstance(enabled, bool):
         raise ValueError(f"cuda_graphs must be True, False or None, got {enabled!r}")
     on_cuda = model.device.type == "cuda"
+    triton_attention = on_cuda and use_triton(model.device, model.attn_backend)
     if enabled is None:
-        enabled = on_cuda
+        enabled = triton_attention
     if not enabled:
         return None
     if not on_cuda:
         raise ValueError(f"cuda_graphs=True needs a model on CUDA, this one is on {model.device}")
+    if not triton_attention:
+        raise ValueError(f"cuda_graphs=True needs the Triton attention; the model's attn_backend is "
+                         f"{model.attn_backend!r}")
     graphs = getattr(model, "_cuda_graphs", None)
-    if graphs is None:
+    if graphs is None or graphs.setup != _setup(model):
         graphs = model._cuda_graphs = CudaGraphs(model)
     return graphs

@@ -195,6 +195,17 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
     state = _Batch(prompts, capacity, max_new_tokens, eos_token_ids or (), dev)
     keys = stream_keys(seed, row_ids, device=dev)
     greedy = temperature == 0.0
+    try:
+        return _decode(model, target, cache, prompts, draft, state, keys, greedy, temperature, top_p,
+                       on_tokens)
+    finally:
+        if target is not model:
+            target.release(cache)
+
+
+def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperature, top_p, on_tokens):
+    """:func:`generate_ids` after its checks: prefill, then steps until every sequence is done."""
+    B, dev = len(prompts), model.device
 
     def pick(logits):  # (B, V) -> (B,), the token at output position num_new
         if greedy:

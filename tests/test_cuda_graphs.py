@@ -305,3 +305,19 @@ def test_graphs_need_the_triton_attention():
     assert graphs_for(fake) is None
     with pytest.raises(ValueError, match="needs the Triton attention"):
         graphs_for(fake, True)
+
+
+def test_verify_cost_can_be_timed_through_graphs(tmp_path):
+    """The dynamic tree sizes its trees by the verify cost the engine pays: with graphs on, the
+    curve is timed through a CudaGraphs of its own and cached under its own key."""
+    from glide.draft.dynamic import VerifyCost
+
+    model = _model()
+    assert VerifyCost.key(model, 1, 64) != VerifyCost.key(model, 1, 64, graphs=True)
+    cost = VerifyCost.measure(model, 1, 32, sizes=(1, 3), reps=1, graphs=True)
+    assert cost.sizes == [1, 3] and all(t > 0 for t in cost.seconds) and cost.meta["graphs"] is True
+    path = tmp_path / "vc.json"
+    VerifyCost.cached(model, 1, 32, path=path, graphs=True)
+    import json
+
+    assert list(json.loads(path.read_text())) == [VerifyCost.key(model, 1, 32, graphs=True)]

@@ -72,22 +72,36 @@ class VerifyCost:
         return out
 
     @staticmethod
-    def key(model, batch_size: int, context: int) -> str:
+    def key(model, batch_size: int, context: int, graphs: bool = False) -> str:
         c = model.config
         dev = model.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{os.cpu_count()}"
         raw = json.dumps([name, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
                           c.vocab_size, str(model.dtype), batch_size, context // 256, torch.get_num_threads(),
                           # the OpenMP wait policy changes CPU timings by ~40% (glide/threads.py)
-                          os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", "")])
+                          os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", "")]
+                         + (["cuda-graphs"] if graphs else []))
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     @classmethod
     def measure(cls, model, batch_size: int = 1, context: int = 256,
-                sizes=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), reps: int = 3) -> "VerifyCost":
-        """Time the target's forward for each tree size, over a cache of ``context`` tokens."""
+                sizes=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), reps: int = 3,
+                graphs: bool = False) -> "VerifyCost":
+        """Time the target's forward for each tree size, over a cache of ``context`` tokens.
+
+        ``graphs=True`` times the forwards as the engine runs them with CUDA graphs: through a
+        :class:`~glide.model.graphs.CudaGraphs` of its own (captured on CUDA; elsewhere its
+        static path), where cost rises in bucket steps and the host's share is gone.
+        """
         dev = model.device
-        cache = model.new_cache(batch_size, context + max(sizes) + 1)
+        runner = model
+        if graphs:
+            from glide.model.graphs import CudaGraphs
+
+            runner = CudaGraphs(model, capture=dev.type == "cuda")
+            cache = runner.new_cache(batch_size, context + max(sizes) + 1)
+        else:
+            cache = model.new_cache(batch_size, context + max(sizes) + 1)
         seconds = []
         for T in sizes:
             ids = torch.zeros(batch_size, T, dtype=torch.int64, device=dev)
@@ -100,18 +114,20 @@ class VerifyCost:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t = time.perf_counter()
-                model.forward(ids, pos, mask, cache)
+                runner.forward(ids, pos, mask, cache)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 times.append(time.perf_counter() - t)
             seconds.append(float(np.median(times[1:])))
-        return cls(list(sizes), seconds, {"batch_size": batch_size, "context": context})
+        if graphs:
+            runner.clear()
+        return cls(list(sizes), seconds, {"batch_size": batch_size, "context": context, "graphs": graphs})
 
     @classmethod
-    def cached(cls, model, batch_size: int, context: int, path=None) -> "VerifyCost":
+    def cached(cls, model, batch_size: int, context: int, path=None, graphs: bool = False) -> "VerifyCost":
         """:meth:`measure`, kept in ``cache_dir()/verify-cost.json`` under :meth:`key`."""
         path = Path(path) if path else cache_dir() / "verify-cost.json"
-        key = cls.key(model, batch_size, context)
+        key = cls.key(model, batch_size, context, graphs)
         table = {}
         try:
             table = json.loads(path.read_text())
@@ -120,7 +136,7 @@ class VerifyCost:
                 return cls(hit["sizes"], hit["seconds"], hit.get("meta", {}))
         except (OSError, ValueError, KeyError, TypeError):
             table = {}  # missing or damaged: measure again
-        cost = cls.measure(model, batch_size, max(16, context))
+        cost = cls.measure(model, batch_size, max(16, context), graphs=graphs)
         table[key] = {"sizes": cost.sizes, "seconds": cost.seconds, "meta": cost.meta}
         try:
             from glide.train.corpus import atomic_write
@@ -250,7 +266,9 @@ class DynamicTreeDraft(GlideDraft):
         self.trusted = (ctx.lengths - 1).clone()  # positions whose draft K/V are right
         self._last = None
         if self.cost is None and self.fixed_size is None:
-            self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()))
+            # the verify forwards run as the engine runs them: replayed graphs when it said so
+            self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()),
+                                          graphs=self._graph_mode is True)
 
     # ------------------------------------------------------------------ one step
     def propose(self, ctx: DraftContext) -> Proposal:

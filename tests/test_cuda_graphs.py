@@ -321,3 +321,48 @@ def test_verify_cost_can_be_timed_through_graphs(tmp_path):
     import json
 
     assert list(json.loads(path.read_text())) == [VerifyCost.key(model, 1, 32, graphs=True)]
+
+
+@pytest.mark.parametrize("kind", ["glide", "cape", "dynamic"])
+def test_draft_chain_is_captured_in_begin(glide_pair, monkeypatch, kind):
+    """With capture on, GliDe and CaPE capture their chain in begin() (set-up, outside the timed
+    steps), once a generation; the dynamic tree captures none. Capture is faked on the CPU: a
+    CapturedCall that runs its function eagerly and counts its constructions."""
+    import glide.model.graphs as graphs_mod
+    from glide.draft.cape import CapeDraft
+    from glide.draft.dynamic import DynamicTreeDraft
+    from glide.draft.runtime import GlideDraft
+
+    made = []
+
+    class FakeCapture:
+        def __init__(self, fn, capture, device, pool=None):
+            self.fn, self.graph = fn, None
+            made.append(capture)
+
+        def run(self):
+            return self.fn()
+
+    target, net, _ = glide_pair
+    prompts = [[1, 3, 0, 4, 3], [4, 0]]
+    make = {"glide": lambda: GlideDraft(net, gamma=3), "cape": lambda: CapeDraft(net, gamma=3),
+            "dynamic": lambda: DynamicTreeDraft(net, fixed_size=6)}[kind]
+    want = generate_ids(target, prompts, make(), max_new_tokens=12)
+    monkeypatch.setattr(graphs_mod, "CapturedCall", FakeCapture)
+    graphs = CudaGraphs(target, capture=False)
+    monkeypatch.setattr(graphs, "capture", True)  # what the engine tells the draft
+    draft = make()
+    began = []
+    real_begin = type(draft).begin
+
+    def begin(self, ctx):
+        real_begin(self, ctx)
+        began.append(dict(self._graphs))
+
+    monkeypatch.setattr(type(draft), "begin", begin)
+    # past the CUDA-only checks of use_cuda_graphs: the mode the engine hands over
+    monkeypatch.setattr(type(draft), "use_cuda_graphs", lambda self, capture: setattr(self, "_graph_mode", capture))
+    got = generate_ids(target, prompts, draft, max_new_tokens=12, cuda_graphs=graphs)
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    expect = {"glide": [False], "cape": [True], "dynamic": []}[kind]
+    assert list(began[0]) == expect and list(draft._graphs) == expect

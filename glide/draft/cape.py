@@ -79,6 +79,8 @@ class CapeDraft(GlideDraft):
     ones are never run on the CPU).
     """
 
+    _chain_graph = True  # CaPE drafts the chain with its logits
+
     def __init__(self, model, gamma: int = 4, bins=PAPER_BINS):
         super().__init__(model, gamma)
         self.bins = check_bins(bins)

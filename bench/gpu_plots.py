@@ -16,10 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from bench.plot import _save, plt  # pyplot on the Agg backend that bench.plot selects
 
 
 def _rows(data: dict, step: str) -> list[dict]:
@@ -55,11 +52,7 @@ def plot_tree(data: dict, out: Path) -> Path | None:
     axes[0][0].set_ylabel("GB/s (K/V + q + out)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(_title(data, "tree attention, batch 1, bf16, CUDA-graph replay"), fontsize=10)
-    fig.tight_layout()
-    path = out / "gpu-tree-attention.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "gpu-tree-attention.png")
 
 
 def plot_forward(data: dict, out: Path) -> Path | None:
@@ -80,11 +73,7 @@ def plot_forward(data: dict, out: Path) -> Path | None:
     ax.set_ylabel("ms per forward (ctx 512)")
     ax.legend(fontsize=8)
     ax.set_title(_title(data, "one target forward, random weights, bf16"), fontsize=10)
-    fig.tight_layout()
-    path = out / "gpu-forward.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "gpu-forward.png")
 
 
 def plot_e2e(data: dict, out: Path) -> Path | None:
@@ -110,11 +99,7 @@ def plot_e2e(data: dict, out: Path) -> Path | None:
     ax.set_ylabel("tokens/s (wall, 128 new tokens)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(_title(data, "end to end, random weights, bf16"), fontsize=10)
-    fig.tight_layout()
-    path = out / "gpu-e2e.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "gpu-e2e.png")
 
 
 def plot_all(path: str | Path) -> list[Path]:

@@ -12,7 +12,7 @@ from glide.model import LlamaModel, ModelConfig
 from glide.model.graphs import BUCKETS, CudaGraphs, bucket_for, graphs_for
 from glide.speculative.drafts import OracleDraft, RandomTreeDraft
 from glide.speculative.engine import generate_ids
-from glide.speculative.tree import depths
+from glide.speculative.tree import ancestor_mask, depths
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 3]]
 
@@ -28,18 +28,11 @@ def _model(dtype=torch.float64, device="cpu", seed=0, max_pos=256):
 
 
 def _random_tree(B, T, gen):
-    """A random topologically ordered tree per row: parents, mask (B, T, T) and depths."""
+    """A random topologically ordered tree per row: mask (B, T, T) and depths (B, T)."""
     parents = torch.full((B, T), -1, dtype=torch.int64)
     for j in range(1, T):
         parents[:, j] = torch.randint(0, j, (B,), generator=gen)
-    mask = torch.zeros(B, T, T, dtype=torch.bool)
-    for j in range(T):
-        mask[:, j, j] = True
-        for b in range(B):
-            p = int(parents[b, j])
-            if p >= 0:
-                mask[b, j] |= mask[b, p]
-    return mask, depths(parents)
+    return ancestor_mask(parents), depths(parents)
 
 
 def test_bucket_for_rounds_up_and_stops_at_the_largest():

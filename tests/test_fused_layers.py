@@ -9,6 +9,7 @@ import torch
 from glide.model import LlamaModel, ModelConfig
 from glide.kernels import use_triton
 from glide.model.llama import DecoderLayer
+from test_model import random_tree
 from tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,19 +73,6 @@ def prefilled(model, prompts, max_seq=32):
     return cache
 
 
-def random_tree(gen, n):
-    """Ancestor-or-self mask (n, n) and depths (n,) of a random tree, parents before children."""
-    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depth = torch.zeros(n, dtype=torch.int64)
-    for i in range(n):
-        if parents[i] >= 0:
-            mask[i] = mask[parents[i]]
-            depth[i] = depth[parents[i]] + 1
-        mask[i, i] = True
-    return mask, depth
-
-
 def assert_same_cache(fused, unfused):
     """Every slot a forward wrote agrees to float32 round-off; every other slot is bitwise the
     same (NaN where nothing was ever written)."""
@@ -128,8 +116,8 @@ def test_tree_forward_ragged(model, monkeypatch, rows):
     prompts = prompts_for(gen, (3, 8))
     T = 6
     trees = [random_tree(gen, T) for _ in prompts]
-    mask = torch.stack([m for m, _ in trees]).to(DEVICE)
-    depth = torch.stack([d for _, d in trees]).to(DEVICE)
+    mask = torch.stack([m for _, m, _ in trees]).to(DEVICE)
+    depth = torch.stack([d for _, _, d in trees]).to(DEVICE)
     tokens = torch.randint(3, VOCAB, (2, T), generator=gen).to(DEVICE)
     kwargs = {}
     if rows == "logits_index":

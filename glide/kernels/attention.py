@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
+from ._checks import check_lens as _check_lens
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
 from ._jit.attention import attention_fwd_kernel, attention_merge_kernel
@@ -248,30 +249,6 @@ def _check_qkv(q, k_cache, v_cache):
         raise ValueError(
             f"q's num_q_heads={Hq} must be a multiple of k_cache's num_kv_heads={Hkv}"
         )
-
-
-def _check_lens(name, lens, batch, device, max_seq, extra, read_values):
-    """Check a (batch,) integer length tensor and, if ``read_values``, that
-    ``0 <= lens <= max_seq - extra``. Returns ``max(lens)``, or ``max_seq - extra`` unread."""
-    if not isinstance(lens, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(lens).__name__}")
-    if lens.dtype == torch.bool or lens.is_floating_point() or lens.is_complex():
-        raise TypeError(f"{name} must have an integer dtype, got {lens.dtype}")
-    if lens.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lens.shape)}")
-    if lens.device != device:
-        raise ValueError(f"{name} is on {lens.device}, expected q's device {device}")
-    if batch == 0:
-        return 0
-    if not read_values:
-        return max_seq - extra
-    lo, hi = torch.stack([lens.min(), lens.max()]).tolist()  # one host sync
-    if lo < 0:
-        raise ValueError(f"{name} must be non-negative, got a minimum of {lo}")
-    if hi + extra > max_seq:
-        what = f"{name} + tree_len ({hi} + {extra})" if extra else f"{name} ({hi})"
-        raise ValueError(f"{what} exceeds the caches' max_seq={max_seq}")
-    return int(hi)
 
 
 def _check_out(out, q):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_lens as check_lens_tensor
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
 from ._jit.rope import rope_store_kernel
@@ -26,7 +27,7 @@ def _check_tensor(name, t, shape, dtype, device):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
+    if t.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} like qkv, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected qkv's device {device}")
@@ -111,13 +112,7 @@ def rope_store(
                          f"({2 * Hkv}) from kv_layer")
     _check_tensor("cos", cos, (B, T, D), qkv.dtype, dev)
     _check_tensor("sin", sin, (B, T, D), qkv.dtype, dev)
-    _check_tensor("lens", lens, (B,), None, dev)
-    if lens.dtype == torch.bool or lens.is_floating_point() or lens.is_complex():
-        raise TypeError(f"lens must have an integer dtype, got {lens.dtype}")
-    if check_lens and B > 0:
-        lo, hi = torch.stack([lens.min(), lens.max()]).tolist()  # one host sync
-        if lo < 0 or hi + T > S:
-            raise ValueError(f"lens must lie in [0, max_seq - T] = [0, {S - T}], got values in [{lo}, {hi}]")
+    check_lens_tensor("lens", lens, B, dev, S, T, check_lens, ref="qkv", extra_name="T")
 
     if not use_triton(dev, backend):
         return rope_store_ref(qkv, cos, sin, kv_layer, lens)

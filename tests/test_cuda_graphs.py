@@ -243,7 +243,8 @@ def test_pooled_cache_is_leased_while_a_generation_runs():
     other = graphs.new_cache(3, 16)
     assert second is not first and other is not first
     graphs.release(other)
-    graphs.forward(torch.ones(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), None, second)
+    graphs.forward(torch.ones(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64),
+                   torch.ones(2, 1, 1, dtype=torch.bool), second)
     assert graphs.eager_calls == 1 and graphs.replays == 0  # the plain cache is never captured
     graphs.release(first)
     assert graphs.new_cache(2, 16) is first

@@ -147,7 +147,6 @@ class CudaGraphs:
         self._caches: dict[int, KVCache] = {}
         self._leased: set[int] = set()  # ids of pooled caches a generation holds
         self._graphs: dict[tuple, _Graph] = {}
-        self._masks: dict[tuple, torch.Tensor] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
         self.replays = 0
@@ -188,13 +187,6 @@ class CudaGraphs:
         """End the lease of a pooled cache from :meth:`new_cache` (others are ignored)."""
         self._leased.discard(id(cache))
 
-    def _ones(self, B: int, T: int) -> torch.Tensor:
-        key = ("ones", B, T)
-        ones = self._masks.get(key)
-        if ones is None:
-            ones = self._masks[key] = torch.ones(B, T, T, dtype=torch.bool, device=self.model.device)
-        return ones
-
     def _drop(self, batch_size: int) -> None:
         old = self._caches.pop(batch_size, None)
         if old is not None:
@@ -223,7 +215,7 @@ class CudaGraphs:
         -------
         torch.Tensor, shape (batch, vocab), float32
         """
-        logits = self.forward(tokens[:, None], cache.lens[:, None], None, cache)[:, 0]
+        logits = self.forward(*self.model.decode_inputs(tokens, cache), cache)[:, 0]
         cache.commit(1)
         return logits
 
@@ -233,8 +225,7 @@ class CudaGraphs:
         Parameters
         ----------
         input_ids, position_ids : torch.Tensor, shape (batch, T), int64
-        tree_mask : torch.Tensor, shape (batch, T, T), bool, or None
-            ``None`` means all true (one token per sequence, or a causal chunk of one).
+        tree_mask : torch.Tensor, shape (batch, T, T), bool
         cache : KVCache
         logits_index : torch.Tensor, shape (batch,), int64, optional
 
@@ -253,13 +244,9 @@ class CudaGraphs:
             cache.max_len_bound(exact=True)
         if (bucket is None or not pooled or cache.max_len_bound() + bucket > cache.max_seq
                 or _setup(model) != self.setup):
-            if tree_mask is None:
-                tree_mask = torch.ones(B, T, T, dtype=torch.bool, device=input_ids.device)
             self.eager_calls += 1
             return model.forward(input_ids, position_ids, tree_mask, cache, logits_index)
-        model._check_forward(input_ids, position_ids,
-                             tree_mask if tree_mask is not None else self._ones(B, T),
-                             cache, logits_index)
+        model._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
         key = (cache, B, bucket, logits_index is not None)
         graph = self._graphs.get(key)
         if graph is None:
@@ -273,10 +260,7 @@ class CudaGraphs:
             # valid one) and their token whatever the last call left.
             graph.mask.copy_(graph.eye)
             graph.pos[:, T:].copy_(cache.lens[:, None].expand(B, bucket - T))
-        if tree_mask is None:
-            graph.mask[:, :T, :T].fill_(True)
-        else:
-            graph.mask[:, :T, :T].copy_(tree_mask)
+        graph.mask[:, :T, :T].copy_(tree_mask)
         if logits_index is not None:
             graph.index.copy_(logits_index)
         out = graph.run()

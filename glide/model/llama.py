@@ -530,6 +530,14 @@ class LlamaModel(nn.Module):
         -------
         torch.Tensor, shape (batch, vocab), float32
         """
+        logits = self.forward(*self.decode_inputs(tokens, cache), cache)[:, 0]
+        cache.commit(1)
+        return logits
+
+    def decode_inputs(self, tokens: torch.Tensor, cache: KVCache):
+        """The :meth:`forward` inputs of a decode step: ``(input_ids, position_ids, tree_mask)``,
+        shapes (batch, 1), (batch, 1), (batch, 1, 1); views and a mask kept per batch size, so
+        no allocation. Checks ``tokens`` and ``cache``."""
         if not _is_int_tensor(tokens) or tokens.dim() != 1:
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be a (batch,) int64 tensor, got {shape}")
@@ -540,9 +548,7 @@ class LlamaModel(nn.Module):
         mask = self._masks.get(key)
         if mask is None:
             mask = self._masks[key] = torch.ones(B, 1, 1, dtype=torch.bool, device=tokens.device)
-        logits = self.forward(tokens[:, None], cache.lens[:, None], mask, cache)[:, 0]
-        cache.commit(1)
-        return logits
+        return tokens[:, None], cache.lens[:, None], mask
 
     # ------------------------------------------------------------------ validation
     def _check_forward(self, input_ids, position_ids, tree_mask, cache, logits_index):

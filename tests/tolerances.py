@@ -28,13 +28,15 @@ def assert_close(actual, expected, dtype=None, name="output"):
     err = (a - e).abs()
     bad = ~(err <= tol["atol"] + tol["rtol"] * e.abs())  # NaN counts as bad
     if bad.any():
-        idx = bad.nonzero()[:8].tolist()
-        rows = [f"  {tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}" for i in idx]
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ "
-            f"(max abs err {err.nan_to_num(float('inf')).max().item():.3g}, tol {tol}):\n"
-            + "\n".join(rows)
-        )
+        _fail(name, a, e, bad, f"(max abs err {err.nan_to_num(float('inf')).max().item():.3g}, tol {tol})")
+
+
+def _fail(name, a, e, bad, why):
+    """Raise naming how many elements of ``bad`` differ, ``why``, and the first few of them."""
+    idx = bad.nonzero()[:8].tolist()
+    rows = [f"  {tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}" for i in idx]
+    raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ {why}:\n"
+                         + "\n".join(rows))
 
 
 def assert_rounds_like(actual, expected, name="output", max_mismatch=1e-3):
@@ -55,10 +57,5 @@ def assert_rounds_like(actual, expected, name="output", max_mismatch=1e-3):
     err = (a.double() - e.double()).abs()
     worst = (err / ulp)[differ].max().item() if differ.any() else 0.0
     if frac > max_mismatch or worst > 1.0:
-        idx = differ.nonzero()[:8].tolist()
-        rows = [f"  {tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}" for i in idx]
-        raise AssertionError(
-            f"{name}: {int(differ.sum())} of {differ.numel()} elements differ from the reference's "
-            f"rounding ({frac:.2%}, allowed {max_mismatch:.2%}), worst by {worst:.3g} ulp (allowed 1):\n"
-            + "\n".join(rows)
-        )
+        _fail(name, a, e, differ, f"from the reference's rounding ({frac:.2%}, allowed {max_mismatch:.2%}), "
+                                  f"worst by {worst:.3g} ulp (allowed 1)")

@@ -384,6 +384,9 @@ def test_compaction_bound_does_not_cause_false_overflow():
     assert cache.check_room(6) == 4  # exact again after the re-measure
     with pytest.raises(ValueError, match="cache overflow"):
         cache.check_room(7)
+    # has_room answers the same question without raising
+    cache.compact(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert cache.max_len_bound() == 8 and cache.has_room(6) and not cache.has_room(7)
 
 
 def test_prefill_and_decode_reject_bad_arguments(model64):

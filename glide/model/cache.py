@@ -198,15 +198,20 @@ class KVCache:
         ValueError
             If ``lens.max() + extra > max_seq``.
         """
-        bound = self.max_len_bound()
-        if bound + extra > self.max_seq:
-            bound = self.max_len_bound(exact=True)
-            if bound + extra > self.max_seq:
-                raise ValueError(
-                    f"cache overflow: {what} needs lens ({bound}) + {extra} slots, beyond the "
-                    f"cache's max_seq ({self.max_seq})"
-                )
-        return bound
+        if not self.has_room(extra):
+            raise ValueError(
+                f"cache overflow: {what} needs lens ({self._bound}) + {extra} slots, beyond the "
+                f"cache's max_seq ({self.max_seq})"
+            )
+        return self._bound
+
+    def has_room(self, extra: int) -> bool:
+        """Whether ``extra`` more slots fit after every sequence. The host-side bound answers
+        when it can; it may run ahead of the lengths (after :meth:`compact`), so a "no" from it
+        is checked against the lengths themselves (one device sync)."""
+        if self.max_len_bound() + extra <= self.max_seq:
+            return True
+        return self.max_len_bound(exact=True) + extra <= self.max_seq
 
     # ------------------------------------------------------------------ internals
     def _lens_key(self):

@@ -238,12 +238,8 @@ class CudaGraphs:
         B, T = input_ids.shape
         bucket = bucket_for(T)
         pooled = self._caches.get(B) is cache
-        if pooled and bucket is not None and cache.max_len_bound() + bucket > cache.max_seq:
-            # compact() advances the host bound by the whole tree width, so it runs ahead of
-            # the lengths: measure them (one sync) before giving up on the graph
-            cache.max_len_bound(exact=True)
-        if (bucket is None or not pooled or cache.max_len_bound() + bucket > cache.max_seq
-                or _setup(model) != self.setup):
+        if (bucket is None or not pooled or _setup(model) != self.setup
+                or not cache.has_room(bucket)):  # room for the padding rows too
             self.eager_calls += 1
             return model.forward(input_ids, position_ids, tree_mask, cache, logits_index)
         model._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)

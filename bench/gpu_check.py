@@ -89,14 +89,9 @@ def _sync(dev):
 
 def wall_us(fn, dev, n: int, warmup: int = 3) -> float:
     """Mean wall-clock µs per call of ``fn`` over ``n`` back-to-back calls (host + device)."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t0) / n * 1e6
+    from bench.launch_overhead import time_per_call
+
+    return time_per_call(fn, dev, calls=n, samples=1, warmup=warmup)["us_median"]
 
 
 def graph_us(fns, dev, reps: int = 10) -> float:

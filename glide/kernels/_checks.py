@@ -39,3 +39,24 @@ def check_lens(name, lens, batch, device, max_seq, extra, read_values, ref="q", 
         what = f"{name} + {extra_name} ({hi} + {extra})" if extra else f"{name} ({hi})"
         raise ValueError(f"{what} exceeds the caches' max_seq={max_seq}")
     return int(hi)
+
+
+# The dtypes the elementwise and top-k kernels take.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_input(name, t, ndim, shape_text):
+    """``t`` is a tensor with ``ndim`` dims (``shape_text`` describes them) of a dtype in
+    :data:`FLOAT_DTYPES`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``name``.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")

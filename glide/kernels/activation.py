@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_float_input
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
 from ._jit.activation import silu_mul_kernel
@@ -15,7 +16,6 @@ from .reference import silu_mul_ref
 
 __all__ = ["silu_mul"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Columns of the output a program writes. Not timed on a GPU.
 _BLOCK_I = 1024
 
@@ -48,13 +48,10 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None, backend:
         On a shape that is not 2-D with an even, non-zero number of columns, or a bad ``out``
         shape or device.
     """
-    if not isinstance(gate_up, torch.Tensor):
-        raise TypeError(f"gate_up must be a torch.Tensor, got {type(gate_up).__name__}")
-    if gate_up.dim() != 2 or gate_up.shape[1] == 0 or gate_up.shape[1] % 2:
-        raise ValueError(f"gate_up must have shape (rows, 2 * intermediate) with intermediate >= 1, "
-                         f"got {tuple(gate_up.shape)}")
-    if gate_up.dtype not in _DTYPES:
-        raise TypeError(f"gate_up must be float32, float16 or bfloat16, got {gate_up.dtype}")
+    shape_text = "(rows, 2 * intermediate) with intermediate >= 1"
+    check_float_input("gate_up", gate_up, 2, shape_text)
+    if gate_up.shape[1] == 0 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must have shape {shape_text}, got {tuple(gate_up.shape)}")
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     if out is not None:
         if not isinstance(out, torch.Tensor):

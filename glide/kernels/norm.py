@@ -10,6 +10,7 @@ import numbers
 
 import torch
 
+from ._checks import check_float_input
 from ._dispatch import use_triton
 from ._host import next_power_of_2
 from ._jit.norm import add_rms_norm_kernel
@@ -20,7 +21,6 @@ __all__ = ["add_rms_norm", "MAX_HIDDEN"]
 #: Widest row: one program keeps a whole row in registers.
 MAX_HIDDEN = 32768
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _num_warps(block_n: int) -> int:
@@ -76,12 +76,7 @@ def add_rms_norm(
         On a bad shape or device (``out`` included), ``hidden > MAX_HIDDEN`` (32768), or a
         negative ``eps``.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (rows, hidden), got {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_float_input("x", x, 2, "(rows, hidden)")
     rows, hidden = x.shape
     if not 1 <= hidden <= MAX_HIDDEN:
         raise ValueError(f"x must have 1 <= hidden <= {MAX_HIDDEN} columns, got shape {tuple(x.shape)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_float_input
 from ._checks import check_lens as check_lens_tensor
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
@@ -16,7 +17,6 @@ from .reference import rope_store_ref
 
 __all__ = ["rope_store"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements of one half-head tile a program handles: 16 heads of head_dim 64, 8 of 128, so a
 # decode step (one token) still spreads over a few programs. Not timed on a GPU.
 _TILE = 512
@@ -89,13 +89,7 @@ def rope_store(
         On a bad shape or device, an odd ``head_dim``, no query head, or (with ``check_lens``)
         ``lens`` outside ``[0, max_seq - T]``.
     """
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
-    if qkv.dim() != 4:
-        raise ValueError(f"qkv must have shape (batch, T, num_q_heads + 2 * num_kv_heads, head_dim), "
-                         f"got {tuple(qkv.shape)}")
-    if qkv.dtype not in _DTYPES:
-        raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
+    check_float_input("qkv", qkv, 4, "(batch, T, num_q_heads + 2 * num_kv_heads, head_dim)")
     B, T, H, D = qkv.shape
     if D % 2:
         raise ValueError(f"qkv's head_dim must be even for rotate-half RoPE, got {D}")

@@ -11,6 +11,7 @@ import numbers
 
 import torch
 
+from ._checks import check_float_input
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
 from ._jit.topk import topk_merge_kernel, topk_partial_kernel
@@ -22,7 +23,6 @@ __all__ = ["cape_topk", "MAX_K"]
 #: the merge sorts ``num_chunks * next_pow2(k)`` of them; trees use far fewer.
 MAX_K = 64
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tile of logits a program reads per step. Not tuned on a GPU yet: 1024 keeps the bitonic
 # top-k of one tile (10 stages of 1024 int64 keys) small next to its 4 KiB of loads.
 _BLOCK_V = 1024
@@ -93,12 +93,7 @@ def cape_topk(
     ids : torch.Tensor, shape (num_rows, k), int64
         Token ids of ``probs``. Among equal logits the smaller id comes first.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (num_rows, vocab), got {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    check_float_input("logits", logits, 2, "(num_rows, vocab)")
     num_rows, vocab = logits.shape
     if vocab == 0 or vocab >= 2**31:
         raise ValueError(f"logits must have 1 <= vocab < 2**31 columns, got shape {tuple(logits.shape)}")

@@ -4,10 +4,11 @@ Import path: ``from glide.kernels import tree_attention``. The package is ``glid
 a top-level ``kernels``, because transformers probes for a distribution called ``kernels``.
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors.
 The same kernels are torch custom ops, ``torch.ops.glide.*``, for ``torch.compile`` and CUDA
-graphs (:mod:`glide.kernels.ops`).
+graphs: ``from glide.kernels import ops`` registers them (not done on import of this package,
+whose own decoding never calls them).
 """
 
-from . import ops, reference  # ops: registers torch.ops.glide.* (about 12 ms)
+from . import reference
 from ._dispatch import interpreter_enabled, use_triton
 from .attention import attention_config, cross_attention, tree_attention
 from .activation import silu_mul
@@ -26,7 +27,6 @@ __all__ = [
     "silu_mul",
     "attention_config",
     "reference",
-    "ops",
     "interpreter_enabled",
     "use_triton",
 ]

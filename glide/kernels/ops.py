@@ -9,8 +9,8 @@ op                                     calls
 ``torch.ops.glide.compact_kv``         :func:`glide.kernels.compact_kv`, ``check_values=False``
 =====================================  =================================================
 
-Importing this module registers the ops (``import glide.kernels.ops``; ``glide.kernels``
-imports it too). Each op runs the public launcher on real tensors, without any host read of
+Importing this module registers the ops (``import glide.kernels.ops``; importing
+``glide.kernels`` alone does not). Each op runs the public launcher on real tensors, without any host read of
 the lengths, so nothing in it syncs or copies between host and device: a CUDA graph can
 capture it. Each op also has a fake (meta) implementation that only allocates the outputs,
 so ``torch.compile`` traces through it with ``fullgraph=True`` and keeps it as one opaque

@@ -400,6 +400,30 @@ def test_dynamic_tree_shape_and_sizing(trained):
         assert (tree.depth[b, 1:] == tree.depth[b].gather(0, prop.parents[b]) + 1).all()
 
 
+def test_a_level_is_grown_only_when_it_can_pay_for_its_draft_forward(trained):
+    """_level_pays: the best tree in hand against the bound on what more levels can add (all
+    their parents' mass accepted at each) for their draft forwards and a wider tree."""
+    _, d, _ = trained
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0))  # 1 s a verify
+    v = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.2, 0.1]])
+    both, one = torch.tensor([True, True]), torch.tensor([True, False])
+    sure, unsure = torch.tensor([[0.9, 0.5], [0.8, 0.2]]), torch.tensor([[1e-4, 1e-4], [1e-4, 1e-4]])
+    assert g._level_pays(v, sure, 0.01, 0.01, both)  # likely tokens for a cheap forward
+    assert not g._level_pays(v, unsure, 0.01, 0.01, both)  # nearly nothing to gain
+    assert not g._level_pays(v, sure, 0.01, 100.0, both)  # a forward dearer than the gain
+    # a finished sequence's candidates count for nothing
+    mixed = torch.tensor([[1e-4, 1e-4], [0.8, 0.2]])
+    assert g._level_pays(v, mixed, 0.01, 0.01, both) and not g._level_pays(v, mixed, 0.01, 0.01, one)
+    # every verified slot dear (1 s each): even one more node costs more than it can bring,
+    # over any number of levels; with a verification flat in size the same nodes pay
+    modest = torch.tensor([[0.3, 0.1], [0.2, 0.1]])
+    dear = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(1.0))
+    assert not dear._level_pays(v, modest, 0.01, 0.01, both, levels=3)
+    assert g._level_pays(v, modest, 0.01, 0.01, both)
+    fixed = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=6)
+    assert fixed._level_pays(v, unsure, 0.01, 100.0, both)  # a fixed size always grows
+
+
 def test_calibration_records_what_was_accepted(trained):
     t, d, _ = trained
     rec = Calibration()

@@ -12,7 +12,13 @@ Each step:
    expanded: one draft forward over every expanded node so far, with tree-masked
    self-attention (each node sees its ancestors; the cross-attention reads the target's cache
    as in the chain), and the top-``k`` children of the new nodes become candidates
-   (``v_child = v_parent * p``). Branches can grow anywhere, not only off a spine.
+   (``v_child = v_parent * p``). Branches can grow anywhere, not only off a spine. Before the
+   first level the draft asks whether growing can pay for its forwards at all: not when even
+   the root's best candidates' mass, accepted at every level, would not raise the expected
+   tokens per second of step 3's best tree from the root's candidates alone. Where the draft
+   is unsure (sampling, large batches on the CPU) that skips the forwards of a tree nobody
+   would verify. (Asking again before every level cut levels that paid: measured as a loss
+   with greedy decoding at batch 1.)
 3. **Size.** Candidates are ranked by ``v`` (children never outrank their parent, so every
    prefix of the ranking is a tree). The tree keeps the ``N`` best, with ``N`` maximising the
    expected tokens per second of the step, ``(1 + sum_i f(v_i)) / (t_draft + t_verify(N + 1))``,
@@ -239,7 +245,9 @@ class DynamicTreeDraft(GlideDraft):
         Always keep this many nodes (no cost model), e.g. to compare against CaPE at equal size.
     min_expand : float
         Stop growing once the best candidate of the last level has ``v`` below this: deeper
-        nodes would rarely be accepted, and each level costs a draft forward.
+        nodes would rarely be accepted, and each level costs a draft forward. A step also
+        grows nothing when growing cannot pay for its draft forwards (see
+        :meth:`DynamicTreeDraft._level_pays`; not with ``fixed_size``).
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
@@ -267,6 +275,7 @@ class DynamicTreeDraft(GlideDraft):
         super().begin(ctx)
         self.trusted = (ctx.lengths - 1).clone()  # positions whose draft K/V are right
         self._last = None
+        self._t_level = None  # seconds of the last grown level's draft forward
         if self.cost is None and self.fixed_size is None:
             # the verify forwards run as the engine runs them: replayed graphs when it said so
             self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()),
@@ -299,11 +308,17 @@ class DynamicTreeDraft(GlideDraft):
         depth = torch.ones(B, K, dtype=torch.int64, device=dev)
         run_cand = torch.zeros(B, 0, dtype=torch.int64, device=dev)  # expanded candidates, in run order
         level_lo = 0
+        # a level's cost: the last one measured (the catch-up forward, wider, until there is one)
+        t_level = self._t_level if self._t_level is not None else time.perf_counter() - t0
         for _ in range(2, self.depth + 1):
             level = torch.arange(level_lo, v.shape[1], device=dev)
             if float(v[:, level].max()) < self.min_expand:  # a host read (free on the CPU)
                 break
             pick = v[:, level].topk(beam, -1).indices + level_lo  # (B, beam) best of the last level
+            if level_lo == 0 and not self._level_pays(v, v.gather(1, pick), time.perf_counter() - t0, t_level,
+                                                      ctx.active, levels=self.depth - 1):
+                break  # asked once, before the first level: later levels measured as a loss
+            t_level = time.perf_counter()
             run_cand = torch.cat([run_cand, pick], 1)
             R = run_cand.shape[1]
             run_tok = tok.gather(1, run_cand)
@@ -320,6 +335,7 @@ class DynamicTreeDraft(GlideDraft):
             v = torch.cat([v, (v.gather(1, pick)[:, :, None] * cp).reshape(B, -1)], 1)
             parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
+            t_level = self._t_level = time.perf_counter() - t_level
         # 3. size: keep the N best, N by expected tokens per second
         order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
         v_sorted = v.gather(1, order)
@@ -338,13 +354,47 @@ class DynamicTreeDraft(GlideDraft):
         limit = min(self.max_nodes, v_sorted.shape[1])
         if self.fixed_size is not None:
             return min(self.fixed_size, limit)
-        f = self.calibration.mapping(v_sorted) if self.calibration is not None else v_sorted
-        f = torch.where(active[:, None], f, 0.0)
+        return self._best_size(v_sorted, t_draft, active)[0]
+
+    def _expected(self, v: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Expected acceptance of candidates with path probabilities ``v`` (calibrated), 0 for
+        finished sequences."""
+        f = self.calibration.mapping(v) if self.calibration is not None else v
+        return torch.where(active[:, None], f, 0.0)
+
+    def _best_size(self, v_sorted: torch.Tensor, t_draft: float, active: torch.Tensor):
+        """``(N, expected tokens, seconds)`` of the step's best tree from candidates ``v_sorted``
+        (best first) after ``t_draft`` seconds of drafting: ``N`` maximises their ratio."""
+        limit = min(self.max_nodes, v_sorted.shape[1])
+        f = self._expected(v_sorted, active)
         # expected tokens of the batch for N = 0..limit: one bonus per active sequence plus the nodes
         gain = active.sum() + torch.cat([f.new_zeros(f.shape[0], 1), f[:, :limit].cumsum(1)], 1).sum(0)
-        n = np.arange(limit + 1)
-        rate = gain.double().cpu().numpy() / (t_draft + self.cost(n + 1))
-        return int(np.argmax(rate))
+        gain = gain.double().cpu().numpy()
+        seconds = t_draft + self.cost(np.arange(limit + 1) + 1)
+        n = int(np.argmax(gain / seconds))
+        return n, float(gain[n]), float(seconds[n])
+
+    def _level_pays(self, v: torch.Tensor, v_expand: torch.Tensor, t_draft: float, t_level: float,
+                    active: torch.Tensor, levels: int = 1) -> bool:
+        """Whether growing more levels can raise the step's expected tokens per second.
+
+        The children of the ``v_expand`` nodes hold at most their parents' probability mass,
+        and so does every later level, so ``L`` more levels add about ``L * sum f(v_expand)``
+        expected tokens at best (``f`` the calibration), for ``L`` more draft forwards (each
+        guessed at ``t_level``, the last one's time) and, at best, a tree only ``L`` nodes
+        wider. It does not pay when that bound loses to the best tree already in hand for
+        every ``L`` up to ``levels``.
+        """
+        if self.fixed_size is not None or self.cost is None:
+            return True
+        v_sorted = torch.sort(v, dim=1, descending=True, stable=True).values
+        n, gain, seconds = self._best_size(v_sorted, t_draft, active)
+        bound = float(self._expected(v_expand, active).sum())
+        for L in range(1, levels + 1):
+            wider = min(n + L, self.max_nodes)  # at best, one node a level carries it all
+            if (gain + L * bound) / (t_draft + L * t_level + float(self.cost(wider + 1))) > gain / seconds:
+                return True
+        return False
 
     def observe(self, ctx: DraftContext) -> None:
         if self.record is None or self._last is None:

@@ -1,0 +1,111 @@
+"""Where a draft's agreement with the teacher comes from: by depth in the block, and by how stale
+the target's cache is.
+
+    python -m bench.draft_depth [--draft PATH] [--shard 95] [--limit 48] [--out FILE]
+
+Scores a draft teacher-forced on one corpus shard's stored features (``runs/smollm2/corpus`` and
+``runs/smollm2/features``, see ``glide train-draft``): top-1 agreement of the draft's argmax with
+the teacher's on the response positions,
+
+- **by depth**: with the training cross mask (blocks of ``gamma + 1``, sample ``i`` offset by
+  ``i mod (gamma + 1)``), per position in the block. Depth 0 is a step's first draft token,
+  which reads the target's cache up to the token before it;
+- **by lag**: every query reads the target's cache up to ``lag`` positions before its own
+  (lag 0: its own position too, which decoding never has; ``bos``: only position 0, i.e.
+  next to nothing from the target).
+
+A draft that uses the target's cache well gains from fresher views: depth 0 above depth 4,
+small lags above large ones. ``--out`` defaults to ``profiles/<device-slug>/draft-depth.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+
+def _masks(S: int, lag):
+    pos = torch.arange(S)
+    if lag == "bos":
+        m = torch.zeros(S, S, dtype=torch.bool)
+        m[:, 0] = True
+        return m
+    return pos[None, :] <= pos[:, None] - lag
+
+
+def run(draft_path, shard, limit, corpus="runs/smollm2/corpus", features="runs/smollm2/features",
+        lags=(0, 1, 2, 5, 20, "bos"), gamma=4):
+    from glide.draft.checkpoint import load_draft
+    from glide.draft.model import block_cross_mask
+    from glide.model.load import load_model
+    from glide.train.corpus import load_corpus
+    from glide.train.features import open_shard_features
+    from glide.train.trainer import TrainSettings, _loss_terms, _make_batch
+
+    target, _ = load_model(None, dtype=torch.float32)
+    draft = load_draft(draft_path, target)
+    draft.eval()
+    samples = load_corpus(corpus, slice(shard, shard + 1))[:limit]
+    feats = open_shard_features(corpus, features, slice(shard, shard + 1))
+    s = TrainSettings(gamma=gamma)
+    b = gamma + 1
+    vocab_index = draft.vocab_index.cpu()
+
+    def score(mask_of, shifts_of):
+        agree = torch.zeros(b)
+        count = torch.zeros(b)
+        with torch.no_grad():
+            for start in range(0, len(samples), 8):
+                idx = list(range(start, min(start + 8, len(samples))))
+                batch = _make_batch(idx, 0, len(idx), samples, feats, s, vocab_index, shifts_of(idx))
+                S = batch.ids.shape[1]
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = draft(batch.ids, batch.kv, mask_of(S, batch.shift), batch.rows)
+                _, top1 = _loss_terms(logits, batch, s.loss)
+                ok = (draft.vocab_ids[top1] == batch.t_top1).float()
+                pos = torch.arange(S)[None, :].expand(len(idx), S)
+                depth = ((pos - batch.shift[:, None]) % b)[batch.rows]
+                for d in range(b):
+                    m = depth == d
+                    agree[d] += ok[m].sum()
+                    count[d] += m.sum()
+        return agree, count
+
+    agree, count = score(lambda S, shift: block_cross_mask(S, b, shift), lambda idx: [i % b for i in idx])
+    by_depth = [round(float(a / c), 4) for a, c in zip(agree, count)]
+    rows = [dict(kind="depth", depth=d, top1=by_depth[d], positions=int(count[d])) for d in range(b)]
+    for lag in lags:
+        agree, count = score(lambda S, shift, lag=lag: _masks(S, lag), lambda idx: [0] * len(idx))
+        rows.append(dict(kind="lag", lag=lag, top1=round(float(agree.sum() / count.sum()), 4),
+                         positions=int(count.sum())))
+    return rows
+
+
+def main(argv=None) -> int:
+    from glide.draft.checkpoint import default_draft_path
+
+    p = argparse.ArgumentParser(prog="python -m bench.draft_depth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--draft", default=None, help="a draft folder (default: the shipped draft)")
+    p.add_argument("--shard", type=int, default=95, help="corpus shard to score (default 95)")
+    p.add_argument("--limit", type=int, default=48, help="first N samples of the shard")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    path = a.draft or default_draft_path()
+    rows = run(path, a.shard, a.limit)
+    env = harness.environment(torch.device("cpu"), "draft-depth")
+    out = Path(a.out) if a.out else harness.results_path(env["device_slug"], "draft-depth")
+    harness.write_results(out, rows, dict(env, draft=str(path), shard=a.shard, limit=a.limit))
+    for r in rows:
+        what = f"depth {r['depth']}" if r["kind"] == "depth" else f"lag {r['lag']}"
+        print(f"{what:10s} top-1 {r['top1']:.3f}  ({r['positions']} positions)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

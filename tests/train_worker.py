@@ -45,6 +45,9 @@ def main():
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
+        from glide.train.command import leave_rank
+
+        leave_rank()  # a gloo rank can abort in interpreter shutdown (see leave_rank)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ class Calibration:
                               for a, n in zip(self.accepted, self.count)], dtype=v.dtype, device=v.device),
                 torch.tensor(self.edges[1:-1], dtype=v.dtype, device=v.device))
         rate, inner = self._tables[key]
-        f = rate[torch.bucketize(v, inner, right=True)]
+        f = rate[torch.bucketize(v.contiguous(), inner, right=True)]  # a slice would be copied anyway
         return torch.where(torch.isnan(f), v, f)
 
     def to_dict(self) -> dict:
@@ -308,17 +308,18 @@ class DynamicTreeDraft(GlideDraft):
         depth = torch.ones(B, K, dtype=torch.int64, device=dev)
         run_cand = torch.zeros(B, 0, dtype=torch.int64, device=dev)  # expanded candidates, in run order
         level_lo = 0
-        # a level's cost: the last one measured (the catch-up forward, wider, until there is one)
-        t_level = self._t_level if self._t_level is not None else time.perf_counter() - t0
-        for _ in range(2, self.depth + 1):
+        # Asked once, before the first level (asking before each one measured as a loss). The
+        # root's candidates come sorted from topk: its best `beam` are the first. A level's cost
+        # is guessed at the last one measured (the catch-up forward, wider, until there is one).
+        guess = self._t_level if self._t_level is not None else time.perf_counter() - t0
+        grow = self._level_pays(v, v[:, :beam], time.perf_counter() - t0, guess, ctx.active,
+                                levels=self.depth - 1)
+        for _ in range(2, self.depth + 1 if grow else 2):
             level = torch.arange(level_lo, v.shape[1], device=dev)
             if float(v[:, level].max()) < self.min_expand:  # a host read (free on the CPU)
                 break
             pick = v[:, level].topk(beam, -1).indices + level_lo  # (B, beam) best of the last level
-            if level_lo == 0 and not self._level_pays(v, v.gather(1, pick), time.perf_counter() - t0, t_level,
-                                                      ctx.active, levels=self.depth - 1):
-                break  # asked once, before the first level: later levels measured as a loss
-            t_level = time.perf_counter()
+            t_start = time.perf_counter()
             run_cand = torch.cat([run_cand, pick], 1)
             R = run_cand.shape[1]
             run_tok = tok.gather(1, run_cand)
@@ -335,7 +336,7 @@ class DynamicTreeDraft(GlideDraft):
             v = torch.cat([v, (v.gather(1, pick)[:, :, None] * cp).reshape(B, -1)], 1)
             parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
-            t_level = self._t_level = time.perf_counter() - t_level
+            self._t_level = time.perf_counter() - t_start
         # 3. size: keep the N best, N by expected tokens per second
         order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
         v_sorted = v.gather(1, order)
@@ -374,9 +375,10 @@ class DynamicTreeDraft(GlideDraft):
         n = int(np.argmax(gain / seconds))
         return n, float(gain[n]), float(seconds[n])
 
-    def _level_pays(self, v: torch.Tensor, v_expand: torch.Tensor, t_draft: float, t_level: float,
+    def _level_pays(self, v_sorted: torch.Tensor, v_expand: torch.Tensor, t_draft: float, t_level: float,
                     active: torch.Tensor, levels: int = 1) -> bool:
-        """Whether growing more levels can raise the step's expected tokens per second.
+        """Whether growing more levels can raise the step's expected tokens per second, given
+        the candidates ``v_sorted`` (batch, C), best first.
 
         The children of the ``v_expand`` nodes hold at most their parents' probability mass,
         and so does every later level, so ``L`` more levels add about ``L * sum f(v_expand)``
@@ -387,7 +389,6 @@ class DynamicTreeDraft(GlideDraft):
         """
         if self.fixed_size is not None or self.cost is None:
             return True
-        v_sorted = torch.sort(v, dim=1, descending=True, stable=True).values
         n, gain, seconds = self._best_size(v_sorted, t_draft, active)
         bound = float(self._expected(v_expand, active).sum())
         for L in range(1, levels + 1):

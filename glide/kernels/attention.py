@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
+from ._checks import FLOAT_DTYPES
 from ._checks import check_lens as _check_lens
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
@@ -33,7 +34,6 @@ __all__ = [
     "autotuned_config",
 ]
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used when the tensors are not on a CUDA device
 _MIN_TILES_PER_SPLIT = 2  # unmeasured: a split shorter than this costs more to merge than it saves
 _MAX_SPLITS = 64  # the merge kernel holds (splits, head_dim) in registers
@@ -140,8 +140,7 @@ def attention_config(
     -------
     AttentionConfig
     """
-    if max_block_m not in (16, 32, 64, 128):
-        raise ValueError(f"max_block_m must be one of 16, 32, 64, 128, got {max_block_m!r}")
+    _check_max_block_m(max_block_m)
     return _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype,
                    num_splits, _num_sms(device), max_block_m)
 
@@ -150,7 +149,7 @@ def attention_config(
 # check_lens=False max_keys is fixed too): cached, it costs a dict lookup.
 @functools.lru_cache(maxsize=1024)
 def _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype, num_splits,
-            num_sms, max_block_m=64) -> AttentionConfig:
+            num_sms, max_block_m) -> AttentionConfig:
     group = num_q_heads // num_kv_heads
     rows = q_len * group
     block_d = max(16, next_power_of_2(head_dim))
@@ -264,7 +263,7 @@ def _check_out(out, q):
 
 
 def _check_triton_dtype(q):
-    if q.dtype not in _TRITON_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"q has dtype {q.dtype}; the Triton kernel takes float16, bfloat16 or float32 "
             "(use backend='reference' for other dtypes)"
@@ -284,34 +283,16 @@ def _finish(out, result):
 
 # ----------------------------------------------------------------------------- launch
 
-_UNUSED_PARTIALS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _unused_partials(device):
-    """The ``opart``/``lse`` arguments of a ``NUM_SPLITS == 1`` launch, which writes ``out``
-    directly and never touches them: one tiny pair per device, allocated once."""
-    pair = _UNUSED_PARTIALS.get(device)
-    if pair is None:
-        pair = (torch.empty((1, 1, 1, 1, 1), dtype=torch.float32, device=device),
-                torch.empty((1, 1, 1, 1), dtype=torch.float32, device=device))
-        if torch.compiler.is_compiling():
-            return pair  # a traced (fake) tensor must not outlive the trace
-        _UNUSED_PARTIALS[device] = pair
-    return pair
-
-
 def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_splits, autotune,
-            max_block_m=64):
+            max_block_m):
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    cfg = attention_config(
-        B, T, Hq, Hkv, D, max_keys, dtype=q.dtype, num_splits=num_splits, device=q.device,
-        max_block_m=max_block_m,
-    )
+    # the public launchers checked every argument: straight to the cached config
+    cfg = _config(B, T, Hq, Hkv, D, max_keys, q.dtype, num_splits, _num_sms(q.device), max_block_m)
     has_tree = tree_mask is not None
     if has_tree:
         mask = tree_mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1
@@ -321,8 +302,9 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
     if cfg.num_splits > 1:
         opart = torch.empty((cfg.num_splits, B, T, Hq, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((cfg.num_splits, B, T, Hq), dtype=torch.float32, device=q.device)
-    else:
-        opart, lse = _unused_partials(q.device)
+        part_strides = (*opart.stride(), *lse.stride())
+    else:  # never touched: NUM_SPLITS == 1 writes out directly (like mask without a tree)
+        opart, lse, part_strides = out, out, (0,) * 9
     # (batch * kv_head) fastest: the M-tile-first order measured no gain (the kernel's docstring).
     grid = (B * Hkv, cdiv(T * (Hq // Hkv), cfg.block_m), cfg.num_splits)
     if autotune and q.device.type == "cuda":
@@ -334,7 +316,7 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
         q, k_cache, v_cache, lens, mask, out, opart, lse,
         T, Hkv, _scale(sm_scale, D) * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
-        *out.stride(), *opart.stride(), *lse.stride(),
+        *out.stride(), *part_strides,
         GROUP=Hq // Hkv,
         HEAD_DIM=D,
         BLOCK_D=cfg.block_d,
@@ -518,5 +500,5 @@ def _check_num_splits(num_splits):
 
 
 def _check_max_block_m(max_block_m):
-    if isinstance(max_block_m, bool) or max_block_m not in (16, 32, 64, 128):
+    if max_block_m not in (16, 32, 64, 128):  # True == 1 is not among them
         raise ValueError(f"max_block_m must be one of 16, 32, 64, 128, got {max_block_m!r}")

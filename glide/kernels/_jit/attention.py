@@ -89,8 +89,8 @@ def attention_fwd_kernel(
     """Tree attention (``HAS_TREE=True``) or cross attention (``HAS_TREE=False``).
 
     Cross attention is this kernel with the tree loop compiled out: ``lens`` are then the
-    ``kv_lens`` and ``mask_ptr`` is never read. Grid: ``(cdiv(T * GROUP, BLOCK_M),
-    B * NUM_KV_HEADS, NUM_SPLITS)``. With ``NUM_SPLITS == 1`` the output is written directly;
+    ``kv_lens`` and ``mask_ptr`` is never read. Grid: ``(B * NUM_KV_HEADS,
+    cdiv(T * GROUP, BLOCK_M), NUM_SPLITS)``. With ``NUM_SPLITS == 1`` the output is written directly;
     otherwise ``opart``/``lse`` receive the split's partial for :func:`attention_merge_kernel`.
     ``DOT_UPCAST`` feeds ``tl.dot`` float32 copies of its (already rounded) operands; the
     launcher sets it only for bfloat16 under Triton's interpreter, whose ``dot`` multiplies

@@ -19,18 +19,21 @@ def keep_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
+def _cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _need_quiet_machine(quiet, most):
+    """These tests watch the whole machine: skip, saying why, when other processes keep more
+    than ``most`` cores busy (pytest-xdist workers, a training job)."""
+    if quiet is not None and quiet > most:
+        pytest.skip(f"other processes keep {quiet:.1f} of {_cores()} cores busy: needs a quieter machine")
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
-def _need_quiet_machine(quiet, headroom):
-    """These tests watch the whole machine: skip, saying why, when other work leaves too little
-    room to see one more busy core (pytest-xdist workers, a training job)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if quiet is not None and quiet > cores - headroom:
-        pytest.skip(f"other processes keep {quiet:.1f} of {cores} cores busy: needs a quieter machine")
-
-
 def test_a_busy_looping_process_is_seen():
     quiet = threads.others_busy_cores(0.3)
-    _need_quiet_machine(quiet, 1.5)
+    _need_quiet_machine(quiet, _cores() - 1.5)  # room to see one more busy core
     with cpu_hog(1):
         threads.others_busy_cores(0.2)  # let it start
         busy = threads.others_busy_cores(0.3)
@@ -92,8 +95,7 @@ def test_a_window_opened_earlier_needs_no_wait_and_leaves_out_our_own_work():
     import time
 
     quiet = threads.others_busy_cores(0.2)
-    if quiet is not None and quiet > 0.3:
-        pytest.skip(f"other processes keep {quiet:.1f} cores busy: this test needs a quiet machine")
+    _need_quiet_machine(quiet, 0.3)
     start = threads.cpu_snapshot()
     end = time.perf_counter() + 0.4
     while time.perf_counter() < end:  # this process's own work, as while loading a model

@@ -152,6 +152,12 @@ def test_peek_tokenizer_needs_no_weights(tmp_path, fake_gguf):
     plain = tmp_path / "plain"
     tiny_hf().save_pretrained(plain)
     assert L.peek_tokenizer(plain) is None  # no tokenizer files: the full load reports it
+    # no model at all (e.g. a GPU image without the embedded one): the full load says why
+    assert L.peek_tokenizer(tmp_path / "missing") is None
+    (tmp_path / "empty").mkdir()
+    assert L.peek_tokenizer(tmp_path / "empty") is None
+    with pytest.raises(FileNotFoundError, match="model"):
+        L.load_model(tmp_path / "missing")
 
 
 @pytest.mark.slow

@@ -203,7 +203,10 @@ def peek_tokenizer(path=None, dtype=torch.bfloat16):
         cannot be read (the full load then reports why). Pass the tokenizer on to
         :func:`load_model` or :func:`load_hf` (``tokenizer=``) so that it is not read twice.
     """
-    directory, gguf = _resolve(path)
+    try:
+        directory, gguf = _resolve(path)
+    except (FileNotFoundError, ValueError):  # no model there (yet): the full load says why
+        return None
     source = directory
     if gguf:
         if not _weight_cache_on():

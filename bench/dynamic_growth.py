@@ -5,8 +5,8 @@
 
 :class:`glide.draft.dynamic.DynamicTreeDraft` asks, before growing a step's tree, whether the
 draft forwards of its levels can pay for themselves (``_level_pays``). This runs the shipped
-draft's dynamic tree twice per configuration, once with the check and once with it answered
-"yes" every time (``unchecked``, the behaviour before the check), interleaved with ``ar`` on the
+draft's dynamic tree twice per configuration, once with the check and once without
+(``growth_check=False``, the behaviour before the check), interleaved with ``ar`` on the
 same held-out prompts, bf16, so that the three share the machine's state. Rows: tokens/s over the
 whole ``generate_ids`` call (prefill included), MAT (emitted tokens per target forward, the
 prefill's token left out), mean tree size and draft forwards per step. ``--out`` defaults to
@@ -73,9 +73,7 @@ def run(batch_sizes, temperatures, limit, max_new_tokens, out=None, progress=Tru
                 for i in range(0, len(ids), b):
                     draft = None
                     if method != "ar":
-                        draft = DynamicTreeDraft(net, calibration=cal)
-                        if method == "unchecked":
-                            draft._level_pays = lambda *a, **k: True
+                        draft = DynamicTreeDraft(net, calibration=cal, growth_check=method == "checked")
                     t0 = time.perf_counter()
                     res = generate_ids(target, ids[i:i + b], draft, max_new_tokens=max_new_tokens,
                                        temperature=temp, seed=0)

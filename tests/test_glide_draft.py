@@ -422,6 +422,8 @@ def test_a_level_is_grown_only_when_it_can_pay_for_its_draft_forward(trained):
     assert g._level_pays(v, modest, 0.01, 0.01, both)
     fixed = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=6)
     assert fixed._level_pays(v, unsure, 0.01, 100.0, both)  # a fixed size always grows
+    off = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(1.0), growth_check=False)
+    assert off._level_pays(v, unsure, 0.01, 100.0, both)  # and so does a draft told not to ask
 
 
 def test_calibration_records_what_was_accepted(trained):

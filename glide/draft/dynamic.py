@@ -248,13 +248,16 @@ class DynamicTreeDraft(GlideDraft):
         nodes would rarely be accepted, and each level costs a draft forward. A step also
         grows nothing when growing cannot pay for its draft forwards (see
         :meth:`DynamicTreeDraft._level_pays`; not with ``fixed_size``).
+    growth_check : bool
+        ``False`` skips that question and always grows (to measure what it saves).
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
 
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
-                 record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05):
+                 record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
+                 growth_check: bool = True):
         super().__init__(model, gamma=depth)
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -265,6 +268,7 @@ class DynamicTreeDraft(GlideDraft):
         self.max_nodes = max_nodes
         self.cost, self.calibration, self.record, self.fixed_size = cost, calibration, record, fixed_size
         self.min_expand = min_expand
+        self.growth_check = growth_check
         self.sizes = []  # chosen tree sizes, for reports
 
     def cache_extra(self) -> int:
@@ -387,7 +391,7 @@ class DynamicTreeDraft(GlideDraft):
         wider. It does not pay when that bound loses to the best tree already in hand for
         every ``L`` up to ``levels``.
         """
-        if self.fixed_size is not None or self.cost is None:
+        if not self.growth_check or self.fixed_size is not None or self.cost is None:
             return True
         n, gain, seconds = self._best_size(v_sorted, t_draft, active)
         bound = float(self._expected(v_expand, active).sum())

@@ -40,48 +40,23 @@ def _masks(S: int, lag):
 def run(draft_path, shard, limit, corpus="runs/smollm2/corpus", features="runs/smollm2/features",
         lags=(0, 1, 2, 5, 20, "bos"), gamma=4):
     from glide.draft.checkpoint import load_draft
-    from glide.draft.model import block_cross_mask
     from glide.model.load import load_model
     from glide.train.corpus import load_corpus
     from glide.train.features import open_shard_features
-    from glide.train.trainer import TrainSettings, _loss_terms, _make_batch
+    from glide.train.trainer import TrainSettings, evaluate
 
     target, _ = load_model(None, dtype=torch.float32)
     draft = load_draft(draft_path, target)
-    draft.eval()
-    samples = load_corpus(corpus, slice(shard, shard + 1))[:limit]
+    samples = load_corpus(corpus, slice(shard, shard + 1))
     feats = open_shard_features(corpus, features, slice(shard, shard + 1))
-    s = TrainSettings(gamma=gamma)
-    b = gamma + 1
-    vocab_index = draft.vocab_index.cpu()
-
-    def score(mask_of, shifts_of):
-        agree = torch.zeros(b)
-        count = torch.zeros(b)
-        with torch.no_grad():
-            for start in range(0, len(samples), 8):
-                idx = list(range(start, min(start + 8, len(samples))))
-                batch = _make_batch(idx, 0, len(idx), samples, feats, s, vocab_index, shifts_of(idx))
-                S = batch.ids.shape[1]
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = draft(batch.ids, batch.kv, mask_of(S, batch.shift), batch.rows)
-                _, top1 = _loss_terms(logits, batch, s.loss)
-                ok = (draft.vocab_ids[top1] == batch.t_top1).float()
-                pos = torch.arange(S)[None, :].expand(len(idx), S)
-                depth = ((pos - batch.shift[:, None]) % b)[batch.rows]
-                for d in range(b):
-                    m = depth == d
-                    agree[d] += ok[m].sum()
-                    count[d] += m.sum()
-        return agree, count
-
-    agree, count = score(lambda S, shift: block_cross_mask(S, b, shift), lambda idx: [i % b for i in idx])
-    by_depth = [round(float(a / c), 4) for a, c in zip(agree, count)]
-    rows = [dict(kind="depth", depth=d, top1=by_depth[d], positions=int(count[d])) for d in range(b)]
+    settings = TrainSettings(gamma=gamma)
+    base = evaluate(draft, samples, feats, settings, limit=limit)
+    rows = [dict(kind="depth", depth=d, top1=t, positions=n)
+            for d, (t, n) in enumerate(zip(base["top1_by_depth"], base["tokens_by_depth"]))]
     for lag in lags:
-        agree, count = score(lambda S, shift, lag=lag: _masks(S, lag), lambda idx: [0] * len(idx))
-        rows.append(dict(kind="lag", lag=lag, top1=round(float(agree.sum() / count.sum()), 4),
-                         positions=int(count.sum())))
+        res = evaluate(draft, samples, feats, settings, limit=limit,
+                       cross_mask=lambda S, shift, lag=lag: _masks(S, lag))
+        rows.append(dict(kind="lag", lag=lag, top1=res["top1"], positions=res["tokens"]))
     return rows
 
 

@@ -220,6 +220,20 @@ def test_validation_scores_unseen_samples_and_falls_as_the_draft_learns(tmp_path
     assert a["tokens"] == b["tokens"] == sum(len(x.tokens) - x.prompt_len for x in samples[24:])
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["top1"] == pytest.approx(b["top1"], abs=1e-3)
     assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
+    # by depth in the block: the counts cover every position, the agreements average to top-1
+    n, t1 = a["tokens_by_depth"], a["top1_by_depth"]
+    assert len(n) == settings.gamma + 1 and sum(n) == a["tokens"] and min(n) > 0
+    assert sum(x * y for x, y in zip(n, t1)) / sum(n) == pytest.approx(a["top1"], abs=1e-3)
+    # a given cross mask: the training one reproduces the default; another (the grid moved) differs
+    from glide.draft.model import block_cross_mask
+    same = evaluate(d, samples[24:], fv, settings,
+                    cross_mask=lambda S, shift: block_cross_mask(S, settings.gamma + 1, shift))
+    assert same == a
+    stale = evaluate(d, samples[24:], fv, settings,
+                     cross_mask=lambda S, shift: block_cross_mask(S, settings.gamma + 1, shift - 3))
+    assert stale["loss"] != a["loss"]
+    few = evaluate(d, samples[24:], fv, settings, limit=2)
+    assert few["tokens"] == sum(len(x.tokens) - x.prompt_len for x in samples[24:26])
     with pytest.raises(ValueError, match="^eval_every"):
         train_draft(t, samples[:24], f, tmp_path / "x", settings, progress=False, eval_every=0)
 

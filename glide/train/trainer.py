@@ -297,7 +297,7 @@ def _loss_terms(logits, batch: _Batch, kind: str):
 
 
 def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | FeatureSet, settings: TrainSettings,
-             batch_size: int | None = None) -> dict:
+             batch_size: int | None = None, *, limit: int | None = None, cross_mask=None) -> dict:
     """The draft's loss and teacher agreement on samples it does not train on (validation).
 
     Every batch uses the same block offsets at every call (sample ``i`` starts its grid at
@@ -314,19 +314,31 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
         The run's loss, gamma, max_len and bf16.
     batch_size : int, optional
         Default ``settings.batch_size``.
+    limit : int, optional
+        Score only the first ``limit`` samples.
+    cross_mask : callable(seq_len, shift) -> torch.Tensor, optional
+        The target positions each query reads, instead of the training block mask
+        (:func:`block_cross_mask` with the offsets above), e.g. to measure the draft with a
+        fresher or staler view of the target's cache (``bench.draft_depth``).
 
     Returns
     -------
     dict
         ``loss`` (the training loss, mean over response positions), ``top1`` (agreement of the
-        draft's argmax with the teacher's), ``tokens`` (positions scored).
+        draft's argmax with the teacher's), ``tokens`` (positions scored), and
+        ``top1_by_depth`` / ``tokens_by_depth``: the agreement and the positions scored at
+        each position of the ``gamma + 1`` block (0: a step's first draft token), by the
+        offsets above.
     """
     if len(samples) != len(feats):
         raise ValueError("data: the validation features were made from another corpus")
     bs = batch_size or settings.batch_size
-    order = sorted(range(len(samples)), key=lambda i: (min(len(samples[i].tokens), settings.max_len), i))
+    block = settings.gamma + 1
+    n_scored = len(samples) if limit is None else min(limit, len(samples))
+    order = sorted(range(n_scored), key=lambda i: (min(len(samples[i].tokens), settings.max_len), i))
     vocab_index = model.vocab_index.cpu()
-    total = agree = n = 0.0
+    total = 0.0
+    agree, count = torch.zeros(block, dtype=torch.float64), torch.zeros(block, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
@@ -334,17 +346,26 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
             for b in range(0, len(order), bs):
                 idx = order[b:b + bs]
                 batch = _make_batch(idx, 0, len(idx), samples, feats, settings, vocab_index,
-                                    [i % (settings.gamma + 1) for i in idx])
-                cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
+                                    [i % block for i in idx])
+                S = batch.ids.shape[1]
+                cross = (block_cross_mask(S, block, batch.shift) if cross_mask is None
+                         else cross_mask(S, batch.shift))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                     logits = model(batch.ids, batch.kv, cross, batch.rows)
                 per_row, top1 = _loss_terms(logits, batch, settings.loss)
                 total += float((per_row * batch.weight).sum())
-                agree += float(((model.vocab_ids[top1] == batch.t_top1).float() * batch.weight).sum())
-                n += float(batch.weight.sum())
+                ok = (model.vocab_ids[top1] == batch.t_top1).double() * batch.weight
+                pos = torch.arange(S)[None, :]
+                depth = ((pos - batch.shift[:, None]) % block).expand(len(idx), S)[batch.rows]
+                agree.index_add_(0, depth, ok)
+                count.index_add_(0, depth, batch.weight.double())
     finally:
         model.train(was_training)
-    return {"loss": round(total / max(n, 1e-9), 5), "top1": round(agree / max(n, 1e-9), 4), "tokens": int(n)}
+    n = float(count.sum())
+    return {"loss": round(total / max(n, 1e-9), 5), "top1": round(float(agree.sum()) / max(n, 1e-9), 4),
+            "tokens": int(n),
+            "top1_by_depth": [round(float(a) / max(float(c), 1e-9), 4) for a, c in zip(agree, count)],
+            "tokens_by_depth": [int(c) for c in count]}
 
 
 def _rank_world():

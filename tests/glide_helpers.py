@@ -10,13 +10,15 @@ from glide.draft import GlideDraftModel, new_draft_config
 from glide.model import LlamaModel, ModelConfig
 
 
-def tiny_target(seed=0, layers=2, vocab=23, std=0.3, dtype=torch.float64, eos=(2,), max_pos=128):
+def tiny_target(seed=0, layers=2, vocab=23, std=0.3, dtype=torch.float64, eos=(2,), max_pos=128, device="cpu"):
+    """A small random Llama; on the CPU it runs the reference attention (on CUDA, Triton's)."""
     cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=layers,
                       num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=max_pos,
                       eos_token_ids=tuple(eos))
     torch.manual_seed(seed)
-    model = LlamaModel(cfg, dtype=dtype, init_std=std)
-    model.attn_backend = "reference"
+    model = LlamaModel(cfg, dtype=dtype, device=device, init_std=std)
+    if torch.device(device).type == "cpu":
+        model.attn_backend = "reference"
     return model
 
 

@@ -6,21 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import glide.kernels.activation as act_mod
-from glide.kernels import interpreter_enabled, silu_mul
+from glide.kernels import silu_mul
 from glide.kernels.reference import silu_mul_ref
-from tolerances import assert_close, assert_rounds_like
+from tolerances import ROUNDING_DTYPES, assert_close, assert_rounds_like
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# Triton's interpreter casts float32 to bfloat16 by truncation (round toward zero; Triton 3.9,
-# interpreter.py's cast_impl), where GPUs and torch round to nearest even: bit-level agreement
-# in bfloat16 can only be checked compiled.
-ROUNDING_DTYPES = [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        interpreter_enabled(), reason="the interpreter truncates float32 -> bfloat16 casts")),
-]
 
 
 def make_gate_up(rows, inter, dtype, seed=0):

@@ -8,31 +8,23 @@ itself is tested on CUDA only.
 import pytest
 import torch
 
-from glide.model import LlamaModel, ModelConfig
 from glide.model.graphs import BUCKETS, CudaGraphs, bucket_for, graphs_for
 from glide.speculative.drafts import OracleDraft, RandomTreeDraft
 from glide.speculative.engine import generate_ids
-from glide.speculative.tree import ancestor_mask, depths
+from glide_helpers import tiny_target
+from test_model import random_tree
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 3]]
 
 
 def _model(dtype=torch.float64, device="cpu", seed=0, max_pos=256):
-    cfg = ModelConfig(vocab_size=41, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8, max_position_embeddings=max_pos)
-    torch.manual_seed(seed)
-    model = LlamaModel(cfg, dtype=dtype, device=device, init_std=0.3)
-    if device == "cpu":
-        model.attn_backend = "reference"
-    return model
+    return tiny_target(seed=seed, vocab=41, dtype=dtype, eos=(), max_pos=max_pos, device=device)
 
 
 def _random_tree(B, T, gen):
     """A random topologically ordered tree per row: mask (B, T, T) and depths (B, T)."""
-    parents = torch.full((B, T), -1, dtype=torch.int64)
-    for j in range(1, T):
-        parents[:, j] = torch.randint(0, j, (B,), generator=gen)
-    return ancestor_mask(parents), depths(parents)
+    rows = [random_tree(gen, T) for _ in range(B)]
+    return torch.stack([m for _, m, _ in rows]), torch.stack([d for _, _, d in rows])
 
 
 def test_bucket_for_rounds_up_and_stops_at_the_largest():

@@ -5,22 +5,12 @@ import pytest
 import torch
 
 import glide.kernels.norm as norm_mod
-from glide.kernels import add_rms_norm, interpreter_enabled
+from glide.kernels import add_rms_norm
 from glide.kernels.reference import add_rms_norm_ref
-from tolerances import assert_close, assert_rounds_like
+from tolerances import ROUNDING_DTYPES, assert_close, assert_rounds_like
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
-
-
-# Triton's interpreter casts float32 to bfloat16 by truncation (round toward zero; Triton 3.9,
-# interpreter.py's cast_impl), where GPUs and torch round to nearest even: bit-level agreement
-# in bfloat16 can only be checked compiled.
-ROUNDING_DTYPES = [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        interpreter_enabled(), reason="the interpreter truncates float32 -> bfloat16 casts")),
-]
 
 
 def make_case(rows, hidden, dtype, with_delta, seed=0):

@@ -12,6 +12,7 @@ import torch
 import glide.kernels.ops  # noqa: F401 - registers torch.ops.glide.*
 from glide.kernels import cape_topk, compact_kv, cross_attention, tree_attention
 from glide.kernels.reference import compact_kv_ref, cross_attention_ref, tree_attention_ref
+from test_attention_kernels import f64
 from tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,26 +32,22 @@ def _attention_inputs(dtype=torch.float32, seed=0):
     return q, k, v, lens, mask
 
 
-def _f64(*ts):
-    return [t.to(torch.float64) for t in ts]
-
-
 def test_tree_attention_op_matches_launcher():
     q, k, v, lens, mask = _attention_inputs()
     got = torch.ops.glide.tree_attention(q, k, v, lens, mask, 0.3)
     want = tree_attention(q, k, v, lens, mask, 0.3)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert got.is_contiguous() and got.shape == q.shape
-    assert_close(got, tree_attention_ref(*_f64(q, k, v), lens, mask, 0.3))
+    assert_close(got, tree_attention_ref(*f64(q, k, v), lens, mask, 0.3))
     split = torch.ops.glide.tree_attention(q, k, v, lens, mask, None, 3)
-    assert_close(split, tree_attention_ref(*_f64(q, k, v), lens, mask))
+    assert_close(split, tree_attention_ref(*f64(q, k, v), lens, mask))
 
 
 def test_cross_attention_op_matches_launcher():
     q, k, v, lens, _ = _attention_inputs()
     got = torch.ops.glide.cross_attention(q, k, v, lens)
     torch.testing.assert_close(got, cross_attention(q, k, v, lens), rtol=0, atol=0)
-    assert_close(got, cross_attention_ref(*_f64(q, k, v), lens))
+    assert_close(got, cross_attention_ref(*f64(q, k, v), lens))
 
 
 def test_cape_topk_op_matches_launcher():

@@ -5,21 +5,11 @@ import pytest
 import torch
 
 import glide.kernels.rope as rope_mod
-from glide.kernels import interpreter_enabled, rope_store
+from glide.kernels import rope_store
 from glide.kernels.reference import rope_store_ref
-from tolerances import assert_close, assert_rounds_like
+from tolerances import ROUNDING_DTYPES, assert_close, assert_rounds_like
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# Triton's interpreter casts float32 to bfloat16 by truncation (round toward zero; Triton 3.9,
-# interpreter.py's cast_impl), where GPUs and torch round to nearest even: bit-level agreement
-# in bfloat16 can only be checked compiled.
-ROUNDING_DTYPES = [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        interpreter_enabled(), reason="the interpreter truncates float32 -> bfloat16 casts")),
-]
 
 
 def signed_tables(B, T, D, gen, max_pos=64, theta=100.0):

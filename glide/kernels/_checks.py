@@ -60,3 +60,22 @@ def check_float_input(name, t, ndim, shape_text):
         raise ValueError(f"{name} must have shape {shape_text}, got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_like(name, t, shape, like_name, like):
+    """``t`` is a tensor of ``shape`` with the dtype and device of the tensor ``like`` (the
+    argument ``like_name``): an output buffer or a companion input.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``name``.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have dtype {like.dtype} like {like_name}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like_name}'s device {like.device}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float_input
+from ._checks import check_float_input, check_like
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
 from ._jit.activation import silu_mul_kernel
@@ -54,14 +54,7 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None, backend:
         raise ValueError(f"gate_up must have shape {shape_text}, got {tuple(gate_up.shape)}")
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if tuple(out.shape) != (rows, inter):
-            raise ValueError(f"out must have shape {(rows, inter)}, got {tuple(out.shape)}")
-        if out.dtype != gate_up.dtype:
-            raise TypeError(f"out must have dtype {gate_up.dtype} like gate_up, got {out.dtype}")
-        if out.device != gate_up.device:
-            raise ValueError(f"out is on {out.device}, expected gate_up's device {gate_up.device}")
+        check_like("out", out, (rows, inter), "gate_up", gate_up)
     if not use_triton(gate_up.device, backend):
         y = silu_mul_ref(gate_up)
         return y if out is None else out.copy_(y)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, check_like
 from ._checks import check_lens as _check_lens
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
@@ -250,18 +250,6 @@ def _check_qkv(q, k_cache, v_cache):
         )
 
 
-def _check_out(out, q):
-    if out is None:
-        return
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(
-            f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got shape "
-            f"{tuple(out.shape)}, {out.dtype} on {out.device}"
-        )
-
-
 def _check_triton_dtype(q):
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -411,7 +399,8 @@ def tree_attention(
     hi = _check_lens(
         "cache_seqlens", cache_seqlens, B, q.device, k_cache.shape[2], T, check_lens
     )
-    _check_out(out, q)
+    if out is not None:
+        check_like("out", out, q.shape, "q", q)
     _check_num_splits(num_splits)
     _check_max_block_m(max_block_m)
     if not use_triton(q.device, backend):
@@ -478,7 +467,8 @@ def cross_attention(
     _check_qkv(q, k_cache, v_cache)
     B = q.shape[0]
     hi = _check_lens("kv_lens", kv_lens, B, q.device, k_cache.shape[2], 0, check_lens)
-    _check_out(out, q)
+    if out is not None:
+        check_like("out", out, q.shape, "q", q)
     _check_num_splits(num_splits)
     _check_max_block_m(max_block_m)
     if not use_triton(q.device, backend):

@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from ._checks import check_float_input
+from ._checks import check_float_input, check_like
 from ._dispatch import use_triton
 from ._host import next_power_of_2
 from ._jit.norm import add_rms_norm_kernel
@@ -90,14 +90,7 @@ def add_rms_norm(
         if delta is not None:
             checks.append(("out[0] (h)", out[0], (rows, hidden)))
     for name, t, shape in checks:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} like x, got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have dtype {x.dtype} like x, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+        check_like(name, t, shape, "x", x)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps >= 0:

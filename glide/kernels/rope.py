@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float_input
+from ._checks import check_float_input, check_like
 from ._checks import check_lens as check_lens_tensor
 from ._dispatch import use_triton
 from ._host import cdiv, next_power_of_2
@@ -20,17 +20,6 @@ __all__ = ["rope_store"]
 # Elements of one half-head tile a program handles: 16 heads of head_dim 64, 8 of 128, so a
 # decode step (one token) still spreads over a few programs. Not timed on a GPU.
 _TILE = 512
-
-
-def _check_tensor(name, t, shape, dtype, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} like qkv, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected qkv's device {device}")
 
 
 def rope_store(
@@ -100,12 +89,12 @@ def rope_store(
         raise ValueError(f"kv_layer must have shape (2, batch={B}, num_kv_heads, max_seq, head_dim={D}), "
                          f"got {tuple(kv_layer.shape)}")
     Hkv, S = kv_layer.shape[2], kv_layer.shape[3]
-    _check_tensor("kv_layer", kv_layer, (2, B, Hkv, S, D), qkv.dtype, dev)
+    check_like("kv_layer", kv_layer, (2, B, Hkv, S, D), "qkv", qkv)
     if Hkv < 1 or H - 2 * Hkv < 1:
         raise ValueError(f"qkv has {H} heads, which leaves no query head beside 2 * num_kv_heads "
                          f"({2 * Hkv}) from kv_layer")
-    _check_tensor("cos", cos, (B, T, D), qkv.dtype, dev)
-    _check_tensor("sin", sin, (B, T, D), qkv.dtype, dev)
+    check_like("cos", cos, (B, T, D), "qkv", qkv)
+    check_like("sin", sin, (B, T, D), "qkv", qkv)
     check_lens_tensor("lens", lens, B, dev, S, T, check_lens, ref="qkv", extra_name="T")
 
     if not use_triton(dev, backend):

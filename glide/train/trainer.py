@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from glide.draft.checkpoint import new_draft_config, save_draft
-from glide.draft.config import DraftConfig
 from glide.draft.model import GlideDraftModel, block_cross_mask
 
 from .corpus import Sample, atomic_write

@@ -7,8 +7,9 @@ call them as the fallback for CPU tensors when Triton's interpreter is off.
 The references do no input validation: the public launchers own every check.
 Arithmetic runs in float64 for float64 inputs and in float32 otherwise, except in the decoder's
 elementwise references (:func:`rotate_half_rope`, :func:`rope_store_ref`, :func:`rms_norm_ref`,
-:func:`add_rms_norm_ref`, :func:`silu_mul_ref`): those are the runner's own CPU code
-(:mod:`glide.model.llama` calls them), so they round where the model rounds.
+:func:`add_rms_norm_ref`, :func:`silu_mul_ref`): they round where the model rounds, because
+they are the runner's own CPU code (:mod:`glide.model.llama` calls them, and for
+``rope_store_ref`` its two parts, :func:`rotate_half_rope` and :func:`store_kv`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ __all__ = [
     "compact_kv_ref",
     "rotate_half_rope",
     "rope_store_ref",
+    "kv_slots",
+    "store_kv",
     "rms_norm_ref",
     "add_rms_norm_ref",
     "silu_mul_ref",
@@ -252,12 +255,23 @@ def rope_store_ref(qkv, cos, sin, kv_layer, lens):
     q.copy_(rotate_half_rope(q, cos, sin))
     k = rotate_half_rope(qkv[:, :, Hq:Hq + Hkv], cos, sin)
     kv = torch.stack((k, qkv[:, :, Hq + Hkv:]), dim=2)  # (B, T, 2, Hkv, D)
-    dev = kv_layer.device
-    write_pos = lens.to(device=dev, dtype=torch.long)[:, None] + torch.arange(T, device=dev)
-    b_idx = torch.arange(B, device=dev)[:, None].expand(B, T)
+    store_kv(kv_layer, kv, kv_slots(lens, B, T, kv_layer.device))
+    return qkv
+
+
+def kv_slots(lens, batch, T, device):
+    """Where token ``j`` of sequence ``b`` goes in a cache: ``(b, lens[b] + j)``, as two
+    (batch, T) index tensors for :func:`store_kv` (a runner makes them once per forward)."""
+    write_pos = lens.to(device=device, dtype=torch.long)[:, None] + torch.arange(T, device=device)
+    return torch.arange(batch, device=device)[:, None].expand(batch, T), write_pos
+
+
+def store_kv(kv_layer, kv, slots):
+    """Write ``kv`` (batch, T, 2, kv_heads, head_dim) into ``kv_layer`` (2, batch, kv_heads,
+    max_seq, head_dim) at ``slots`` from :func:`kv_slots`: one indexed write, no host sync."""
+    b_idx, write_pos = slots
     # Advanced indices on dims 1 and 3 put (B, T) first: the slot is (B, T, 2, Hkv, D).
     kv_layer[:, b_idx, :, write_pos] = kv
-    return qkv
 
 
 def rms_norm_ref(x, weight, eps):

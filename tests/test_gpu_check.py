@@ -11,7 +11,7 @@ def test_smoke_run_writes_rows_and_plots(tmp_path):
     out = tmp_path / "gc"
     assert gpu_check.main(["--smoke", "--out", str(out), "--steps", "copy", "forward", "tree", "launch"]) == 0
     data = json.loads((out / "gpu-check.json").read_text())
-    assert data["errors"] == []
+    assert data["meta"]["errors"] == [] and data["meta"]["sweep"] == "gpu-check"
     steps = [r["step"] for r in data["rows"]]
     assert steps.count("forward") == 8 and steps.count("tree") == 4 and steps[0] == "copy"
     for r in data["rows"]:

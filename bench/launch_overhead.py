@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -154,8 +152,8 @@ def time_per_call(fn: Callable[[], object], device: torch.device, calls: int, sa
             fn()
         sync()
         per_call.append((time.perf_counter() - t0) / calls * 1e6)
-    q = statistics.quantiles(per_call, n=10, method="inclusive") if samples > 1 else per_call * 9
-    return dict(us_median=statistics.median(per_call), us_p20=q[1], us_p80=q[7])
+    median, p20, p80 = harness._quantiles(per_call)
+    return dict(us_median=median, us_p20=p20, us_p80=p80)
 
 
 def run(device: torch.device, kernels=KERNELS, t_values=T_VALUES, calls: int = 200,
@@ -220,8 +218,7 @@ def main(argv=None) -> int:
     meta = dict(harness.environment(device, "launch-overhead"), how=__doc__.split("\n\n", 1)[1],
                 heads=HEADS, context=CONTEXT, vocab=VOCAB, topk=TOPK, num_caches=NUM_CACHES,
                 dtype="bfloat16", torch_threads=torch.get_num_threads())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    harness.write_results(args.out, rows, meta)
     print(format_table(rows))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -204,17 +204,8 @@ class CudaGraphs:
         return self.model.prefill(prompts, cache)
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """:meth:`LlamaModel.decode` through the ``T = 1`` graph.
-
-        Parameters
-        ----------
-        tokens : torch.Tensor, shape (batch,), int64
-        cache : KVCache
-
-        Returns
-        -------
-        torch.Tensor, shape (batch, vocab), float32
-        """
+        """:meth:`LlamaModel.decode` (same arguments and result) through the ``T = 1`` graph:
+        its inputs from :meth:`LlamaModel.decode_inputs`, its forward :meth:`forward`."""
         logits = self.forward(*self.model.decode_inputs(tokens, cache), cache)[:, 0]
         cache.commit(1)
         return logits

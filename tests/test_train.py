@@ -423,6 +423,21 @@ def test_train_draft_on_a_missing_data_file_names_it(capsys, tmp_path):
     assert "argument --data" in capsys.readouterr().err
 
 
+def test_a_draft_reads_the_last_layers_of_deeper_features(tmp_path):
+    # features of the last two target layers train a one-layer draft exactly as features of the
+    # last layer alone do: the draft reads target layer L - 1, not the first layer held
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=8)
+    one = build_features(t, samples, tmp_path / "f1", num_layers=1, topk=4, progress=False)
+    two = build_features(t, samples, tmp_path / "f2", num_layers=2, topk=4, progress=False)
+    assert two.meta["target_layers"] == [0, 1] and one.meta["target_layers"] == [1]
+    base = TrainSettings(batch_size=4, epochs=1, draft_vocab_size=None, bf16=False)
+    train_draft(t, samples, one, tmp_path / "a", base, progress=False)
+    train_draft(t, samples, two, tmp_path / "b", base, progress=False)
+    a, b = _weights(tmp_path / "a" / "draft"), _weights(tmp_path / "b" / "draft")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_init_from_a_draft_continues_it(tmp_path):
     t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
     samples = self_distilled_corpus(t, n=8)

@@ -250,10 +250,12 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
     b = len(idx)
     lens = [min(len(samples[i].tokens), s.max_len) for i in idx]
     S = max(lens)
-    L_layers = feats.meta["num_layers"]
+    # the features hold the target's last ``num_layers`` layers or more; the draft reads the last
+    # ``s.num_layers`` of them (draft layer i reads target layer L - N + i)
+    N, first = s.num_layers, feats.meta["num_layers"] - s.num_layers
     Hkv, D = feats.meta["num_kv_heads"], feats.meta["head_dim"]
     ids = torch.zeros(b, S, dtype=torch.int64)
-    kv = torch.zeros(L_layers, 2, b, Hkv, S, D, dtype=torch.bfloat16)
+    kv = torch.zeros(N, 2, b, Hkv, S, D, dtype=torch.bfloat16)
     w = torch.zeros(b, S)
     nxt = torch.zeros(b, S, dtype=torch.int64)
     K = feats.meta["topk"]
@@ -263,7 +265,7 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
         smp, L = samples[i], lens[r]
         tok = torch.as_tensor(smp.tokens[:L], dtype=torch.int64)
         ids[r, :L] = tok
-        kv[:, :, r, :, :L] = feats.sample_kv(i)[:, :, :, :L]
+        kv[:, :, r, :, :L] = feats.sample_kv(i)[first:, :, :, :L]
         a, c = feats.sample_topk(i)
         tid[r, :L], tlp[r, :L] = a[:L], c[:L]
         nxt[r, : L - 1] = tok[1:]
@@ -273,7 +275,7 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
     shift = torch.as_tensor(shifts)[lo:hi]
     t_id = tid[rows]
     t_idx = torch.where(t_id >= 0, vocab_index[t_id.clamp(min=0)], -1)
-    return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(L_layers)], rows, w[rows],
+    return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(N)], rows, w[rows],
                   vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift)
 
 

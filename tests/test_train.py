@@ -423,6 +423,55 @@ def test_train_draft_on_a_missing_data_file_names_it(capsys, tmp_path):
     assert "argument --data" in capsys.readouterr().err
 
 
+def test_grow_state_keeps_the_prior_predictions():
+    from glide.draft.model import GlideDraftModel, block_cross_mask
+    from glide.train.trainer import grow_state
+    from glide_helpers import tiny_draft
+
+    t = tiny_target(layers=3)
+    prior = tiny_draft(t, vocab=list(range(0, 23, 2)))
+    grown = GlideDraftModel(prior.config.__class__(**{**prior.config.__dict__, "num_layers": 3}),
+                            dtype=torch.float64, init_std=None)
+    grown.load_state_dict(grow_state(prior, 3))
+    grown.attach(t)
+    # the prior's layer reads target layer 2 (the last); in the grown draft that is layer 2 too
+    assert [grown.config.target_layer(i) for i in range(3)] == [0, 1, 2] and prior.config.target_layer(0) == 2
+    torch.manual_seed(0)
+    B, S, Hkv, D = 2, 11, t.config.num_kv_heads, t.config.head_dim
+    kv = [(torch.randn(B, Hkv, S, D, dtype=torch.float64), torch.randn(B, Hkv, S, D, dtype=torch.float64))
+          for _ in range(3)]
+    ids = torch.randint(0, 23, (B, S))
+    mask = block_cross_mask(S, 5, torch.tensor([0, 2]))
+    a, b = grown(ids, kv, mask), prior(ids, kv[2:], mask)
+    assert torch.equal(a, b)
+    # the new layers start as copies of the prior's first layer with zero output projections
+    g = grown.layers[0]
+    assert torch.equal(g.qkv_proj.weight, prior.layers[0].qkv_proj.weight)
+    assert not g.o_proj.weight.any() and not g.cross_o_proj.weight.any() and not g.down_proj.weight.any()
+    assert prior.layers[0].down_proj.weight.any()
+    with pytest.raises(ValueError, match="^num_layers: "):
+        grow_state(grown, 2)
+
+
+def test_init_from_a_smaller_draft_grows_it(tmp_path):
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=8)
+    f = build_features(t, samples, tmp_path / "f", num_layers=2, topk=4, progress=False)
+    base = dict(batch_size=4, epochs=1, draft_vocab_size=None, bf16=False)
+    train_draft(t, samples, f, tmp_path / "a", TrainSettings(**base), progress=False)
+    train_draft(t, samples, f, tmp_path / "b", TrainSettings(**base, num_layers=2, lr=1e-30,
+                                                             init_from=str(tmp_path / "a" / "draft")),
+                progress=False)
+    a, b = _weights(tmp_path / "a" / "draft"), _weights(tmp_path / "b" / "draft")
+    assert set(b) == set(a) | {k.replace("layers.0.", "layers.1.") for k in a}
+    assert all(torch.equal(a[k], b[k.replace("layers.0.", "layers.1.")]) for k in a if k.startswith("layers."))
+    assert b["layers.0.down_proj.weight"].abs().max() < 1e-20  # zero, give or take the tiny lr's steps
+    # a draft with more layers than the run cannot be the start
+    with pytest.raises(ValueError, match="^init_from: .*more layers"):
+        train_draft(t, samples, f, tmp_path / "c", TrainSettings(**base, init_from=str(tmp_path / "b" / "draft")),
+                    progress=False)
+
+
 def test_a_draft_reads_the_last_layers_of_deeper_features(tmp_path):
     # features of the last two target layers train a one-layer draft exactly as features of the
     # last layer alone do: the draft reads target layer L - 1, not the first layer held

@@ -77,7 +77,9 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help=f"linear warm-up before the cosine decay (default: {d.warmup_steps})")
     p.add_argument("--init", default=d.init, help=f"one of {', '.join(INITS)} (default: {d.init})")
-    p.add_argument("--init-from", metavar="DRAFT", help="start from this draft folder (train it further)")
+    p.add_argument("--init-from", metavar="DRAFT",
+                   help="start from this draft folder (train it further; one with fewer layers than --layers "
+                        "is grown, its layers kept on the target layers they read)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"seeds the corpus sampling, the initialisation, the data order and the cross-mask "
                         f"offsets (default: {d.seed})")

@@ -39,7 +39,8 @@ from glide.draft.model import GlideDraftModel, block_cross_mask
 from .corpus import Sample, atomic_write
 from .features import Features, FeatureSet
 
-__all__ = ["TrainSettings", "train_draft", "evaluate", "draft_vocabulary", "init_from_target", "batch_plan"]
+__all__ = ["TrainSettings", "train_draft", "evaluate", "draft_vocabulary", "init_from_target", "batch_plan",
+           "grow_state"]
 
 LOSSES = ("kl", "ce", "mix")
 INITS = ("random", "target-first", "target-last")
@@ -82,8 +83,9 @@ class TrainSettings:
         ``False`` computes in float32.
     init_from : str, optional
         A draft folder to start from instead of ``init`` (to train a draft further with a new
-        schedule); its layers, cross-attention and head size must be this run's, and the run
-        keeps its head rows (its card goes into the new card as ``prior``).
+        schedule); its cross-attention and head size must be this run's, and the run keeps its
+        head rows (its card goes into the new card as ``prior``). A draft with fewer layers
+        than ``num_layers`` is grown by :func:`grow_state`, starting from the same predictions.
     """
 
     gamma: int = 4
@@ -185,10 +187,51 @@ def _read_prior(target, settings: TrainSettings):
     c, size = prior.config, settings.draft_vocab_size
     want = None if size is None or size >= target.config.vocab_size else size
     have = None if c.draft_vocab is None else len(c.draft_vocab)
-    if (c.num_layers, c.cross_attention, have) != (settings.num_layers, settings.cross_attention, want):
-        raise ValueError(f"init_from: the draft in {path} differs from this run (layers, cross-attention "
-                         "or head size)")
+    if (c.cross_attention, have) != (settings.cross_attention, want) or c.num_layers > settings.num_layers:
+        raise ValueError(f"init_from: the draft in {path} differs from this run (cross-attention or head "
+                         f"size), or has more layers ({c.num_layers}) than --layers ({settings.num_layers})")
     return prior, card
+
+
+def grow_state(prior: GlideDraftModel, num_layers: int) -> dict:
+    """A ``num_layers``-layer draft's state that computes exactly what ``prior`` computes.
+
+    Growing keeps every layer of ``prior`` on the target layer it reads: draft layer ``i`` reads
+    target layer ``L - N + i``, so the prior's layer ``j`` becomes layer ``j + k`` with
+    ``k = num_layers - prior layers``, and the ``k`` new layers go in front. Each new layer starts
+    as a copy of the prior's first layer with its three output projections (self-attention,
+    cross-attention, MLP) at zero: it adds nothing to the residual stream until training moves
+    them, so the grown draft begins with the prior's predictions and acceptance.
+
+    Parameters
+    ----------
+    prior : GlideDraftModel
+    num_layers : int
+        At least ``prior.config.num_layers``.
+
+    Returns
+    -------
+    dict
+        State dict (``prior``'s dtype) for a draft of ``num_layers`` layers with ``prior``'s
+        cross-attention and head.
+    """
+    have = prior.config.num_layers
+    if num_layers < have:
+        raise ValueError(f"num_layers: cannot shrink a draft of {have} layers to {num_layers}")
+    k = num_layers - have
+    state = {}
+    for name, v in prior.state_dict().items():
+        v = v.detach().clone()
+        if not name.startswith("layers."):
+            state[name] = v
+            continue
+        _, j, rest = name.split(".", 2)
+        state[f"layers.{int(j) + k}.{rest}"] = v
+        if int(j) == 0:
+            for i in range(k):
+                zero = rest.split(".")[0] in ("o_proj", "cross_o_proj", "down_proj")
+                state[f"layers.{i}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
+    return state
 
 
 def batch_plan(num_samples: int, lengths, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
@@ -428,7 +471,7 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
     if prior is not None:
         own = model.state_dict()
-        model.load_state_dict({k: v.float() for k, v in prior.state_dict().items() if k in own})
+        model.load_state_dict({k: v for k, v in grow_state(prior, settings.num_layers).items() if k in own})
         del prior
     elif settings.init != "random":
         init_from_target(model, target, settings.init)

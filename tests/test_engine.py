@@ -317,3 +317,31 @@ def test_the_model_backend_also_picks_the_compaction():
     assert model.new_cache(1, 8).compact_backend == "reference"
     model.attn_backend = "auto"
     assert model.new_cache(1, 8).compact_backend == "auto"
+
+
+def test_emit_one_matches_emit_of_one_token():
+    # the AR step's emit_one against the general emit with every count 1, over random runs with
+    # EOS hits, max_new_tokens cuts and finished rows, starting from identical states
+    from glide.speculative.engine import _Batch
+
+    gen = torch.Generator().manual_seed(0)
+    fields = ("tokens", "lengths", "num_new", "active", "root")
+    for trial in range(20):
+        B = int(torch.randint(1, 6, (1,), generator=gen))
+        max_new = int(torch.randint(1, 7, (1,), generator=gen))
+        prompts = [torch.randint(0, 9, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
+                   for _ in range(B)]
+        capacity = max(len(p) for p in prompts) + max_new
+        a = _Batch(prompts, capacity, max_new, (3, 7), "cpu")
+        b = _Batch(prompts, capacity, max_new, (3, 7), "cpu")
+        ones = torch.ones(B, dtype=torch.int64)
+        finished_on_eos = False
+        for step in range(max_new + 2):
+            new = torch.randint(0, 9, (B, 1), generator=gen)
+            want, got = a.emit(new, ones), b.emit_one(new)
+            assert torch.equal(want, got), (trial, step)
+            for f in fields:
+                assert torch.equal(getattr(a, f), getattr(b, f)), (trial, step, f)
+            finished_on_eos |= bool(((new[:, 0] == 3) | (new[:, 0] == 7)).any())
+        assert not b.active.any() and bool((b.num_new <= max_new).all())
+    assert finished_on_eos

@@ -20,7 +20,8 @@ a run stopped at a time limit keeps what it finished):
   1-8 at T = 64; the launcher's default KV splits against the pre-fix policy and, past 64
   query rows per KV head, against 128-row tiles (``max_block_m=128``), in GB/s.
 - ``launch``: host time per eager launcher call (what an eager decoder pays) with and without
-  the length check, and through the ``torch.ops.glide`` custom op when it exists.
+  the length check, and through the ``torch.ops.glide`` custom op when it exists; and the
+  engine's own work per AR step with the forward stubbed (:mod:`bench.engine_overhead`).
 - ``hf_compile``: transformers with a static cache and ``torch.compile`` (the strongest setup a
   user would pick), batch 1, SmolLM2 shape; skipped when the budget is short.
 - ``tests``: ``GLIDE_TEST_COMPILED=1 pytest tests -m "not slow"``, log in DIR/tests.log.
@@ -404,6 +405,14 @@ def step_launch(rec, dev, dtype, smoke):
                     shape=dict(T=T, ctx=ctx, heads=[Hq, Hkv, D]))
         except Exception as exc:  # noqa: BLE001
             rec.error(f"launch-{name}", exc)
+    try:  # the engine's own work per AR step, the forward stubbed (bench.engine_overhead)
+        from bench.engine_overhead import run as engine_overhead
+
+        for row in engine_overhead(dev, [1, 8], 20 if smoke else 300, 2 if smoke else 5):
+            rec.add("launch", call=f"engine_ar_step_{row['emit']}", batch_size=row["batch_size"],
+                    wall_us=row["us_per_step"])
+    except Exception as exc:  # noqa: BLE001
+        rec.error("launch-engine", exc)
 
 
 def step_hf_compile(rec, dev, dtype, smoke, budget_left):
@@ -475,7 +484,8 @@ def _summary(rec):
             print(f"tree {r['heads']} ctx{r['ctx']} T{r['T']}: {r['default_us']:.1f} us "
                   f"{r['default_gbps']:.0f} GB/s (old splits {r.get('old_gbps') or 0:.0f}{bm})")
         elif s == "launch":
-            print(f"launch {r['call']}: {r['wall_us']:.1f} us wall")
+            batch = f" b{r['batch_size']}" if "batch_size" in r else ""
+            print(f"launch {r['call']}{batch}: {r['wall_us']:.1f} us wall")
         elif s in ("hf_compile", "tests"):
             print(s, {k: v for k, v in r.items() if k != "step"})
     for e in rec.meta["errors"]:

@@ -24,6 +24,10 @@ def test_smoke_run_writes_rows_and_plots(tmp_path):
             assert r["default_us"] > 0 and r["default_gbps"] > 0 and r["old_splits"] >= 1
             # past 64 query rows per KV head the 128-row tile is timed too (llama8b T=17: 68 rows)
             assert ("bm128_us" in r) == (r["T"] * r["group"] > 64)
+    engine = {(r["call"], r["batch_size"]): r["wall_us"] for r in data["rows"]
+              if r["step"] == "launch" and r["call"].startswith("engine_ar_step_")}
+    assert set(engine) == {(f"engine_ar_step_{e}", b) for e in ("emit", "emit_one") for b in (1, 8)}
+    assert all(v > 0 for v in engine.values())
     names = {p.name for p in out.glob("*.png")}
     assert names == {"gpu-tree-attention.png", "gpu-forward.png"}  # no e2e rows, no e2e plot
 

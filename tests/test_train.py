@@ -49,6 +49,28 @@ def test_prompt_sources_in_every_format(tmp_path):
     assert read_prompt_source(j) == [SourcePrompt("0", "one"), SourcePrompt("7", "two"), SourcePrompt("2", "three")]
 
 
+def test_all_turns_follow_the_first_turns(tmp_path):
+    rows = [{"id": "a_0", "conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "r"},
+                                             {"from": "human", "value": "q2"}, {"from": "gpt", "value": "r"},
+                                             {"from": "human", "value": "  "}, {"from": "human", "value": "q4"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "q2"}, {"role": "user", "content": "b2"}]},
+            {"prompt": "solo"}]
+    j = tmp_path / "c.jsonl"
+    j.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = read_prompt_source(j)
+    assert first == [SourcePrompt("a_0", "q1"), SourcePrompt("b", "q2"), SourcePrompt("2", "solo")]
+    every = read_prompt_source(j, turns="all")
+    # the first turns, unchanged, then the later ones (a text already taken by a first turn is
+    # dropped: "q2" stays b's), numbered by their place among the record's user turns
+    assert every[:3] == first
+    assert every[3:] == [SourcePrompt("a_0@4", "q4"), SourcePrompt("b@2", "b2")]
+    # a later turn belongs to its conversation's side of the held-out split
+    assert conversation_key("a_0@4") == "a" and conversation_key("b@2") == "b"
+    assert conversation_key("x@y") == "x@y"
+    with pytest.raises(ValueError, match="^turns: "):
+        read_prompt_source(j, turns="some")
+
+
 @pytest.mark.parametrize("content,needle", [("", "no usable prompt"), ('{"prompt": 1}\n', "no usable prompt"),
                                             ('{"prompt": "a"}\n{oops\n', ":2: not valid JSON")])
 def test_bad_prompt_files_name_data(tmp_path, content, needle):
@@ -128,6 +150,31 @@ def test_corpus_resumes_and_skips_heldout_and_long_prompts(tmp_path):
     build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(10), progress=False)
     with pytest.raises(ValueError, match="^data: .*partial shard"):
         build_corpus(t, _Tok(), prompts, tmp_path / "e", sized(12), progress=False)
+    # another source, whose selection would put other prompts in the shards already made
+    with pytest.raises(ValueError, match="^data: shard 4 of .*other prompts"):
+        build_corpus(t, _Tok(), prompts[::-1], tmp_path / "c", bigger, progress=False)
+
+
+def test_corpus_grows_from_first_turns_to_all_turns(tmp_path):
+    from glide.train.corpus import planned_turns
+
+    t = tiny_target(vocab=7, eos=(), dtype=torch.float32)
+    first = [SourcePrompt(f"c{i}", "ab" * (1 + i % 3)) for i in range(10)]
+    later = [SourcePrompt(f"c{i}@2", "ba" * (1 + i % 3)) for i in range(10)]
+    kw = dict(max_prompt_tokens=20, max_new_tokens=4, batch_size=2, shard_size=4)
+    build_corpus(t, _Tok(), first, tmp_path / "c", CorpusSettings(max_prompts=8, **kw), progress=False)
+    assert planned_turns(tmp_path / "c") == "first" and planned_turns(tmp_path / "none") is None
+    made = [f.read_bytes() for f in sorted((tmp_path / "c").glob("shard-*.npz"))]
+    build_corpus(t, _Tok(), first + later, tmp_path / "c", CorpusSettings(max_prompts=16, turns="all", **kw),
+                 progress=False)
+    shards = sorted((tmp_path / "c").glob("shard-*.npz"))
+    assert [f.read_bytes() for f in shards[:2]] == made and len(shards) == 4
+    ids = [x.id for x in load_corpus(tmp_path / "c")]
+    assert "@2" in ids[-1] and not any("@" in i for i in ids[:8])
+    assert planned_turns(tmp_path / "c") == "all"
+    with pytest.raises(ValueError, match="^turns: .*keep --turns all"):
+        build_corpus(t, _Tok(), first + later, tmp_path / "c", CorpusSettings(max_prompts=16, **kw),
+                     progress=False)
 
 
 def test_features_hold_the_targets_kv_and_teacher_and_resume(tmp_path):

@@ -52,6 +52,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=None,
                    help=f"training prompts to answer (default: as many as the corpus in --out is made for, "
                         f"else {DEFAULT_PROMPTS})")
+    p.add_argument("--turns", choices=("first", "all"), default=None,
+                   help="user turns that become prompts: each conversation's first, or all of them (later "
+                        "turns are answered without the turns before; they come after every first turn, "
+                        "so a corpus grows in place from first to all). Default: the corpus's own, else first")
     p.add_argument("--max-prompt-tokens", type=int, default=384, help="skip longer prompts (default: 384)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response cap (default: 256)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="prompts answered together (default: 32)")
@@ -163,7 +167,7 @@ def run(args) -> int:
     from glide.api import eos_ids
     from glide.model.load import load_model
 
-    from .corpus import CorpusSettings, build_corpus, planned_prompts
+    from .corpus import CorpusSettings, build_corpus, planned_prompts, planned_turns
     from .features import build_shard_features
     from .prompts import read_prompt_source
 
@@ -180,11 +184,12 @@ def run(args) -> int:
         target, tok = load_model(args.model, dtype=torch.bfloat16)
         corpus_dir, feat_dir = out / "corpus", out / "features"
         if args.stage in ("all", "corpus"):
+            turns = args.turns or planned_turns(corpus_dir) or "first"
             cs = CorpusSettings(max_prompts=args.prompts or planned_prompts(corpus_dir) or DEFAULT_PROMPTS,
                                 max_prompt_tokens=args.max_prompt_tokens,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
-                                seed=args.seed)
-            build_corpus(target, tok, read_prompt_source(args.data), corpus_dir, cs,
+                                seed=args.seed, turns=turns)
+            build_corpus(target, tok, read_prompt_source(args.data, turns=turns), corpus_dir, cs,
                          eos_token_ids=eos_ids(target.config, tok), progress=progress)
         if args.stage in ("all", "features"):
             build_shard_features(target, corpus_dir, feat_dir, shards=args.shards, num_layers=settings.num_layers,

@@ -53,6 +53,10 @@ class CorpusSettings:
     shard_size : int
         Prompts per shard (a multiple of ``batch_size`` keeps batches full).
     seed : int
+    turns : {"first", "all"}
+        Which user turns of the source are prompts (:func:`~glide.train.prompts.read_prompt_source`);
+        a corpus made from ``first`` can grow in place with ``all``, whose list starts with the
+        same prompts.
     """
 
     max_prompts: int = 4096
@@ -62,6 +66,7 @@ class CorpusSettings:
     batch_size: int = 32
     shard_size: int = 128
     seed: int = 0
+    turns: str = "first"
 
 
 @dataclass
@@ -105,6 +110,9 @@ def _check_continues(old: dict, new: dict, out: Path) -> None:
     more prompts over full shards (shard ``k`` then holds the same prompts as before)."""
     a, b = dict(old.get("settings") or {}), dict(new["settings"])
     n_old, n_new = a.pop("max_prompts", None), b.pop("max_prompts")
+    t_old, t_new = a.pop("turns", "first"), b.pop("turns")  # corpora made before the setting: first
+    if t_old == "all" and t_new == "first":
+        raise ValueError(f"turns: the corpus in {out} was made from all user turns; keep --turns all")
     if a != b or old.get("vocab_size") != new["vocab_size"] or not isinstance(n_old, int):
         raise ValueError(f"data: {out} holds a corpus made with other settings ({out / 'meta.json'}); "
                          "use another output folder or delete it")
@@ -122,6 +130,16 @@ def planned_prompts(path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return n if isinstance(n, int) and n > 0 else None
+
+
+def planned_turns(path) -> str | None:
+    """The ``turns`` setting of the corpus in ``path``: ``first`` for one made before the
+    setting existed, ``None`` without a corpus."""
+    try:
+        t = json.loads((Path(path) / "meta.json").read_text())["settings"].get("turns", "first")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return t if isinstance(t, str) else None
 
 
 def _save_shard(path: Path, samples: list[Sample], vocab: int) -> None:
@@ -182,6 +200,11 @@ def build_corpus(model, tokenizer, prompts: list[SourcePrompt], out_dir, setting
     S = settings.shard_size
     shards = [chosen[i:i + S] for i in range(0, len(chosen), S)]
     todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.npz").exists()]
+    for k in sorted(set(range(len(shards))) - set(todo))[-1:]:  # the last shard made: same prompts?
+        have = [x.id for x in load_corpus_shard(out / f"shard-{k:05d}.npz")]
+        if have != [pid for pid, _ in shards[k]]:
+            raise ValueError(f"data: shard {k} of {out} holds other prompts than this source and settings "
+                             "choose for it; use the source it was made from, or another output folder")
     bar = None
     if progress:
         from tqdm.auto import tqdm

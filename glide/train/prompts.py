@@ -28,7 +28,7 @@ HELDOUT_MODULUS = 50
 
 @dataclass(frozen=True)
 class SourcePrompt:
-    """One training or evaluation prompt: the first user turn of a conversation."""
+    """One training or evaluation prompt: a user turn of a conversation."""
 
     id: str
     text: str
@@ -74,26 +74,33 @@ def iter_json_array(text: str):
         yield obj
 
 
-def _first_user_turn(record) -> str | None:
+TURNS = ("first", "all")
+"""Which user turns of a conversation are prompts: the first only, or every one (see
+:func:`read_prompt_source`)."""
+
+
+def _user_turns(record) -> list[str]:
+    """The user turns of a record, in order (a ``prompt`` row is one turn)."""
     if not isinstance(record, dict):
-        return None
+        return []
     if isinstance(record.get("prompt"), str):
-        return record["prompt"]
+        return [record["prompt"]]
     turns = record.get("conversations") or record.get("messages")
     if not isinstance(turns, list):
-        return None
+        return []
+    out = []
     for turn in turns:
         if not isinstance(turn, dict):
             continue
         role = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
         if role in ("human", "user") and isinstance(text, str):
-            return text
-    return None
+            out.append(text)
+    return out
 
 
-def read_prompt_source(path: str | os.PathLike | None = None) -> list[SourcePrompt]:
-    """First user turns, deduplicated by text, in file order.
+def read_prompt_source(path: str | os.PathLike | None = None, turns: str = "first") -> list[SourcePrompt]:
+    """User turns as standalone prompts, deduplicated by text.
 
     Parameters
     ----------
@@ -101,6 +108,12 @@ def read_prompt_source(path: str | os.PathLike | None = None) -> list[SourceProm
         A ShareGPT-style JSON array (possibly truncated), or a JSONL file whose rows hold either
         ``prompt`` or ShareGPT-style ``conversations`` (``from``/``value``) or ``messages``
         (``role``/``content``), with an optional ``id``. Defaults to :func:`sharegpt_path`.
+    turns : {"first", "all"}
+        ``first``: each record's first user turn, in file order, under the record's id.
+        ``all``: the same list, then every later user turn (the ``n``-th of its record under
+        the id ``<id>@<n>``, ``n`` from 2), record by record. The later turns come after all
+        the first ones, so a corpus made from ``first`` is a prefix of one made from ``all``
+        and can grow in place; a later turn is answered without the turns before it.
 
     Returns
     -------
@@ -110,8 +123,10 @@ def read_prompt_source(path: str | os.PathLike | None = None) -> list[SourceProm
     Raises
     ------
     FileNotFoundError, ValueError
-        Naming ``data``.
+        Naming ``data``, or ``turns``.
     """
+    if turns not in TURNS:
+        raise ValueError(f"turns: must be one of {', '.join(TURNS)}, got {turns!r}")
     path = sharegpt_path() if path is None else os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: no such file: {path}")
@@ -129,14 +144,21 @@ def read_prompt_source(path: str | os.PathLike | None = None) -> list[SourceProm
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"data: {path}:{lineno}: not valid JSON ({exc.msg})") from None
-    seen, out = set(), []
+    records = list(records)
+    seen, out, later = set(), [], []
     for k, rec in enumerate(records):
-        prompt = _first_user_turn(rec)
-        if prompt is None or not prompt.strip() or prompt in seen:
-            continue
-        seen.add(prompt)
-        rid = rec.get("id", k) if isinstance(rec, dict) else k
-        out.append(SourcePrompt(id=str(rid), text=prompt))
+        user = _user_turns(rec)
+        rid = str(rec.get("id", k) if isinstance(rec, dict) else k)
+        for n, prompt in enumerate(user[:1] if turns == "first" else user, 1):
+            if not prompt.strip():
+                continue
+            (out if n == 1 else later).append(SourcePrompt(id=rid if n == 1 else f"{rid}@{n}", text=prompt))
+    kept = []
+    for p in out + later:  # the first turns win a text they share with a later turn
+        if p.text not in seen:
+            seen.add(p.text)
+            kept.append(p)
+    out = kept
     if not out:
         raise ValueError(f"data: {path} holds no usable prompt")
     return out
@@ -144,8 +166,11 @@ def read_prompt_source(path: str | os.PathLike | None = None) -> list[SourceProm
 
 def conversation_key(prompt_id: str) -> str:
     """ShareGPT splits long conversations into records ``<id>_0``, ``<id>_1``, ...: the part
-    before the last ``_<n>``, so that all parts of a conversation fall on the same side."""
-    head, sep, tail = str(prompt_id).rpartition("_")
+    before the last ``_<n>``, so that all parts of a conversation fall on the same side; a later
+    turn's ``@<n>`` (:func:`read_prompt_source`) is dropped first."""
+    head, sep, tail = str(prompt_id).rpartition("@")
+    prompt_id = head if sep and tail.isdigit() else str(prompt_id)
+    head, sep, tail = prompt_id.rpartition("_")
     return head if sep and tail.isdigit() else str(prompt_id)
 
 

@@ -16,7 +16,6 @@ prefill's token left out), mean tree size and draft forwards per step. ``--out``
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -67,22 +66,14 @@ def run(batch_sizes, temperatures, limit, max_new_tokens, out=None, progress=Tru
             # the verify-cost curve is measured (or read from the cache) at the first begin
             generate_ids(target, ids[:b], DynamicTreeDraft(net, calibration=cal), max_new_tokens=4)
             for method in methods:
-                new = forwards = steps = 0
-                sizes, seconds = [], 0.0
+                def make(method=method):
+                    if method == "ar":
+                        return None
+                    return DynamicTreeDraft(net, calibration=cal, growth_check=method == "checked")
                 calls[0] = 0
-                for i in range(0, len(ids), b):
-                    draft = None
-                    if method != "ar":
-                        draft = DynamicTreeDraft(net, calibration=cal, growth_check=method == "checked")
-                    t0 = time.perf_counter()
-                    res = generate_ids(target, ids[i:i + b], draft, max_new_tokens=max_new_tokens,
-                                       temperature=temp, seed=0)
-                    seconds += time.perf_counter() - t0
-                    new += sum(len(r.output_ids) - 1 for r in res)
-                    forwards += sum(r.target_forwards for r in res)
-                    if draft is not None:
-                        sizes += draft.sizes
-                        steps += len(draft.sizes)
+                d = harness.decode_all(target, ids, b, make, max_new_tokens, temp)
+                new, forwards, sizes, seconds = d["new"], d["forwards"], d["sizes"], d["seconds"]
+                steps = len(sizes)
                 row = dict(method=method, batch_size=b, temperature=temp, num_prompts=len(ids),
                            tokens_per_s=(new + len(ids)) / seconds, mean_accepted=new / forwards,
                            mean_tree_size=sum(sizes) / len(sizes) if sizes else None,

@@ -315,3 +315,31 @@ def read_results(path: Path) -> dict[str, Any]:
 def missing_fields(row: dict[str, Any], fields: Sequence[str] = ROW_FIELDS) -> list[str]:
     """Names in ``fields`` that ``row`` lacks."""
     return [f for f in fields if f not in row]
+
+
+def decode_all(target, prompts, batch_size: int, make_draft, max_new_tokens: int, temperature: float = 0.0):
+    """Decode ``prompts`` (token-id lists) in batches of ``batch_size`` through
+    :func:`glide.speculative.engine.generate_ids`, a fresh ``make_draft()`` per batch (``None``
+    for ``ar``), and total what the draft benchmarks report.
+
+    Returns
+    -------
+    dict
+        ``new`` (tokens emitted after the prefill's), ``forwards`` (target forwards after the
+        prefill), ``sizes`` (the drafts' chosen tree sizes, where they keep them), ``seconds``
+        (wall time of the ``generate_ids`` calls, prefill included).
+    """
+    from glide.speculative.engine import generate_ids
+
+    new = forwards = 0
+    sizes, seconds = [], 0.0
+    for i in range(0, len(prompts), batch_size):
+        draft = make_draft()
+        t0 = time.perf_counter()
+        res = generate_ids(target, prompts[i:i + batch_size], draft, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=0)
+        seconds += time.perf_counter() - t0
+        new += sum(len(r.output_ids) - 1 for r in res)
+        forwards += sum(r.target_forwards for r in res)
+        sizes += getattr(draft, "sizes", [])
+    return dict(new=new, forwards=forwards, sizes=sizes, seconds=seconds)

@@ -14,7 +14,6 @@ yield if verifying a wide tree were free. ``--out`` defaults to
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -63,16 +62,8 @@ def run(draft_path, limit, max_new_tokens, out=None, progress=True):
     todo = drafts(net)
     bar = tqdm(total=len(todo), desc="tree-ceiling", disable=not progress)
     for name, make in todo:
-        new = forwards = 0
-        sizes, seconds = [], 0.0
-        for prompt in ids:
-            draft = make()
-            t0 = time.perf_counter()
-            res = generate_ids(target, [prompt], draft, max_new_tokens=max_new_tokens)[0]
-            seconds += time.perf_counter() - t0
-            new += len(res.output_ids) - 1
-            forwards += res.target_forwards
-            sizes += getattr(draft, "sizes", [])
+        d = harness.decode_all(target, ids, 1, make, max_new_tokens)
+        new, forwards, sizes, seconds = d["new"], d["forwards"], d["sizes"], d["seconds"]
         row = dict(draft=name, num_prompts=len(ids), mean_accepted=new / forwards,
                    mean_tree_size=sum(sizes) / len(sizes) if sizes else None,
                    tokens_per_s=(new + len(ids)) / seconds, seconds=seconds)

@@ -6,7 +6,8 @@
                                [--calibration] [--out FILE]
 
 A draft spec is ``NAME=PATH[:TREE]`` with ``TREE`` one of ``chain`` (default), ``cape`` (the
-paper's bins) or ``dynamic``. ``--calibration`` also runs the dynamic tree greedily at batch 1
+paper's bins), ``dynamic``, or ``dynamic-always`` (the dynamic tree drafting at every step:
+``fallback=False``). ``--calibration`` also runs the dynamic tree greedily at batch 1
 with a recorder and stores the predicted-against-observed acceptance table, and stores the
 verify-cost curve the dynamic tree sized itself with.
 
@@ -71,15 +72,17 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
             base, base_ids = None, None
             for method, draft in runs:
                 name, (path, tree) = draft if draft else (method, (None, None))
+                always = tree == "dynamic-always"
                 start = time.perf_counter()
                 res = api.generate(prompts, method=method, max_new_tokens=max_new_tokens, batch_size=b,
-                                   temperature=temp, seed=0, draft=path, gamma=gamma, tree=tree,
+                                   temperature=temp, seed=0, draft=path, gamma=gamma,
+                                   tree="dynamic" if always else tree, fallback=not always,
                                    loaded=loaded, dtype=dt)
                 wall = time.perf_counter() - start
                 row = aggregate(res, method=name, batch_size=b, max_new_tokens=max_new_tokens,
                                 wall_seconds=wall)
                 row.update(temperature=temp, draft=str(path) if path else None, tree=tree,
-                           gamma=gamma if path and tree != "dynamic" else None)
+                           gamma=gamma if path and not str(tree).startswith("dynamic") else None)
                 for kind in sorted(set(kinds.get(p.id, "all") for p in prompts)):
                     part = [r for p, r in zip(prompts, res) if kinds.get(p.id, "all") == kind]
                     fw = sum(r["target_forwards"] for r in part)
@@ -146,8 +149,8 @@ def main(argv=None) -> int:
     for item in args.drafts or [f"glide={default_draft_path()}"]:
         name, sep, spec = item.partition("=")
         path, _, tree = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        if not sep or tree not in ("", "chain", "cape", "dynamic"):
-            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic], got {item!r}")
+        if not sep or tree not in ("", "chain", "cape", "dynamic", "dynamic-always"):
+            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic|dynamic-always], got {item!r}")
         drafts[name] = (path, tree or "chain")
     prompts = Path(args.prompts) if Path(args.prompts).is_absolute() else harness.REPO_ROOT / args.prompts
     rows, out, meta, loaded = run(drafts, prompts, args.batch_sizes, args.temperatures, args.max_new_tokens,

@@ -215,12 +215,13 @@ TREES = ("chain", "cape", "dynamic")
 
 
 def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
-               temperature: float = 0.0):
+               temperature: float = 0.0, fallback: bool = True):
     """The draft for ``method``; ``None`` for the target-only methods.
 
     The dynamic tree sizes itself with the calibration the draft folder ships for
     ``temperature`` (``calibration.json``, see :func:`glide.draft.dynamic.load_calibration`),
-    or with the draft's raw probabilities when it ships none.
+    or with the draft's raw probabilities when it ships none; ``fallback`` lets it pause
+    drafting where drafting does not pay.
 
     Raises
     ------
@@ -248,7 +249,7 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
                 calibration = load_calibration(path, temperature)
             except ValueError as exc:
                 raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-            return DynamicTreeDraft(net, calibration=calibration)
+            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback)
         if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
@@ -309,6 +310,7 @@ def generate(
     gamma: int = 4,
     bins=None,
     tree: str | None = None,
+    fallback: bool = True,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     cuda_graphs: bool | None = None,
@@ -349,6 +351,10 @@ def generate(
         The draft tree for ``glide``/``cape``: ``chain`` (``glide``'s default), ``cape``
         (``cape``'s default), or ``dynamic``: a best-first tree sized by the verify cost
         measured on this device (:mod:`glide.draft.dynamic`).
+    fallback : bool
+        ``dynamic`` only: decode without drafting for a while (a pause that doubles while it
+        lasts) whenever the draft's tree is expected to emit fewer tokens per second than a
+        plain step, as on the CPU at batch 4. ``False`` drafts at every step.
     device : {"cpu", "cuda"}, optional
         ``cuda`` when this machine has it, else ``cpu``, by default.
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
@@ -377,6 +383,10 @@ def generate(
     if tree is not None and (tree not in TREES or method not in DRAFT_METHODS):
         raise ArgumentError("tree", f"must be one of {', '.join(TREES)} with method glide or cape, "
                                     f"got {tree!r} with method {method!r}")
+    if not isinstance(fallback, bool):
+        raise ArgumentError("fallback", f"must be True or False, got {fallback!r}")
+    if not fallback and tree != "dynamic":
+        raise ArgumentError("fallback", f"only the dynamic tree pauses drafting; got tree {tree!r}")
     if bins is not None and (method != "cape" or tree not in (None, "cape")):
         raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape trees")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -410,7 +420,7 @@ def generate(
     config = target.config
     if encoded is None or tokenizer is not tok:
         encoded = [encode_chat(tokenizer, p.text) for p in items]
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature)
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback)
     # our engine also reserves room for one verification tree past the last token
     reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
     check_prompt_lengths(items, encoded, max_new_tokens, reserve, int(config.max_position_embeddings))

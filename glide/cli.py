@@ -28,6 +28,7 @@ _FLAGS = {
     "gamma": "--gamma",
     "bins": "--bins",
     "tree": "--tree",
+    "fallback": "--no-fallback",
     "cuda_graphs": "--no-cuda-graphs",
     "device": "--device",
     "dtype": "--dtype",
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tree", default=None, metavar="{chain,cape,dynamic}",
                    help="glide/cape draft tree: chain (glide's default), cape (cape's default) or dynamic "
                         "(best-first, sized by the verify cost measured on this device)")
+    g.add_argument("--no-fallback", dest="fallback", action="store_false",
+                   help="dynamic tree: draft at every step (default: pause drafting while the tree "
+                        "is expected to emit fewer tokens per second than a plain step)")
     g.add_argument("--device", default=None, metavar="{cpu,cuda}",
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
@@ -127,7 +131,7 @@ def _generate(args) -> int:
             prompts, method=args.method, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
-            bins=args.bins, tree=args.tree,
+            bins=args.bins, tree=args.tree, fallback=args.fallback,
             device=args.device, cuda_graphs=args.cuda_graphs,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )

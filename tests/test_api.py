@@ -84,7 +84,7 @@ def draft_dir(loaded, tmp_path_factory):
 
 @pytest.mark.parametrize("method,kw", [("glide", {}), ("glide", {"gamma": 2}), ("cape", {}),
                                        ("cape", {"bins": "3,3,3,3,3,2,2,2,1,1,1"}), ("cape", {"tree": "dynamic"}),
-                                       ("glide", {"tree": "cape"})])
+                                       ("glide", {"tree": "cape"}), ("glide", {"tree": "dynamic", "fallback": False})])
 def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
     ar = run(loaded, "ar", batch_size=2)
     sp = run(loaded, method, batch_size=2, draft=draft_dir, **kw)
@@ -94,7 +94,9 @@ def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
 
 @pytest.mark.parametrize("kw,name", [({"method": "ar", "tree": "dynamic"}, "tree"),
                                      ({"method": "glide", "tree": "bushy"}, "tree"),
-                                     ({"method": "cape", "tree": "dynamic", "bins": "2,2,2,2,2,2,2,2,2,2,2"}, "bins")])
+                                     ({"method": "cape", "tree": "dynamic", "bins": "2,2,2,2,2,2,2,2,2,2,2"}, "bins"),
+                                     ({"method": "glide", "fallback": False}, "fallback"),
+                                     ({"method": "glide", "tree": "dynamic", "fallback": "no"}, "fallback")])
 def test_bad_tree_arguments_name_them(loaded, draft_dir, kw, name):
     with pytest.raises(api.ArgumentError) as info:
         api.generate(PROMPTS, loaded=loaded, draft=draft_dir if kw["method"] != "ar" else None, **kw)

@@ -35,6 +35,7 @@ BAD = [
     (["--prompt", "hi", "--method", "glide", "--draft", "/nonexistent/draft.pt"], "--draft"),
     (["--prompt", "hi", "--method", "ar", "--draft", "."], "--draft"),
     (["--prompts", "/nonexistent/prompts.jsonl"], "--prompts"),
+    (["--prompt", "hi", "--method", "glide", "--no-fallback"], "--no-fallback"),
     (["--prompt", "hi", "--out", "/nonexistent/dir/out.jsonl"], "--out"),
 ]
 

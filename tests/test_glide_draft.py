@@ -426,6 +426,88 @@ def test_a_level_is_grown_only_when_it_can_pay_for_its_draft_forward(trained):
     assert off._level_pays(v, unsure, 0.01, 100.0, both)  # and so does a draft told not to ask
 
 
+class _PausingTree(DynamicTreeDraft):
+    """Pauses ``pause`` steps after every drafted step, and checks each drafted step's proposal
+    against a fresh draft that rebuilds its cache over the whole committed history."""
+
+    def __init__(self, model, pause, **kw):
+        super().__init__(model, **kw)
+        self.pause, self.kw, self.checked = pause, kw, 0
+
+    def _after_step(self, rate, active):
+        self._skip = self.pause
+
+    def propose(self, ctx):
+        got = super().propose(ctx)
+        if self._last is None:  # a paused step
+            assert got.num_nodes == 0
+            return got
+        fresh = DynamicTreeDraft(self.model, fallback=False, **self.kw)
+        fresh.begin(ctx)
+        want = fresh.propose(ctx)
+        live = ctx.active
+        assert torch.equal(got.tokens[live], want.tokens[live])
+        assert torch.equal(got.parents[live], want.parents[live])
+        torch.testing.assert_close(got.draft_probs[live], want.draft_probs[live], rtol=1e-5, atol=1e-7)
+        self.checked += 1
+        return got
+
+
+@pytest.mark.parametrize("pause", [1, 3])
+def test_a_paused_tree_catches_up_on_every_token_committed_meanwhile(trained, pause):
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    g = _PausingTree(d, pause, depth=4, top_k=3, beam=2, max_nodes=12, cost=_flat_cost(0.0), min_expand=0.0)
+    out = generate_ids(t, PROMPTS_SMALL, g, max_new_tokens=40)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    steps = len(g.sizes)
+    assert g.checked >= 4 and g.skipped == steps - g.checked
+    assert g.checked <= -(-steps // (pause + 1))  # one drafted step, then `pause` without
+    assert max(a for o in out for a in o.accepted) >= 3  # the probes' trees still get accepted
+
+
+def test_drafting_pauses_when_it_cannot_pay_and_backs_off(trained):
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    dear = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(10.0))  # every slot costs 10 s
+    out = generate_ids(t, PROMPTS_SMALL, dear, max_new_tokens=40)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    drafted = len(dear.sizes) - dear.skipped
+    # pauses of 1, 2, 4, 8, 16, 16 ... steps between drafted ones
+    assert dear.skipped > 0 and drafted <= 7, (drafted, dear.skipped)
+    never = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(10.0), fallback=False)
+    generate_ids(t, PROMPTS_SMALL, never, max_new_tokens=40)
+    assert never.skipped == 0 and len(never.sizes) > len(dear.sizes) - dear.skipped
+    cheap = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0)
+    generate_ids(t, PROMPTS_SMALL, cheap, max_new_tokens=40)
+    assert cheap.skipped == 0  # drafting that pays never pauses
+    fixed = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=4, cost=_flat_cost(10.0))
+    generate_ids(t, PROMPTS_SMALL, fixed, max_new_tokens=20)
+    assert fixed.skipped == 0 and set(fixed.sizes) == {4}  # a fixed size means every step
+    with pytest.raises(ValueError, match="max_skip"):
+        DynamicTreeDraft(d, max_skip=0)
+
+
+def test_the_pause_follows_the_smoothed_ratio(trained):
+    """_after_step: one losing step after a paying run does not pause; losing steps double the
+    pause up to max_skip; a paying step ends the back-off."""
+    _, d, _ = trained
+    g = DynamicTreeDraft(d, cost=VerifyCost([1, 2], [1.0, 2.0]), max_skip=4)
+    both = torch.tensor([True, True])  # a plain step: 2 tokens a second
+    g._after_step(6.0, both)
+    assert g._skip == 0 and g._ratio == 3.0
+    g._after_step(1.0, both)  # (3 + 0.5) / 2 >= 1: no pause
+    assert g._skip == 0
+    pauses = []
+    for _ in range(5):
+        g._after_step(0.2, both)
+        pauses.append(g._skip)
+    assert pauses == [1, 2, 4, 4, 4]
+    g._ratio, g._skip = 1.0, 0  # the pause ran out; the probe pays
+    g._after_step(4.0, both)
+    assert g._skip == 0 and g._backoff == 0
+
+
 def test_calibration_records_what_was_accepted(trained):
     t, d, _ = trained
     rec = Calibration()

@@ -26,6 +26,12 @@ Each step:
    (:class:`VerifyCost`, cached per device, model shape, dtype and batch), ``t_draft`` the
    time this step's drafting took, and ``f`` an optional calibration of ``v`` against observed
    acceptance (:class:`Calibration`).
+4. **Pause.** When even that best tree is expected to emit fewer tokens per second than a
+   one-slot forward would (smoothed over steps; on the CPU at batch 4, or sampling, the draft
+   and the wider verification can cost more than they bring), the next steps draft nothing and
+   the engine decodes them as plain steps, for a pause that doubles while drafting keeps losing
+   (``fallback``; vLLM turns speculation off above a batch size for the same reason). The
+   first drafted step after a pause catches up on every token committed in it.
 
 Exactness does not depend on any of it: the engine verifies whatever tree comes out.
 """
@@ -250,6 +256,13 @@ class DynamicTreeDraft(GlideDraft):
         :meth:`DynamicTreeDraft._level_pays`; not with ``fixed_size``).
     growth_check : bool
         ``False`` skips that question and always grows (to measure what it saves).
+    fallback : bool
+        Decode without drafting while drafting does not pay (see :meth:`_after_step`): the
+        steps it skips propose nothing, so the engine runs them as one-slot forwards, and the
+        draft forward that ends the pause catches its cache up on every token committed
+        meanwhile. Not with ``fixed_size``.
+    max_skip : int
+        The longest pause, in steps.
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
@@ -257,9 +270,10 @@ class DynamicTreeDraft(GlideDraft):
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
-                 growth_check: bool = True):
+                 growth_check: bool = True, fallback: bool = True, max_skip: int = 16):
         super().__init__(model, gamma=depth)
-        for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes)):
+        for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
+                            ("max_skip", max_skip)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.depth, self.beam = depth, beam
@@ -269,17 +283,30 @@ class DynamicTreeDraft(GlideDraft):
         self.cost, self.calibration, self.record, self.fixed_size = cost, calibration, record, fixed_size
         self.min_expand = min_expand
         self.growth_check = growth_check
+        self.fallback = bool(fallback) and fixed_size is None
+        self.max_skip = max_skip
         self.sizes = []  # chosen tree sizes, for reports
+        self.skipped = 0  # steps decoded without drafting, for reports
+        self._reset_pause()
+
+    def _reset_pause(self) -> None:
+        self._skip = 0  # steps left in the current pause
+        self._gap = 0  # steps skipped since the last catch-up (each commits one token a row)
+        self._backoff = 0  # the last pause's length
+        self._ratio = None  # smoothed (drafted step's expected tokens/s) / (one-slot forward's)
 
     def cache_extra(self) -> int:
-        # scratch slots for the expanded nodes, and the catch-up window's padding
-        return max(self.max_nodes, (self.depth - 1) * self.beam) + self.depth + 2
+        # scratch slots for the expanded nodes, and the catch-up window's padding (one more row
+        # for each step a pause skipped)
+        pause = self.max_skip if self.fallback else 0
+        return max(self.max_nodes, (self.depth - 1) * self.beam) + self.depth + 2 + pause
 
     def begin(self, ctx: DraftContext) -> None:
         super().begin(ctx)
         self.trusted = (ctx.lengths - 1).clone()  # positions whose draft K/V are right
         self._last = None
         self._t_level = None  # seconds of the last grown level's draft forward
+        self._reset_pause()
         if self.cost is None and self.fixed_size is None:
             # the verify forwards run as the engine runs them: replayed graphs when it said so
             self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()),
@@ -290,10 +317,20 @@ class DynamicTreeDraft(GlideDraft):
         t0 = time.perf_counter()
         m, cache = self.model, self.cache
         B, dev = ctx.root.shape[0], ctx.root.device
+        if self._skip > 0:  # a pause: nothing to verify but the root
+            self._skip -= 1
+            self._gap += 1
+            self.skipped += 1
+            self.sizes.append(0)
+            self._last = None
+            empty = ctx.root.new_zeros(B, 0)
+            return Proposal(empty, empty.clone(), empty.bool(), empty.float())
         root_pos = ctx.lengths - 1
         cross = self._cross(ctx)
-        # 1. catch up: positions trusted .. root (c rows), right-padded to depth + 1 rows
-        W = self.depth + 1
+        # 1. catch up: positions trusted .. root (c rows), right-padded to depth + 1 rows, and one
+        # more for each step skipped since the last catch-up
+        W = self.depth + 1 + self._gap
+        self._gap = 0
         c = root_pos - self.trusted + 1
         cache.lens.copy_(self.trusted)
         j = torch.arange(W, device=dev)
@@ -344,7 +381,12 @@ class DynamicTreeDraft(GlideDraft):
         # 3. size: keep the N best, N by expected tokens per second
         order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
         v_sorted = v.gather(1, order)
-        N = self._choose_size(v_sorted, time.perf_counter() - t0, ctx.active)
+        if self.fixed_size is not None:
+            N = min(self.fixed_size, self.max_nodes, v_sorted.shape[1])
+        else:
+            N, gain, seconds = self._best_size(v_sorted, time.perf_counter() - t0, ctx.active)
+            if self.fallback:
+                self._after_step(gain / seconds, ctx.active)
         sel = order[:, :N]
         slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
         sel_parent = parent.gather(1, sel)
@@ -355,11 +397,26 @@ class DynamicTreeDraft(GlideDraft):
         self._last = (proposal, root_pos.clone(), depth.gather(1, sel))
         return proposal
 
-    def _choose_size(self, v_sorted: torch.Tensor, t_draft: float, active: torch.Tensor) -> int:
-        limit = min(self.max_nodes, v_sorted.shape[1])
-        if self.fixed_size is not None:
-            return min(self.fixed_size, limit)
-        return self._best_size(v_sorted, t_draft, active)[0]
+    def _after_step(self, rate: float, active: torch.Tensor) -> None:
+        """Pause drafting when it does not pay.
+
+        ``rate`` is the expected tokens per second of the step just drafted (drafting
+        included), the one-slot forward's the batch's active sequences over ``t_verify(1)``.
+        Their ratio is smoothed over drafted steps (halving weights), so one unsure step does
+        not stop a draft that pays on most. Below 1 the next steps decode without drafting: 1
+        step, then twice as many after each drafted step that still loses, up to
+        ``max_skip``; a step that pays ends the back-off.
+        """
+        plain = float(active.sum()) / float(self.cost(1))
+        if plain <= 0:
+            return
+        ratio = rate / plain
+        self._ratio = ratio if self._ratio is None else 0.5 * (self._ratio + ratio)
+        if self._ratio < 1.0:
+            self._backoff = min(max(1, 2 * self._backoff), self.max_skip)
+            self._skip = self._backoff
+        else:
+            self._backoff = 0
 
     def _expected(self, v: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Expected acceptance of candidates with path probabilities ``v`` (calibrated), 0 for

@@ -366,8 +366,9 @@ def test_dynamic_tree_greedy_equals_ar(trained, kw):
 def test_dynamic_tree_shape_and_sizing(trained):
     t, d, _ = trained
     prompts = [[1, 3, 0, 4, 3], [4, 0]]
-    cheap = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(0.0), min_expand=0.0)
-    dear = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=20, cost=_flat_cost(10.0))
+    kw = dict(depth=4, top_k=3, beam=2, max_nodes=20, fallback=False)  # every step drafts
+    cheap = DynamicTreeDraft(d, cost=_flat_cost(0.0), min_expand=0.0, **kw)
+    dear = DynamicTreeDraft(d, cost=_flat_cost(10.0), **kw)
     for g in (cheap, dear):
         generate_ids(t, prompts, g, max_new_tokens=12)
     assert set(cheap.sizes) == {20} and set(dear.sizes) == {0}  # free slots: fill; dear ones: none
@@ -432,10 +433,11 @@ class _PausingTree(DynamicTreeDraft):
 
     def __init__(self, model, pause, **kw):
         super().__init__(model, **kw)
-        self.pause, self.kw, self.checked = pause, kw, 0
+        self.pause, self.kw, self.checked, self.calls = pause, kw, 0, 0
 
-    def _after_step(self, rate, active):
-        self._skip = self.pause
+    def _decide(self):
+        self.calls += 1
+        return (self.calls - 1) % (self.pause + 1) == 0
 
     def propose(self, ctx):
         got = super().propose(ctx)
@@ -466,46 +468,73 @@ def test_a_paused_tree_catches_up_on_every_token_committed_meanwhile(trained, pa
     assert max(a for o in out for a in o.accepted) >= 3  # the probes' trees still get accepted
 
 
-def test_drafting_pauses_when_it_cannot_pay_and_backs_off(trained):
+class _StepClock:
+    """A clock for the dynamic tree's step timing: a drafted step lasts ``drafted`` seconds, a
+    plain one ``plain``."""
+
+    def __init__(self, draft, drafted, plain):
+        self.draft, self.drafted, self.plain, self.t = draft, drafted, plain, 0.0
+
+    def __call__(self):
+        if self.draft._prev is not None:
+            self.t += self.drafted if self.draft._prev[0] else self.plain
+        return self.t
+
+
+def _timed_tree(d, drafted, plain, **kw):
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0, **kw)
+    g._clock = _StepClock(g, drafted, plain)
+    return g
+
+
+def test_drafting_pauses_while_drafted_steps_are_slower_and_stays_lossless(trained):
     t, d, _ = trained
     ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
-    dear = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(10.0))  # every slot costs 10 s
-    out = generate_ids(t, PROMPTS_SMALL, dear, max_new_tokens=40)
+    slow = _timed_tree(d, drafted=100.0, plain=1.0)  # drafting never pays at 100x the time
+    out = generate_ids(t, PROMPTS_SMALL, slow, max_new_tokens=40)
     assert [o.output_ids for o in out] == [o.output_ids for o in ar]
-    drafted = len(dear.sizes) - dear.skipped
-    # pauses of 1, 2, 4, 8, 16, 16 ... steps between drafted ones
-    assert dear.skipped > 0 and drafted <= 7, (drafted, dear.skipped)
-    never = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(10.0), fallback=False)
+    drafted = len(slow.sizes) - slow.skipped
+    # a drafted step, a plain one that measures, then pauses of 1, 2, 4, 8, 16 ... steps
+    assert slow.skipped > 0 and drafted <= 7, (drafted, slow.skipped)
+    never = _timed_tree(d, drafted=100.0, plain=1.0, fallback=False)
     generate_ids(t, PROMPTS_SMALL, never, max_new_tokens=40)
-    assert never.skipped == 0 and len(never.sizes) > len(dear.sizes) - dear.skipped
-    cheap = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0)
-    generate_ids(t, PROMPTS_SMALL, cheap, max_new_tokens=40)
-    assert cheap.skipped == 0  # drafting that pays never pauses
-    fixed = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=4, cost=_flat_cost(10.0))
+    assert never.skipped == 0
+    fast = _timed_tree(d, drafted=1.0, plain=1.0, refresh=8)  # >= 1 token a row: never slower
+    generate_ids(t, PROMPTS_SMALL, fast, max_new_tokens=40)
+    drafted = len(fast.sizes) - fast.skipped
+    assert 1 <= fast.skipped <= 1 + drafted // 8  # only the plain steps that measure
+    fixed = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=4)
+    fixed._clock = _StepClock(fixed, 100.0, 1.0)
     generate_ids(t, PROMPTS_SMALL, fixed, max_new_tokens=20)
     assert fixed.skipped == 0 and set(fixed.sizes) == {4}  # a fixed size means every step
-    with pytest.raises(ValueError, match="max_skip"):
-        DynamicTreeDraft(d, max_skip=0)
+    for name in ("max_skip", "refresh"):
+        with pytest.raises(ValueError, match=name):
+            DynamicTreeDraft(d, **{name: 0})
 
 
-def test_the_pause_follows_the_smoothed_ratio(trained):
-    """_after_step: one losing step after a paying run does not pause; losing steps double the
-    pause up to max_skip; a paying step ends the back-off."""
+def test_the_pause_policy_follows_the_measured_rates(trained):
+    """_decide: measure a plain step after the first drafted one; pause 1, 2, 4 ... up to
+    max_skip steps while drafted steps are slower, with a drafted probe after each pause; a
+    probe that brings the drafted rate above the plain one ends the back-off; re-measure the
+    plain rate every `refresh` drafted steps."""
     _, d, _ = trained
-    g = DynamicTreeDraft(d, cost=VerifyCost([1, 2], [1.0, 2.0]), max_skip=4)
-    both = torch.tensor([True, True])  # a plain step: 2 tokens a second
-    g._after_step(6.0, both)
-    assert g._skip == 0 and g._ratio == 3.0
-    g._after_step(1.0, both)  # (3 + 0.5) / 2 >= 1: no pause
-    assert g._skip == 0
-    pauses = []
-    for _ in range(5):
-        g._after_step(0.2, both)
-        pauses.append(g._skip)
-    assert pauses == [1, 2, 4, 4, 4]
-    g._ratio, g._skip = 1.0, 0  # the pause ran out; the probe pays
-    g._after_step(4.0, both)
-    assert g._skip == 0 and g._backoff == 0
+    g = DynamicTreeDraft(d, max_skip=4, refresh=5)
+
+    def run(n, drafted_rate, plain_rate=1.0):
+        seen = []
+        for _ in range(n):
+            step = g._decide()
+            seen.append("d" if step else "p")
+            g._account(step, drafted_rate if step else plain_rate, 1.0)
+        return "".join(seen)
+
+    assert run(2, 0.2) == "dp"  # drafted first, then a plain step to compare with
+    assert run(19, 0.2) == "p" + "dpp" + "dpppp" + "dpppp" + "dpppp"  # pauses of 1, 2, 4, 4, 4
+    # probes at 3 tokens a step pull the smoothed drafted rate (0.2 before) above 1 after two
+    assert run(8, 3.0) == "dpppp" + "ddd"
+    g._rates[False] = (1.0, 1.0)
+    assert run(7, 3.0) == "dd" + "p" + "dddd"  # a plain step every 5 drafted ones
+    assert g._backoff == 0
 
 
 def test_calibration_records_what_was_accepted(trained):

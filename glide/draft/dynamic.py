@@ -26,12 +26,15 @@ Each step:
    (:class:`VerifyCost`, cached per device, model shape, dtype and batch), ``t_draft`` the
    time this step's drafting took, and ``f`` an optional calibration of ``v`` against observed
    acceptance (:class:`Calibration`).
-4. **Pause.** When even that best tree is expected to emit fewer tokens per second than a
-   one-slot forward would (smoothed over steps; on the CPU at batch 4, or sampling, the draft
-   and the wider verification can cost more than they bring), the next steps draft nothing and
-   the engine decodes them as plain steps, for a pause that doubles while drafting keeps losing
-   (``fallback``; vLLM turns speculation off above a batch size for the same reason). The
-   first drafted step after a pause catches up on every token committed in it.
+4. **Pause.** The draft times every step, from one proposal to the next (drafting,
+   verification and the engine's work), and keeps smoothed tokens per second of drafted steps
+   and of plain ones (it runs a plain step early on, and again every ``refresh`` drafted
+   steps, to know). While drafted steps emit fewer tokens per second than plain ones (on this
+   CPU at batch 4, or sampling, the draft and the wider verification can cost more than they
+   bring), the draft pauses: the next steps draft nothing and the engine decodes them as
+   plain steps, for a pause that doubles while drafting keeps losing (``fallback``; vLLM
+   turns speculation off above a batch size for the same reason). The drafted step that ends
+   a pause catches up on every token committed in it.
 
 Exactness does not depend on any of it: the engine verifies whatever tree comes out.
 """
@@ -257,12 +260,14 @@ class DynamicTreeDraft(GlideDraft):
     growth_check : bool
         ``False`` skips that question and always grows (to measure what it saves).
     fallback : bool
-        Decode without drafting while drafting does not pay (see :meth:`_after_step`): the
-        steps it skips propose nothing, so the engine runs them as one-slot forwards, and the
-        draft forward that ends the pause catches its cache up on every token committed
-        meanwhile. Not with ``fixed_size``.
+        Decode without drafting while drafting does not pay (see :meth:`_plan`): the steps it
+        skips propose nothing, so the engine runs them as one-slot forwards, and the draft
+        forward that ends the pause catches its cache up on every token committed meanwhile.
+        Not with ``fixed_size``.
     max_skip : int
         The longest pause, in steps.
+    refresh : int
+        Drafted steps between two plain steps that re-measure the plain rate.
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
@@ -270,10 +275,10 @@ class DynamicTreeDraft(GlideDraft):
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
-                 growth_check: bool = True, fallback: bool = True, max_skip: int = 16):
+                 growth_check: bool = True, fallback: bool = True, max_skip: int = 16, refresh: int = 32):
         super().__init__(model, gamma=depth)
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
-                            ("max_skip", max_skip)):
+                            ("max_skip", max_skip), ("refresh", refresh)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.depth, self.beam = depth, beam
@@ -284,21 +289,25 @@ class DynamicTreeDraft(GlideDraft):
         self.min_expand = min_expand
         self.growth_check = growth_check
         self.fallback = bool(fallback) and fixed_size is None
-        self.max_skip = max_skip
+        self.max_skip, self.refresh = max_skip, refresh
+        self._clock = time.perf_counter  # times the steps (tests replace it)
         self.sizes = []  # chosen tree sizes, for reports
         self.skipped = 0  # steps decoded without drafting, for reports
         self._reset_pause()
 
     def _reset_pause(self) -> None:
         self._skip = 0  # steps left in the current pause
+        self._probe = False  # the step after a pause drafts
         self._gap = 0  # steps skipped since the last catch-up (each commits one token a row)
         self._backoff = 0  # the last pause's length
-        self._ratio = None  # smoothed (drafted step's expected tokens/s) / (one-slot forward's)
+        self._since_plain = 0  # drafted steps since the last plain one
+        self._rates = {}  # True (drafted) / False (plain) -> smoothed (tokens, seconds) a step
+        self._prev = None  # (drafted, clock, lengths) at the last proposal
 
     def cache_extra(self) -> int:
         # scratch slots for the expanded nodes, and the catch-up window's padding (one more row
-        # for each step a pause skipped)
-        pause = self.max_skip if self.fallback else 0
+        # for each step skipped: a pause, and a plain step that measured the plain rate)
+        pause = self.max_skip + 1 if self.fallback else 0
         return max(self.max_nodes, (self.depth - 1) * self.beam) + self.depth + 2 + pause
 
     def begin(self, ctx: DraftContext) -> None:
@@ -317,8 +326,7 @@ class DynamicTreeDraft(GlideDraft):
         t0 = time.perf_counter()
         m, cache = self.model, self.cache
         B, dev = ctx.root.shape[0], ctx.root.device
-        if self._skip > 0:  # a pause: nothing to verify but the root
-            self._skip -= 1
+        if self.fallback and not self._plan(ctx):  # a pause: nothing to verify but the root
             self._gap += 1
             self.skipped += 1
             self.sizes.append(0)
@@ -384,9 +392,7 @@ class DynamicTreeDraft(GlideDraft):
         if self.fixed_size is not None:
             N = min(self.fixed_size, self.max_nodes, v_sorted.shape[1])
         else:
-            N, gain, seconds = self._best_size(v_sorted, time.perf_counter() - t0, ctx.active)
-            if self.fallback:
-                self._after_step(gain / seconds, ctx.active)
+            N = self._best_size(v_sorted, time.perf_counter() - t0, ctx.active)[0]
         sel = order[:, :N]
         slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
         sel_parent = parent.gather(1, sel)
@@ -397,26 +403,54 @@ class DynamicTreeDraft(GlideDraft):
         self._last = (proposal, root_pos.clone(), depth.gather(1, sel))
         return proposal
 
-    def _after_step(self, rate: float, active: torch.Tensor) -> None:
-        """Pause drafting when it does not pay.
+    def _plan(self, ctx: DraftContext) -> bool:
+        """Whether this step drafts: times the last step (see :meth:`_account`), then asks
+        :meth:`_decide`."""
+        now, lengths = self._clock(), ctx.lengths
+        if self._prev is not None:
+            drafted, then, before = self._prev
+            self._account(drafted, float((lengths - before).sum()), now - then)  # a host read
+        draft = self._decide()
+        self._prev = (draft, now, lengths.clone())
+        return draft
 
-        ``rate`` is the expected tokens per second of the step just drafted (drafting
-        included), the one-slot forward's the batch's active sequences over ``t_verify(1)``.
-        Their ratio is smoothed over drafted steps (halving weights), so one unsure step does
-        not stop a draft that pays on most. Below 1 the next steps decode without drafting: 1
-        step, then twice as many after each drafted step that still loses, up to
-        ``max_skip``; a step that pays ends the back-off.
-        """
-        plain = float(active.sum()) / float(self.cost(1))
-        if plain <= 0:
-            return
-        ratio = rate / plain
-        self._ratio = ratio if self._ratio is None else 0.5 * (self._ratio + ratio)
-        if self._ratio < 1.0:
+    def _account(self, drafted: bool, tokens: float, seconds: float) -> None:
+        """Add a step that emitted ``tokens`` (the batch's) in ``seconds`` to its kind's
+        smoothed rate: weight 1/4 for the noisy drafted steps, 1/2 for plain ones."""
+        a = 0.25 if drafted else 0.5
+        tok, sec = self._rates.get(drafted, (tokens, seconds))
+        self._rates[drafted] = (tok + a * (tokens - tok), sec + a * (seconds - sec))
+
+    def _decide(self) -> bool:
+        """The pause policy. A pause's steps are plain; the step after a pause drafts (a probe).
+        With drafted steps measured but no plain one yet, or ``refresh`` drafted steps since
+        the last, one plain step measures the plain rate. Then drafted steps at a lower
+        smoothed tokens per second than plain ones start a pause: 1 step, twice the last after
+        each probe that still loses, up to ``max_skip``; a step that drafts on the rates
+        ends the back-off."""
+        if self._skip > 0:
+            self._skip -= 1
+            return self._plain()
+        if self._probe:
+            self._probe = False
+            return self._drafted()
+        drafted, plain = self._rates.get(True), self._rates.get(False)
+        if drafted is not None and (plain is None or self._since_plain >= self.refresh):
+            return self._plain()
+        if drafted is not None and drafted[0] * plain[1] < plain[0] * drafted[1]:
             self._backoff = min(max(1, 2 * self._backoff), self.max_skip)
-            self._skip = self._backoff
-        else:
-            self._backoff = 0
+            self._skip, self._probe = self._backoff - 1, True
+            return self._plain()
+        self._backoff = 0
+        return self._drafted()
+
+    def _plain(self) -> bool:
+        self._since_plain = 0
+        return False
+
+    def _drafted(self) -> bool:
+        self._since_plain += 1
+        return True
 
     def _expected(self, v: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Expected acceptance of candidates with path probabilities ``v`` (calibrated), 0 for

@@ -494,8 +494,9 @@ def test_drafting_pauses_while_drafted_steps_are_slower_and_stays_lossless(train
     out = generate_ids(t, PROMPTS_SMALL, slow, max_new_tokens=40)
     assert [o.output_ids for o in out] == [o.output_ids for o in ar]
     drafted = len(slow.sizes) - slow.skipped
-    # a drafted step, a plain one that measures, then pauses of 1, 2, 4, 8, 16 ... steps
-    assert slow.skipped > 0 and drafted <= 7, (drafted, slow.skipped)
+    # 5 drafted steps (the first is not timed), a plain one that measures, then pauses of 1,
+    # 2, 4, 8, 16 ... steps, each followed by one drafted probe
+    assert slow.skipped > 0 and drafted <= 10, (drafted, slow.skipped)
     never = _timed_tree(d, drafted=100.0, plain=1.0, fallback=False)
     generate_ids(t, PROMPTS_SMALL, never, max_new_tokens=40)
     assert never.skipped == 0
@@ -513,10 +514,10 @@ def test_drafting_pauses_while_drafted_steps_are_slower_and_stays_lossless(train
 
 
 def test_the_pause_policy_follows_the_measured_rates(trained):
-    """_decide: measure a plain step after the first drafted one; pause 1, 2, 4 ... up to
-    max_skip steps while drafted steps are slower, with a drafted probe after each pause; a
-    probe that brings the drafted rate above the plain one ends the back-off; re-measure the
-    plain rate every `refresh` drafted steps."""
+    """_decide: draft the first WARM_UP (4) measured steps, then measure a plain step; pause 1,
+    2, 4 ... up to max_skip steps while drafted steps are slower than 0.9x plain ones, with a
+    drafted probe after each pause; a probe that brings the drafted rate back above ends the
+    back-off; re-measure the plain rate every `refresh` drafted steps."""
     _, d, _ = trained
     g = DynamicTreeDraft(d, max_skip=4, refresh=5)
 
@@ -528,13 +529,17 @@ def test_the_pause_policy_follows_the_measured_rates(trained):
             g._account(step, drafted_rate if step else plain_rate, 1.0)
         return "".join(seen)
 
-    assert run(2, 0.2) == "dp"  # drafted first, then a plain step to compare with
-    assert run(19, 0.2) == "p" + "dpp" + "dpppp" + "dpppp" + "dpppp"  # pauses of 1, 2, 4, 4, 4
-    # probes at 3 tokens a step pull the smoothed drafted rate (0.2 before) above 1 after two
+    assert run(6, 0.2) == "dddd" + "p" + "p"  # warm-up, the plain measure, a first pause of 1
+    assert run(18, 0.2) == "d" + "pp" + "d" + "pppp" + "d" + "pppp" + "d" + "pppp"  # pauses of 2, 4, 4, 4
+    # probes at 3 tokens a step: the first leaves the weighted drafted rate at ~0.70, the
+    # second lifts it to ~1.09
     assert run(8, 3.0) == "dpppp" + "ddd"
-    g._rates[False] = (1.0, 1.0)
+    g._rates[False] = (1.0, 1.0, 1)
     assert run(7, 3.0) == "dd" + "p" + "dddd"  # a plain step every 5 drafted ones
     assert g._backoff == 0
+    g._rates, g._since_plain = {True: (0.95, 1.0, 9), False: (1.0, 1.0, 1)}, 0
+    assert run(3, 0.95) == "ddd"  # within the margin: no pause
+    assert run(9, 0.5) == "d" + "p" + "d" + "pp" + "d" + "ppp"  # one step at 0.5 brings it to 0.89
 
 
 def test_calibration_records_what_was_accepted(trained):

@@ -27,14 +27,15 @@ Each step:
    time this step's drafting took, and ``f`` an optional calibration of ``v`` against observed
    acceptance (:class:`Calibration`).
 4. **Pause.** The draft times every step, from one proposal to the next (drafting,
-   verification and the engine's work), and keeps smoothed tokens per second of drafted steps
-   and of plain ones (it runs a plain step early on, and again every ``refresh`` drafted
-   steps, to know). While drafted steps emit fewer tokens per second than plain ones (on this
-   CPU at batch 4, or sampling, the draft and the wider verification can cost more than they
-   bring), the draft pauses: the next steps draft nothing and the engine decodes them as
-   plain steps, for a pause that doubles while drafting keeps losing (``fallback``; vLLM
-   turns speculation off above a batch size for the same reason). The drafted step that ends
-   a pause catches up on every token committed in it.
+   verification and the engine's work), and keeps smoothed tokens per second of drafted
+   steps and of plain ones. The first steps all draft; then a plain step measures the plain
+   rate, again every ``refresh`` drafted steps. While drafted steps emit fewer tokens per
+   second than plain ones, by a margin against noise (on this CPU at batch 4, or sampling,
+   the draft and the wider verification can cost more than they bring), the draft pauses:
+   the next steps draft nothing and the engine decodes them as plain steps, for a pause that
+   doubles while drafting keeps losing (``fallback``; vLLM turns speculation off above a
+   batch size for the same reason). The drafted step that ends a pause catches up on every
+   token committed in it.
 
 Exactness does not depend on any of it: the engine verifies whatever tree comes out.
 """
@@ -301,8 +302,9 @@ class DynamicTreeDraft(GlideDraft):
         self._gap = 0  # steps skipped since the last catch-up (each commits one token a row)
         self._backoff = 0  # the last pause's length
         self._since_plain = 0  # drafted steps since the last plain one
-        self._rates = {}  # True (drafted) / False (plain) -> smoothed (tokens, seconds) a step
+        self._rates = {}  # True (drafted) / False (plain) -> smoothed (tokens, seconds, steps)
         self._prev = None  # (drafted, clock, lengths) at the last proposal
+        self._timed = False  # whether the last step counts (not the first)
 
     def cache_extra(self) -> int:
         # scratch slots for the expanded nodes, and the catch-up window's padding (one more row
@@ -409,23 +411,37 @@ class DynamicTreeDraft(GlideDraft):
         now, lengths = self._clock(), ctx.lengths
         if self._prev is not None:
             drafted, then, before = self._prev
-            self._account(drafted, float((lengths - before).sum()), now - then)  # a host read
+            if self._timed:  # the generation's first step runs cold: not counted
+                self._account(drafted, float((lengths - before).sum()), now - then)  # a host read
+            self._timed = True
         draft = self._decide()
         self._prev = (draft, now, lengths.clone())
         return draft
 
+    # A pause starts when drafted steps run below this fraction of the plain rate. Drafted
+    # steps emit 1 to depth + 1 tokens a row, so their smoothed rate wanders by ~15% at batch 1:
+    # at 1.0 a draft that paid 1.25x paused often enough to cost 3% greedy at batch 1
+    # (profiles/cpu-amd-epyc-2c/draft-eval-pause-v2.json).
+    PAUSE_BELOW = 0.9
+    # Drafted steps measured before the first pause (one step's tokens say little).
+    WARM_UP = 4
+
     def _account(self, drafted: bool, tokens: float, seconds: float) -> None:
         """Add a step that emitted ``tokens`` (the batch's) in ``seconds`` to its kind's
-        smoothed rate: weight 1/4 for the noisy drafted steps, 1/2 for plain ones."""
-        a = 0.25 if drafted else 0.5
-        tok, sec = self._rates.get(drafted, (tokens, seconds))
-        self._rates[drafted] = (tok + a * (tokens - tok), sec + a * (seconds - sec))
+        smoothed rate: exponentially weighted sums of tokens and of seconds, with weight 1/8
+        for the noisy drafted steps and 1/2 for plain ones. Both sums start at zero, so their
+        ratio is a weighted mean of the steps so far (the first step counts no more than the
+        others)."""
+        a = 0.125 if drafted else 0.5
+        tok, sec, n = self._rates.get(drafted, (0.0, 0.0, 0))
+        self._rates[drafted] = ((1 - a) * tok + a * tokens, (1 - a) * sec + a * seconds, n + 1)
 
     def _decide(self) -> bool:
         """The pause policy. A pause's steps are plain; the step after a pause drafts (a probe).
-        With drafted steps measured but no plain one yet, or ``refresh`` drafted steps since
-        the last, one plain step measures the plain rate. Then drafted steps at a lower
-        smoothed tokens per second than plain ones start a pause: 1 step, twice the last after
+        The first ``WARM_UP`` measured steps draft. Then, with no plain step measured yet, or
+        ``refresh`` drafted steps since the last, one plain step measures the plain rate. Then
+        drafted steps at a smoothed
+        tokens per second below ``PAUSE_BELOW`` times the plain one start a pause: 1 step, twice the last after
         each probe that still loses, up to ``max_skip``; a step that drafts on the rates
         ends the back-off."""
         if self._skip > 0:
@@ -435,9 +451,11 @@ class DynamicTreeDraft(GlideDraft):
             self._probe = False
             return self._drafted()
         drafted, plain = self._rates.get(True), self._rates.get(False)
-        if drafted is not None and (plain is None or self._since_plain >= self.refresh):
+        if drafted is None or drafted[2] < self.WARM_UP:
+            return self._drafted()
+        if plain is None or self._since_plain >= self.refresh:
             return self._plain()
-        if drafted is not None and drafted[0] * plain[1] < plain[0] * drafted[1]:
+        if drafted[0] * plain[1] < self.PAUSE_BELOW * plain[0] * drafted[1]:
             self._backoff = min(max(1, 2 * self._backoff), self.max_skip)
             self._skip, self._probe = self._backoff - 1, True
             return self._plain()
@@ -544,7 +562,9 @@ def record_calibration(target, net, prompts, max_new_tokens: int = 128, temperat
     if not prompts:
         raise ValueError("prompts: need at least one prompt to calibrate on")
     rec = Calibration()
-    d = DynamicTreeDraft(net, record=rec)  # one draft: its verify-cost curve is looked up once
+    # every step drafts (no pauses): the table should see every kind of step; one draft, so that
+    # its verify-cost curve is looked up once
+    d = DynamicTreeDraft(net, record=rec, fallback=False)
     for ids in tqdm(prompts, desc=f"calibrate T={temperature:g}", disable=not progress):
         generate_ids(target, [list(ids)], d, max_new_tokens=max_new_tokens, temperature=temperature,
                      seed=seed, eos_token_ids=eos_token_ids)

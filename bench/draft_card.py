@@ -63,6 +63,14 @@ def calibration_lines(body: dict) -> list[str]:
     return lines
 
 
+def _turns(corpus: dict) -> str:
+    later = corpus.get("later_turns", 0)
+    if not later:
+        return "each conversation's first user turn"
+    return (f"{corpus.get('samples', 0) - later} conversations' first user turns and {later} later user turns, "
+            "each answered on its own")
+
+
 def render(config: dict, evaluation: dict | None, name: str, notes=(), calibration: dict | None = None) -> str:
     card = config.get("card", {})
     cfg = config["config"]
@@ -78,7 +86,7 @@ def render(config: dict, evaluation: dict | None, name: str, notes=(), calibrati
         f"(head cut to {len(vocab) if vocab else t['vocab_size']} most frequent corpus tokens).",
         "",
         "## Training",
-        f"- Data (last stage): {corpus.get('samples', '?')} self-distilled ShareGPT conversations (first user turn, "
+        f"- Data (last stage): {corpus.get('samples', '?')} self-distilled ShareGPT prompts ({_turns(corpus)}, "
         f"answered by the target; half greedy, half at temperature 1), {corpus.get('tokens', '?')} tokens, of which "
         f"{corpus.get('response_tokens', '?')} response tokens carry the loss. Held-out prompts "
         "(`glide.train.prompts.is_heldout`) were never answered.",

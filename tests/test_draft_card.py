@@ -46,3 +46,12 @@ def test_card_shows_the_shipped_calibration():
                     "| 0.90-1.00 | 2 | 0.950 | 0.500 | - | - | - |"]
     assert "32 prompts of corpus shard 79" in text
     assert "Calibration" not in render(config, None, "glide")
+
+
+def test_card_says_which_user_turns_the_corpus_answered():
+    config = {"config": {"num_layers": 1, "cross_attention": True, "draft_vocab": None,
+                         "target": {"vocab_size": 9}}, "card": _stage(0.001, 10, 60, 47)}
+    assert "47 self-distilled ShareGPT prompts (each conversation's first user turn," in render(config, None, "glide")
+    config["card"]["corpus"]["later_turns"] = 7
+    text = render(config, None, "glide")
+    assert "47 self-distilled ShareGPT prompts (40 conversations' first user turns and 7 later user turns" in text

@@ -69,7 +69,9 @@ def run(batch_sizes, temperatures, limit, max_new_tokens, out=None, progress=Tru
                 def make(method=method):
                     if method == "ar":
                         return None
-                    return DynamicTreeDraft(net, calibration=cal, growth_check=method == "checked")
+                    # no pauses: every step drafts, so that only the growth check differs
+                    return DynamicTreeDraft(net, calibration=cal, growth_check=method == "checked",
+                                            fallback=False)
                 calls[0] = 0
                 d = harness.decode_all(target, ids, b, make, max_new_tokens, temp)
                 new, forwards, sizes, seconds = d["new"], d["forwards"], d["sizes"], d["seconds"]

@@ -310,13 +310,13 @@ def generate(
     gamma: int = 4,
     bins=None,
     tree: str | None = None,
-    fallback: bool = True,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     cuda_graphs: bool | None = None,
     progress: bool = False,
     on_text: Callable[[int, str], None] | None = None,
     loaded=None,
+    fallback: bool = True,
 ) -> list[dict]:
     """Generate a reply to each prompt with ``method``.
 
@@ -351,10 +351,6 @@ def generate(
         The draft tree for ``glide``/``cape``: ``chain`` (``glide``'s default), ``cape``
         (``cape``'s default), or ``dynamic``: a best-first tree sized by the verify cost
         measured on this device (:mod:`glide.draft.dynamic`).
-    fallback : bool
-        ``dynamic`` only: decode without drafting for a while (a pause that doubles while it
-        lasts) whenever the draft's tree is expected to emit fewer tokens per second than a
-        plain step, as on the CPU at batch 4. ``False`` drafts at every step.
     device : {"cpu", "cuda"}, optional
         ``cuda`` when this machine has it, else ``cpu``, by default.
     dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
@@ -368,6 +364,11 @@ def generate(
         Streams decoded text as it is produced (``ar`` and speculative methods).
     loaded : tuple, optional
         ``(model, tokenizer)`` already loaded by :func:`load`, to reuse across calls.
+    fallback : bool
+        ``dynamic`` only: while drafted steps, as timed, emit fewer tokens per second than
+        plain one-token steps (by a 10% margin), decode without drafting for a pause that
+        doubles while drafting keeps losing, as on this CPU at batch 4. ``False`` drafts at
+        every step.
 
     Returns
     -------
@@ -421,8 +422,9 @@ def generate(
     if encoded is None or tokenizer is not tok:
         encoded = [encode_chat(tokenizer, p.text) for p in items]
     draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback)
-    # our engine also reserves room for one verification tree past the last token
-    reserve = 0 if method == "hf" else 1 + (draft_obj.max_nodes if draft_obj is not None else 0)
+    # our engine also reserves room for one verification tree past the last token (and a
+    # GliDe draft for its own cache's scratch rows)
+    reserve = 0 if method == "hf" else (draft_obj.reserve() if draft_obj is not None else 1)
     check_prompt_lengths(items, encoded, max_new_tokens, reserve, int(config.max_position_embeddings))
     eos = eos_ids(config, tokenizer)
 

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="glide/cape draft tree: chain (glide's default), cape (cape's default) or dynamic "
                         "(best-first, sized by the verify cost measured on this device)")
     g.add_argument("--no-fallback", dest="fallback", action="store_false",
-                   help="dynamic tree: draft at every step (default: pause drafting while the tree "
-                        "is expected to emit fewer tokens per second than a plain step)")
+                   help="dynamic tree: draft at every step (default: pause drafting while drafted "
+                        "steps, as timed, emit fewer tokens per second than plain ones)")
     g.add_argument("--device", default=None, metavar="{cpu,cuda}",
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",

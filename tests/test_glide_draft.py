@@ -540,6 +540,10 @@ def test_the_pause_policy_follows_the_measured_rates(trained):
     g._rates, g._since_plain = {True: (0.95, 1.0, 9), False: (1.0, 1.0, 1)}, 0
     assert run(3, 0.95) == "ddd"  # within the margin: no pause
     assert run(9, 0.5) == "d" + "p" + "d" + "pp" + "d" + "ppp"  # one step at 0.5 brings it to 0.89
+    # the longest run of plain steps: a refresh step, then a full pause (the catch-up window
+    # and the draft cache's scratch rows are sized for max_skip + 1)
+    g = DynamicTreeDraft(d, max_skip=2, refresh=1)
+    assert max(len(r) for r in run(60, 0.2).split("d")) == 3
 
 
 def test_calibration_records_what_was_accepted(trained):
@@ -591,6 +595,7 @@ def test_calibration_ships_in_the_draft_folder_and_sizes_the_tree(trained, tmp_p
     draft = api.make_draft("glide", str(folder), t, tree="dynamic", temperature=1.0)
     assert draft.calibration.accepted == never.accepted
     draft.cost = _flat_cost(0.01)  # no timing noise: only the calibration decides the size
+    draft.fallback = False  # every step drafts: an empty tree is the calibration's doing
     out = generate_ids(t, PROMPTS_SMALL, draft, max_new_tokens=8, temperature=1.0)
     assert set(draft.sizes) == {0} and all(a == 1 for o in out for a in o.accepted)
     plain = DynamicTreeDraft(d, cost=_flat_cost(0.01))  # the same draft, uncalibrated, grows trees
@@ -643,3 +648,21 @@ def test_verify_cost_key_tells_apart_what_changes_cpu_timings(monkeypatch):
         assert VerifyCost.key(t32, 1, 256) != base
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_draft_caches_room_is_checked_before_decoding(trained):
+    """A request that leaves room for the verification tree but not for the dynamic tree's own
+    scratch rows fails up front, naming max_new_tokens, not inside the draft's begin."""
+    t, d, _ = trained
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=8)
+    assert g.reserve() == g.cache_extra() > 1 + g.max_nodes
+    prompt = PROMPTS_SMALL[0]
+    n = t.config.max_position_embeddings - len(prompt) - (1 + g.max_nodes)  # fits the tree alone
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_ids(t, [prompt], g, max_new_tokens=n)
+    # the most that fits, with pauses up to max_skip: catch-ups run up to the cache's end
+    slow = _timed_tree(d, drafted=100.0, plain=1.0, max_nodes=8)
+    fit = t.config.max_position_embeddings - len(prompt) - slow.reserve()
+    out = generate_ids(t, [prompt], slow, max_new_tokens=fit)
+    assert len(out[0].output_ids) == fit and slow.skipped > 30
+    assert out[0].output_ids == generate_ids(t, [prompt], None, max_new_tokens=fit)[0].output_ids

@@ -172,6 +172,9 @@ class GlideDraft(Draft):
             cache.lens += n  # on the device only; the host bound is re-measured if ever needed
 
     # ------------------------------------------------------------------ pieces
+    def reserve(self) -> int:
+        return max(1 + self.max_nodes, self.cache_extra())  # its cache holds cap + cache_extra()
+
     def cache_extra(self) -> int:
         """Draft cache slots beyond the committed tokens: the chain and the rewritten pair."""
         return self.max_nodes + 2

@@ -63,6 +63,11 @@ class Draft:
 
     max_nodes: int = 0
 
+    def reserve(self) -> int:
+        """Positions this draft needs beyond the longest prompt plus ``max_new_tokens``: the
+        verification tree (the root and ``max_nodes``), or more where its own cache needs it."""
+        return 1 + self.max_nodes
+
     def check(self, model) -> None:
         """Raise ValueError naming ``draft`` if this draft cannot serve ``model``."""
 

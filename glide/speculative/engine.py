@@ -107,7 +107,7 @@ class _Batch:
         return count
 
 
-def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tree_size):
+def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, reserve):
     check_sampling(temperature, top_p)
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -119,12 +119,13 @@ def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tre
             raise ValueError(f"prompts[{i}] holds a token id outside [0, {vocab})")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    need = max(len(p) for p in prompts) + max_new_tokens + tree_size
+    need = max(len(p) for p in prompts) + max_new_tokens + reserve
     limit = model.config.max_position_embeddings
     if need > limit:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} is too long: the longest prompt plus max_new_tokens plus "
-            f"the tree ({tree_size}) needs {need} positions, the model has {limit}"
+            f"{reserve} positions of room (the verification tree, the draft's scratch) needs {need} positions, "
+            f"the model has {limit}"
         )
     if draft is not None:
         if not isinstance(draft, Draft):
@@ -198,7 +199,8 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         ``row_ids`` or ``draft``.
     """
     tree_size = 1 + (draft.max_nodes if draft is not None else 0)
-    _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, tree_size)
+    _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p,
+                  draft.reserve() if isinstance(draft, Draft) else tree_size)
     B, dev = len(prompts), model.device
     row_ids = _check_row_ids(row_ids, B, seed)
     target = cuda_graphs if isinstance(cuda_graphs, CudaGraphs) else graphs_for(model, cuda_graphs)
@@ -257,19 +259,28 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
             new = pick(target.decode(state.root, cache))[:, None]
             count, problems = state.emit_one(new), None
         else:
-            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify)
+            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify, pick)
         running = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
                           model.config.vocab_size)
     return outputs
 
 
-def _speculative_step(model, target, cache, draft, ctx, state, verify):
+def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     """Draft a tree, verify it in one forward of ``target`` (the model or its CUDA graphs), keep
     the accepted path. Returns the emitted tokens (B, T), how many of them each sequence kept,
-    and the draft's validity flags."""
+    and the draft's validity flags. A proposal with no nodes at all (a paused dynamic tree)
+    runs as an AR step, ``pick`` on a one-token forward: the root's token is the one the
+    tree's verification would pick (the same position's uniforms when sampling). Unlike the
+    AR loop's decode it commits nothing for finished sequences, as compaction would not."""
     proposal = draft.propose(ctx)
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
+    if proposal.tokens.shape[1] == 0:
+        new = pick(target.forward(*model.decode_inputs(state.root, cache), cache)[:, 0])[:, None]
+        count = state.emit_one(new)
+        cache.commit(count)
+        draft.observe(ctx)
+        return new, count, None
     problems = proposal.problems(model.config.vocab_size)
     # never accept more than a sequence may still emit: this also bounds the positions used
     tree = build_tree(state.root, proposal, max_depth=(state.max_new - state.num_new - 1).clamp(min=0))

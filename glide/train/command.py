@@ -283,7 +283,7 @@ def _calibrate(target, tok, draft, corpus_dir, shards, num_prompts, new_tokens, 
     prompts = [s.tokens[:s.prompt_len].tolist() for s in samples]
     try:  # the API's own check, with the engine's reserve for one tree past the last token
         check_prompt_lengths([Prompt("", s.id) for s in samples], prompts, new_tokens,
-                             1 + DynamicTreeDraft(net).max_nodes, target.config.max_position_embeddings)
+                             DynamicTreeDraft(net, fallback=False).reserve(), target.config.max_position_embeddings)
     except ArgumentError as exc:
         name = "calibration_tokens" if exc.argument == "max_new_tokens" else exc.argument
         raise ArgumentError(name, exc.detail) from None

@@ -68,7 +68,7 @@ def _turns(corpus: dict) -> str:
     if not later:
         return "each conversation's first user turn"
     return (f"{corpus.get('samples', 0) - later} conversations' first user turns and {later} later user turns, "
-            "each answered on its own")
+            "each without the turns before it")
 
 
 def render(config: dict, evaluation: dict | None, name: str, notes=(), calibration: dict | None = None) -> str:

@@ -666,3 +666,16 @@ def test_the_draft_caches_room_is_checked_before_decoding(trained):
     out = generate_ids(t, [prompt], slow, max_new_tokens=fit)
     assert len(out[0].output_ids) == fit and slow.skipped > 30
     assert out[0].output_ids == generate_ids(t, [prompt], None, max_new_tokens=fit)[0].output_ids
+
+
+def test_a_paused_tree_through_the_static_graph_path_equals_ar(trained):
+    """The empty proposals of a pause run as one-token forwards through CudaGraphs' static
+    buffers (bucket 1, capture off on the CPU), committing nothing for finished rows."""
+    from glide.model.graphs import CudaGraphs
+
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    slow = _timed_tree(d, drafted=100.0, plain=1.0)
+    out = generate_ids(t, PROMPTS_SMALL, slow, max_new_tokens=40, cuda_graphs=CudaGraphs(t, capture=False))
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    assert slow.skipped >= 5  # pauses of 1, 2, 4 ... after the warm-up

@@ -424,7 +424,9 @@ def generate(
     draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback)
     # our engine also reserves room for one verification tree past the last token (and a
     # GliDe draft for its own cache's scratch rows)
-    reserve = 0 if method == "hf" else (draft_obj.reserve() if draft_obj is not None else 1)
+    from glide.speculative.engine import room
+
+    reserve = 0 if method == "hf" else room(draft_obj)
     check_prompt_lengths(items, encoded, max_new_tokens, reserve, int(config.max_position_embeddings))
     eos = eos_ids(config, tokenizer)
 

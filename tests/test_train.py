@@ -18,6 +18,7 @@ from glide.train.features import build_features, open_features
 from glide.train.prompts import (
     SourcePrompt,
     conversation_key,
+    later_turn,
     is_heldout,
     iter_json_array,
     read_prompt_source,
@@ -67,6 +68,7 @@ def test_all_turns_follow_the_first_turns(tmp_path):
     # a later turn belongs to its conversation's side of the held-out split
     assert conversation_key("a_0@4") == "a" and conversation_key("b@2") == "b"
     assert conversation_key("x@y") == "x@y"
+    assert later_turn("a_0@4") == 4 and later_turn("a_0") is None and later_turn("x@y") is None
     with pytest.raises(ValueError, match="^turns: "):
         read_prompt_source(j, turns="some")
 

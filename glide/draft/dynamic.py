@@ -303,7 +303,7 @@ class DynamicTreeDraft(GlideDraft):
         self._backoff = 0  # the last pause's length
         self._since_plain = 0  # drafted steps since the last plain one
         self._rates = {}  # True (drafted) / False (plain) -> smoothed (tokens, seconds, steps)
-        self._prev = None  # (drafted, clock, lengths) at the last proposal
+        self._prev = None  # (drafted, clock, committed tokens, live rows) at the last proposal
         self._warm = set()  # the kinds of step (drafted, plain) already run once
 
     def cache_extra(self) -> int:
@@ -408,16 +408,18 @@ class DynamicTreeDraft(GlideDraft):
     def _plan(self, ctx: DraftContext) -> bool:
         """Whether this step drafts: times the last step (see :meth:`_account`), then asks
         :meth:`_decide`."""
-        now, lengths = self._clock(), ctx.lengths
+        now = self._clock()
+        # one host read a step: tokens committed so far (finished rows stop growing) and rows live
+        committed, rows = torch.stack((ctx.lengths.sum(), ctx.active.sum())).tolist()
         if self._prev is not None:
-            drafted, then, before, rows = self._prev
+            drafted, then, before, live = self._prev
             if drafted not in self._warm:  # a generation's first step of each kind runs cold
                 self._warm.add(drafted)  # (new shapes: measured 30% slow for plain steps at batch 4)
-            elif rows > 0:
+            elif live > 0:
                 # tokens a row still decoding: a step's time hardly shrinks as rows finish
-                self._account(drafted, float((lengths - before).sum()) / rows, now - then)
+                self._account(drafted, (committed - before) / live, now - then)
         draft = self._decide()
-        self._prev = (draft, now, lengths.clone(), int(ctx.active.sum()))  # host reads
+        self._prev = (draft, now, committed, rows)
         return draft
 
     # A pause starts when drafted steps run below this fraction of the plain rate. Drafted

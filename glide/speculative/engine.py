@@ -107,6 +107,13 @@ class _Batch:
         return count
 
 
+def room(draft: Draft | None) -> int:
+    """Positions a request needs past its longest prompt plus ``max_new_tokens``: the root's
+    slot for AR, else :meth:`Draft.reserve` (the verification tree, and a draft's own scratch
+    rows)."""
+    return draft.reserve() if isinstance(draft, Draft) else 1
+
+
 def _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, reserve):
     check_sampling(temperature, top_p)
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
@@ -199,8 +206,7 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         ``row_ids`` or ``draft``.
     """
     tree_size = 1 + (draft.max_nodes if draft is not None else 0)
-    _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p,
-                  draft.reserve() if isinstance(draft, Draft) else tree_size)
+    _check_inputs(model, prompts, draft, max_new_tokens, temperature, top_p, room(draft))
     B, dev = len(prompts), model.device
     row_ids = _check_row_ids(row_ids, B, seed)
     target = cuda_graphs if isinstance(cuda_graphs, CudaGraphs) else graphs_for(model, cuda_graphs)

@@ -196,13 +196,13 @@ def run(args) -> int:
                                  topk=args.topk, progress=progress)
         trained = False
         if args.stage in ("all", "train"):
+            from .prompts import later_turn
             from .trainer import train_draft
 
             samples, feats, validation = _split(corpus_dir, feat_dir, args.shards, args.val_shards)
             card = {"corpus": {"samples": len(samples), "tokens": int(sum(len(s.tokens) for s in samples)),
                                "response_tokens": int(sum(len(s.tokens) - s.prompt_len for s in samples)),
-                               # ids <conversation>@<n>: a later user turn (--turns all)
-                               "later_turns": sum("@" in s.id for s in samples)},
+                               "later_turns": sum(later_turn(s.id) is not None for s in samples)},
                     "hardware": _hardware()}
             summary = train_draft(target, samples, feats, out / args.run_name, settings,
                                   max_steps=args.max_steps, progress=progress, card=card,

@@ -123,22 +123,26 @@ def _check_continues(old: dict, new: dict, out: Path) -> None:
         raise ValueError(f"data: {out} ends in a partial shard ({n_old} prompts); it cannot grow in place")
 
 
-def planned_prompts(path) -> int | None:
-    """The prompts the corpus in ``path`` is made for (its ``meta.json``); ``None`` without one."""
+def _planned(path) -> dict | None:
+    """The settings in the ``meta.json`` of the corpus in ``path``; ``None`` without a readable one."""
     try:
-        n = json.loads((Path(path) / "meta.json").read_text())["settings"]["max_prompts"]
+        settings = json.loads((Path(path) / "meta.json").read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return settings if isinstance(settings, dict) else None
+
+
+def planned_prompts(path) -> int | None:
+    """The prompts the corpus in ``path`` is made for (its ``meta.json``); ``None`` without one."""
+    n = (_planned(path) or {}).get("max_prompts")
     return n if isinstance(n, int) and n > 0 else None
 
 
 def planned_turns(path) -> str | None:
     """The ``turns`` setting of the corpus in ``path``: ``first`` for one made before the
     setting existed, ``None`` without a corpus."""
-    try:
-        t = json.loads((Path(path) / "meta.json").read_text())["settings"].get("turns", "first")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    settings = _planned(path)
+    t = None if settings is None else settings.get("turns", "first")
     return t if isinstance(t, str) else None
 
 

@@ -164,12 +164,19 @@ def read_prompt_source(path: str | os.PathLike | None = None, turns: str = "firs
     return out
 
 
+def later_turn(prompt_id: str) -> int | None:
+    """``n`` for a later user turn's id ``<id>@<n>`` (:func:`read_prompt_source`), else ``None``."""
+    _, sep, tail = str(prompt_id).rpartition("@")
+    return int(tail) if sep and tail.isdigit() else None
+
+
 def conversation_key(prompt_id: str) -> str:
     """ShareGPT splits long conversations into records ``<id>_0``, ``<id>_1``, ...: the part
     before the last ``_<n>``, so that all parts of a conversation fall on the same side; a later
     turn's ``@<n>`` (:func:`read_prompt_source`) is dropped first."""
-    head, sep, tail = str(prompt_id).rpartition("@")
-    prompt_id = head if sep and tail.isdigit() else str(prompt_id)
+    prompt_id = str(prompt_id)
+    if later_turn(prompt_id) is not None:
+        prompt_id = prompt_id.rpartition("@")[0]
     head, sep, tail = prompt_id.rpartition("_")
     return head if sep and tail.isdigit() else str(prompt_id)
 

@@ -516,8 +516,7 @@ def test_drafting_pauses_while_drafted_steps_are_slower_and_stays_lossless(train
 def test_the_pause_policy_follows_the_measured_rates(trained):
     """_decide: draft the first WARM_UP (4) measured steps, then measure a plain step; pause 1,
     2, 4 ... up to max_skip steps while drafted steps are slower than 0.9x plain ones, with a
-    drafted probe after each pause; a probe that brings the drafted rate back above ends the
-    back-off; re-measure the plain rate every `refresh` drafted steps."""
+    drafted probe after each pause; a step that drafts on the rates halves the back-off; re-measure the plain rate every `refresh` drafted steps."""
     _, d, _ = trained
     g = DynamicTreeDraft(d, max_skip=4, refresh=5)
 
@@ -532,7 +531,7 @@ def test_the_pause_policy_follows_the_measured_rates(trained):
     assert run(6, 0.2) == "dddd" + "p" + "p"  # warm-up, the plain measure, a first pause of 1
     assert run(18, 0.2) == "d" + "pp" + "d" + "pppp" + "d" + "pppp" + "d" + "pppp"  # pauses of 2, 4, 4, 4
     # probes at 3 tokens a step: the first leaves the weighted drafted rate at ~0.70, the
-    # second lifts it to ~1.09
+    # second lifts it to ~1.09 (and the drafted steps halve the back-off down to 0)
     assert run(8, 3.0) == "dpppp" + "ddd"
     g._rates[False] = (1.0, 1.0, 1)
     assert run(7, 3.0) == "dd" + "p" + "dddd"  # a plain step every 5 drafted ones
@@ -544,6 +543,38 @@ def test_the_pause_policy_follows_the_measured_rates(trained):
     # and the draft cache's scratch rows are sized for max_skip + 1)
     g = DynamicTreeDraft(d, max_skip=2, refresh=1)
     assert max(len(r) for r in run(60, 0.2).split("d")) == 3
+    # a step that drafts on the rates halves the back-off, and losing again doubles it back
+    g = DynamicTreeDraft(d, max_skip=8, refresh=100)
+    g._rates, g._backoff = {True: (1.0, 1.0, 9), False: (1.0, 1.0, 1)}, 8
+    assert run(1, 1.0) == "d" and g._backoff == 4
+    # one more drafted step (4 -> 2) at 0.1 sinks the rate below 0.9: a pause of 4
+    assert run(2, 0.1) == "dp" and g._backoff == 4 and g._skip == 3
+
+
+def test_the_pause_policy_remembers_its_rates_per_batch_size(trained):
+    """A second generation at the same batch size starts from the first one's rates and pause
+    length (no warm-up, pauses of max_skip at once); a new batch size starts afresh."""
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    slow = _timed_tree(d, drafted=100.0, plain=1.0, max_skip=8)
+
+    def drafted_steps(prompts):
+        before, skipped = len(slow.sizes), slow.skipped
+        out = generate_ids(t, prompts, slow, max_new_tokens=40)
+        steps = len(slow.sizes) - before
+        return out, steps - (slow.skipped - skipped), steps
+
+    out, first, steps = drafted_steps(PROMPTS_SMALL)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    assert first >= 5 and slow._backoff == 8  # the warm-up, then pauses of 1, 2, 4, 8
+    out, second, steps = drafted_steps(PROMPTS_SMALL)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    # a pause of 8 straight away (a cold plain step first, not timed): only the probes draft
+    assert second <= -(-steps // 9) and second < first, (first, second, steps)
+    _, single, _ = drafted_steps(PROMPTS_SMALL[:1])
+    assert single >= 5  # batch 1 has no rates yet: it warms up
+    _, again, steps = drafted_steps(PROMPTS_SMALL)  # batch 3's rates were kept aside
+    assert again <= -(-steps // 9), (again, steps)
 
 
 def test_calibration_records_what_was_accepted(trained):

@@ -35,7 +35,9 @@ Each step:
    the next steps draft nothing and the engine decodes them as plain steps, for a pause that
    doubles while drafting keeps losing (``fallback``; vLLM turns speculation off above a
    batch size for the same reason). The drafted step that ends a pause catches up on every
-   token committed in it.
+   token committed in it. The rates and the pause length carry over from one generation to
+   the next of the same batch size (the batches of one request, or a draft kept for many), so
+   only the draft's first generation at a batch size pays the warm-up.
 
 Exactness does not depend on any of it: the engine verifies whatever tree comes out.
 """
@@ -294,17 +296,27 @@ class DynamicTreeDraft(GlideDraft):
         self._clock = time.perf_counter  # times the steps (tests replace it)
         self.sizes = []  # chosen tree sizes, for reports
         self.skipped = 0  # steps decoded without drafting, for reports
-        self._reset_pause()
+        # what the pause policy learnt, kept across generations: batch size -> (rates, backoff,
+        # since_plain) of the sizes not in use
+        self._memory, self._batch = {}, None
+        self._rates = {}  # True (drafted) / False (plain) -> smoothed (tokens, seconds, steps)
+        self._backoff = 0  # the last pause's length
+        self._since_plain = 0  # drafted steps since the last plain one
+        self._new_generation()
 
-    def _reset_pause(self) -> None:
+    def _new_generation(self, batch: int | None = None) -> None:
+        """Reset the step state for a new generation; with ``batch``, switch the learnt rates
+        to that batch size's (empty for a size not seen yet)."""
         self._skip = 0  # steps left in the current pause
         self._probe = False  # the step after a pause drafts
         self._gap = 0  # steps skipped since the last catch-up (each commits one token a row)
-        self._backoff = 0  # the last pause's length
-        self._since_plain = 0  # drafted steps since the last plain one
-        self._rates = {}  # True (drafted) / False (plain) -> smoothed (tokens, seconds, steps)
         self._prev = None  # (drafted, clock, committed tokens, live rows) at the last proposal
         self._warm = set()  # the kinds of step (drafted, plain) already run once
+        if batch is not None and batch != self._batch:
+            if self._batch is not None:
+                self._memory[self._batch] = (self._rates, self._backoff, self._since_plain)
+            self._rates, self._backoff, self._since_plain = self._memory.pop(batch, ({}, 0, 0))
+            self._batch = batch
 
     def cache_extra(self) -> int:
         # scratch slots for the expanded nodes, and the catch-up window's padding (one more row
@@ -317,7 +329,7 @@ class DynamicTreeDraft(GlideDraft):
         self.trusted = (ctx.lengths - 1).clone()  # positions whose draft K/V are right
         self._last = None
         self._t_level = None  # seconds of the last grown level's draft forward
-        self._reset_pause()
+        self._new_generation(int(ctx.lengths.shape[0]))
         if self.cost is None and self.fixed_size is None:
             # the verify forwards run as the engine runs them: replayed graphs when it said so
             self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()),
@@ -446,7 +458,8 @@ class DynamicTreeDraft(GlideDraft):
         ``refresh`` drafted steps since the last, one plain step measures the plain rate. Then
         drafted steps at a smoothed tokens per second below ``PAUSE_BELOW`` times the plain
         one start a pause: 1 step, twice the last after each probe that still loses, up to
-        ``max_skip``; a step that drafts on the rates ends the back-off. A probe is timed with
+        ``max_skip``; a step that drafts on the rates halves the back-off (one lucky probe near
+        the threshold would otherwise restart the doubling from 1). A probe is timed with
         its catch-up over the pause's tokens, which makes it look a little slower than a
         drafted step in a run (a bias towards pausing, small beside a step's verification)."""
         if self._skip > 0:
@@ -464,7 +477,7 @@ class DynamicTreeDraft(GlideDraft):
             self._backoff = min(max(1, 2 * self._backoff), self.max_skip)
             self._skip, self._probe = self._backoff - 1, True
             return self._plain()
-        self._backoff = 0
+        self._backoff //= 2
         return self._drafted()
 
     def _plain(self) -> bool:

@@ -13,8 +13,10 @@ a run stopped at a time limit keeps what it finished):
   far the fused logits are from the unfused ones).
 - ``e2e``: tokens/s of ``ar`` eager and graphed, of an oracle draft (chain of 4, always right:
   the verification path at a mean acceptance of 5), of a random GliDe draft (the draft's own
-  steps, captured when graphed), and of transformers' ``generate()`` on the same shape,
-  batch 1 and 8, 128 new tokens after 128-token prompts.
+  steps, captured when graphed), of the dynamic tree on that random draft (it loses, so it
+  pauses: the paused steps' one-slot forwards, and how many steps paused), and of
+  transformers' ``generate()`` on the same shape, batch 1 and 8, 128 new tokens after
+  128-token prompts. Every speculative row says whether its tokens equal ``ar``'s.
 - ``tree``: tree attention GPU time (a CUDA graph over input copies that overflow L2) by tree
   size T at ctx 8k and 32k, Llama-8B heads (group 4) and SmolLM2 heads (group 3), plus groups
   1-8 at T = 64; the launcher's default KV splits against the pre-fix policy and, past 64
@@ -296,6 +298,22 @@ def step_e2e(rec, dev, dtype, smoke):
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=[o.output_ids for o in outs3] == refs, new_tokens=new,
                         prompt_len=plen)
+            # The dynamic tree on the same random draft: its drafted steps lose, so it pauses,
+            # and the paused steps run as one-slot forwards (the graphed engine's bucket 1).
+            # Fresh trees: one keeps what its pause policy learnt across generations.
+            from glide.draft.dynamic import DynamicTreeDraft
+
+            def tree():
+                return DynamicTreeDraft(net, depth=4, top_k=4, beam=2, max_nodes=16)
+
+            for label, graphs in (("eager", False), ("graphed", gr)):
+                run(tree(), graphs)
+                dyn = tree()
+                outs4, tps_wall, tps_decode, mat = run(dyn, graphs)
+                rec.add("e2e", shape=shape, batch=B, method="glide-random-dynamic", mode=label,
+                        tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
+                        same_tokens_as_ar=[o.output_ids for o in outs4] == refs, new_tokens=new,
+                        prompt_len=plen, steps=len(dyn.sizes), paused_steps=dyn.skipped)
             if hf_error is None:
                 try:
                     hf = hf or _hf_model(shape, dev, dtype)
@@ -478,6 +496,10 @@ def _summary(rec):
                   f"{r['eager_us']:.0f} us, graphed {r['graphed_us']:.0f} us, replay {rp} us{diff}")
         elif s == "e2e" and "method" in r:
             extra = f" MAT {r['mean_accepted']:.2f}" if "mean_accepted" in r else ""
+            if "paused_steps" in r:
+                extra += f", paused {r['paused_steps']}/{r['steps']} steps"
+            if r.get("same_tokens_as_ar") is False:
+                extra += ", TOKENS DIFFER FROM AR"
             print(f"e2e {r['shape']} b{r['batch']} {r['method']}/{r['mode']}: {r['tok_s_wall']:.0f} tok/s{extra}")
         elif s == "tree":
             bm = f", 128-row tiles {r['bm128_gbps']:.0f}" if "bm128_gbps" in r else ""

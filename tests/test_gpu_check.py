@@ -32,6 +32,22 @@ def test_smoke_run_writes_rows_and_plots(tmp_path):
     assert names == {"gpu-tree-attention.png", "gpu-forward.png"}  # no e2e rows, no e2e plot
 
 
+def test_smoke_e2e_rows_keep_ar_tokens_and_count_paused_steps(tmp_path, capsys):
+    out = tmp_path / "gc"
+    assert gpu_check.main(["--smoke", "--out", str(out), "--steps", "e2e"]) == 0
+    data = json.loads((out / "gpu-check.json").read_text())
+    assert data["meta"]["errors"] == []
+    rows = [r for r in data["rows"] if r.get("method")]
+    methods = {r["method"] for r in rows}
+    assert {"ar", "oracle-chain4", "glide-random-draft", "glide-random-dynamic"} <= methods
+    spec = [r for r in rows if "same_tokens_as_ar" in r]
+    assert len(spec) == 12 and all(r["same_tokens_as_ar"] for r in spec)
+    dyn = [r for r in rows if r["method"] == "glide-random-dynamic"]
+    assert {(r["batch"], r["mode"]) for r in dyn} == {(b, m) for b in (1, 8) for m in ("eager", "graphed")}
+    assert all(0 <= r["paused_steps"] < r["steps"] and r["tok_s_wall"] > 0 for r in dyn)
+    assert "glide-random-dynamic/graphed" in capsys.readouterr().out  # the summary's rows
+
+
 def test_budget_skips_late_steps(tmp_path):
     out = tmp_path / "gc"
     gpu_check.main(["--smoke", "--out", str(out), "--steps", "copy", "tree", "--budget-s", "1e-9"])

@@ -553,7 +553,8 @@ def test_the_pause_policy_follows_the_measured_rates(trained):
 
 def test_the_pause_policy_remembers_its_rates_per_batch_size(trained):
     """A second generation at the same batch size starts from the first one's rates and pause
-    length (no warm-up, pauses of max_skip at once); a new batch size starts afresh."""
+    length (no warm-up, pauses of max_skip at once), its drafted rate down-weighted; a new batch
+    size starts afresh."""
     t, d, _ = trained
     ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
     slow = _timed_tree(d, drafted=100.0, plain=1.0, max_skip=8)
@@ -575,6 +576,10 @@ def test_the_pause_policy_remembers_its_rates_per_batch_size(trained):
     assert single >= 5  # batch 1 has no rates yet: it warms up
     _, again, steps = drafted_steps(PROMPTS_SMALL)  # batch 3's rates were kept aside
     assert again <= -(-steps // 9), (again, steps)
+    # the drafted rate comes back as a weak prior: same rate, a quarter of the weight
+    tok, sec, n = slow._rates[True]
+    slow._new_generation(3)
+    assert slow._rates[True] == (slow.CARRY * tok, slow.CARRY * sec, n) and slow.CARRY == 0.25
 
 
 def test_calibration_records_what_was_accepted(trained):

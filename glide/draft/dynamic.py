@@ -317,6 +317,10 @@ class DynamicTreeDraft(GlideDraft):
                 self._memory[self._batch] = (self._rates, self._backoff, self._since_plain)
             self._rates, self._backoff, self._since_plain = self._memory.pop(batch, ({}, 0, 0))
             self._batch = batch
+        if batch is not None and True in self._rates:
+            # acceptance is the prompts' own: the drafted rate carries over as a weak prior
+            tok, sec, n = self._rates[True]
+            self._rates[True] = (self.CARRY * tok, self.CARRY * sec, n)
 
     def cache_extra(self) -> int:
         # scratch slots for the expanded nodes, and the catch-up window's padding (one more row
@@ -441,6 +445,9 @@ class DynamicTreeDraft(GlideDraft):
     PAUSE_BELOW = 0.9
     # Drafted steps measured before the first pause (one step's tokens say little).
     WARM_UP = 4
+    # The share of its weight the drafted rate keeps into the next generation: there the first
+    # drafted steps count as much as the whole past (a new prompt may suit the draft better).
+    CARRY = 0.25
 
     def _account(self, drafted: bool, tokens: float, seconds: float) -> None:
         """Add a step that emitted ``tokens`` (a row's) in ``seconds`` to its kind's

@@ -293,6 +293,25 @@ def test_outside_writes_to_lens_are_seen_under_inference_mode():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_decode_keeps_only_the_tokens_it_is_told_to():
+    """decode(commit=...) keeps a token per row as told (0: a finished row writes past its
+    length and keeps nothing), and the kept rows match a plain decode."""
+    model = tiny_model(seed=3)
+    kept, plain = model.new_cache(2, 16), model.new_cache(2, 16)
+    for c in (kept, plain):
+        model.prefill([[1, 2, 3], [4, 5]], c)
+    tok = torch.tensor([6, 7])
+    got = model.decode(tok, kept, commit=torch.tensor([1, 0]))
+    want = model.decode(tok, plain)
+    assert kept.lens.tolist() == [4, 2] and plain.lens.tolist() == [4, 3]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the row that kept nothing decodes its next token as if that step never happened
+    again = model.decode(torch.tensor([8, 9]), kept)
+    fresh = model.new_cache(1, 16)
+    model.prefill([[4, 5]], fresh)
+    torch.testing.assert_close(again[1:], model.decode(torch.tensor([9]), fresh), rtol=1e-12, atol=1e-12)
+
+
 def test_unused_tree_slots_are_not_run(model, ar, monkeypatch):
     """A draft that proposes nothing valid costs one-token forwards (the engine trims the tree);
     a draft with valid nodes still gets them verified."""

@@ -203,11 +203,11 @@ class CudaGraphs:
         """:meth:`LlamaModel.prefill`, eagerly."""
         return self.model.prefill(prompts, cache)
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, commit=1) -> torch.Tensor:
         """:meth:`LlamaModel.decode` (same arguments and result) through the ``T = 1`` graph:
         its inputs from :meth:`LlamaModel.decode_inputs`, its forward :meth:`forward`."""
         logits = self.forward(*self.model.decode_inputs(tokens, cache), cache)[:, 0]
-        cache.commit(1)
+        cache.commit(commit)
         return logits
 
     def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None):

@@ -516,20 +516,23 @@ class LlamaModel(nn.Module):
         cache.commit(lens)
         return logits
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, commit=1) -> torch.Tensor:
         """Run one token per sequence and commit it.
 
         Parameters
         ----------
         tokens : torch.Tensor, shape (batch,), int64
         cache : KVCache
+        commit : int or torch.Tensor, shape (batch,), integer
+            Tokens to keep per sequence (:meth:`KVCache.commit`): 1 for all by default, or 0 for
+            a sequence whose token is not kept (a finished one).
 
         Returns
         -------
         torch.Tensor, shape (batch, vocab), float32
         """
         logits = self.forward(*self.decode_inputs(tokens, cache), cache)[:, 0]
-        cache.commit(1)
+        cache.commit(commit)
         return logits
 
     def decode_inputs(self, tokens: torch.Tensor, cache: KVCache):

@@ -282,9 +282,8 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
     if proposal.tokens.shape[1] == 0:
-        new = pick(target.forward(*model.decode_inputs(state.root, cache), cache)[:, 0])[:, None]
-        count = state.emit_one(new)
-        cache.commit(count)
+        new = pick(target.decode(state.root, cache, commit=state.active.long()))[:, None]
+        count = state.emit_one(new)  # == the commit above: 1 for each sequence still active
         draft.observe(ctx)
         return new, count, None
     problems = proposal.problems(model.config.vocab_size)

@@ -293,6 +293,28 @@ def test_outside_writes_to_lens_are_seen_under_inference_mode():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+class _CountingDraft(RandomTreeDraft):
+    """Notes, at every proposal, the context's host counts beside the device tensors they mirror."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def propose(self, ctx):
+        prompt_tokens = sum(len(p) for p in PROMPTS)
+        self.seen.append(((ctx.emitted, ctx.live), (int(ctx.lengths.sum()) - prompt_tokens, int(ctx.active.sum()))))
+        return super().propose(ctx)
+
+
+def test_the_context_carries_host_counts_of_emitted_tokens_and_live_rows(model, ar):
+    d = _CountingDraft(seed=0)
+    out = generate_ids(model, PROMPTS, d, max_new_tokens=MAX_NEW)
+    assert [o.output_ids for o in out] == ar
+    assert len(d.seen) >= 3 and all(host == device for host, device in d.seen), d.seen
+    assert d.seen[0][0] == (len(PROMPTS), len(PROMPTS))  # the prefill's token, every row live
+    assert min(live for (_, live), _ in d.seen) < len(PROMPTS)  # rows finish at different steps
+
+
 def test_decode_keeps_only_the_tokens_it_is_told_to():
     """decode(commit=...) keeps a token per row as told (0: a finished row writes past its
     length and keeps nothing), and the kept rows match a plain decode."""

@@ -425,8 +425,8 @@ class DynamicTreeDraft(GlideDraft):
         """Whether this step drafts: times the last step (see :meth:`_account`), then asks
         :meth:`_decide`."""
         now = self._clock()
-        # one host read a step: tokens committed so far (finished rows stop growing) and rows live
-        committed, rows = torch.stack((ctx.lengths.sum(), ctx.active.sum())).tolist()
+        # the engine's host counts (no device read): tokens emitted so far, rows still decoding
+        committed, rows = ctx.emitted, ctx.live
         if self._prev is not None:
             drafted, then, before, live = self._prev
             if drafted not in self._warm:  # a generation's first step of each kind runs cold

@@ -42,6 +42,10 @@ class DraftContext:
     root : torch.Tensor, shape (batch,), int64
     active : torch.Tensor, shape (batch,), bool
         Sequences still generating; proposals for the others are ignored.
+    emitted, live : int
+        Host copies the engine keeps from its one host read a step: tokens emitted so far
+        (all sequences, the prefill's first token included) and sequences still active. A
+        draft that needs them reads no device tensor for them.
     """
 
     model: object
@@ -50,6 +54,8 @@ class DraftContext:
     lengths: torch.Tensor
     root: torch.Tensor
     active: torch.Tensor
+    emitted: int = 0
+    live: int = 0
 
 
 class Draft:

@@ -249,9 +249,10 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
         torch.cuda.synchronize(logits.device)
     start = time.perf_counter()
     first = pick(logits)[:, None]
-    running = _report(outputs, state.emit_one(first), first, state.active, None, start, on_tokens)
+    emitted, live = _report(outputs, state.emit_one(first), first, state.active, None, start, on_tokens)
     ctx = state.context(model, cache)
-    if draft is not None and running:
+    ctx.emitted, ctx.live = emitted, live
+    if draft is not None and live:
         t0 = time.perf_counter()
         draft.use_cuda_graphs(None if target is model else target.capture)
         draft.begin(ctx)
@@ -259,15 +260,16 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
             torch.cuda.synchronize(dev)
         # the draft's prefill (and its graph capture) is set-up, like the target's prefill
         start += time.perf_counter() - t0
-    while running:
+    while ctx.live:
         was_active = state.active.clone()
         if draft is None:  # AR: the tree is just the root, so commit it without compaction
             new = pick(target.decode(state.root, cache))[:, None]
             count, problems = state.emit_one(new), None
         else:
             new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify, pick)
-        running = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
-                          model.config.vocab_size)
+        emitted, ctx.live = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
+                                    model.config.vocab_size)
+        ctx.emitted += emitted
     return outputs
 
 
@@ -314,9 +316,10 @@ def _trim(tree: Tree) -> Tree:
     return Tree(tree.tokens[:, :n], tree.parents[:, :n], tree.mask[:, :n, :n], tree.depth[:, :n])
 
 
-def _report(outputs, count, new, active, was_active, start, on_tokens, problems=None, vocab=None) -> bool:
+def _report(outputs, count, new, active, was_active, start, on_tokens, problems=None, vocab=None) -> tuple[int, int]:
     """The step's one host sync: hand out the emitted tokens, note who finished, and return
-    whether any sequence is still active. ``was_active`` is ``None`` for the prefill's token."""
+    the tokens emitted (all sequences) and the sequences still active. ``was_active`` is
+    ``None`` for the prefill's token."""
     B = len(outputs)
     forward = was_active if was_active is not None else torch.zeros_like(active)
     packed = torch.cat([count[:, None], active[:, None].long(), forward[:, None].long(), new], 1)
@@ -341,4 +344,4 @@ def _report(outputs, count, new, active, was_active, start, on_tokens, problems=
                 on_tokens(b, ids)
         if (counted or was_active is None) and not still:
             out.seconds = now - start
-    return any(flat[b * width + 1] for b in range(B))
+    return sum(flat[b * width] for b in range(B)), sum(flat[b * width + 1] for b in range(B))

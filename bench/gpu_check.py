@@ -248,6 +248,7 @@ def step_e2e(rec, dev, dtype, smoke):
     shapes = ["tiny"] if smoke else ["smollm2-135m", "llama-1b"]
     new, plen = (16, 16) if smoke else (128, 128)
     from glide.draft import GlideDraft, GlideDraftModel, new_draft_config
+    from glide.draft.dynamic import DynamicTreeDraft
 
     for shape in shapes:
         model = _model(shape, dev, dtype)
@@ -301,8 +302,6 @@ def step_e2e(rec, dev, dtype, smoke):
             # The dynamic tree on the same random draft: its drafted steps lose, so it pauses,
             # and the paused steps run as one-slot forwards (the graphed engine's bucket 1).
             # Fresh trees: one keeps what its pause policy learnt across generations.
-            from glide.draft.dynamic import DynamicTreeDraft
-
             def tree():
                 return DynamicTreeDraft(net, depth=4, top_k=4, beam=2, max_nodes=16)
 

@@ -95,7 +95,8 @@ class CapturedCall:
 class _Graph:
     """One captured forward with its static inputs and output."""
 
-    def __init__(self, model, cache: KVCache, B: int, T: int, last_only: bool, capture: bool, pool):
+    def __init__(self, model, cache: KVCache, B: int, T: int, last_only: bool, capture: bool, pool,
+                 hidden: bool = False):
         dev = cache.device
         self.T = T
         self.ids = torch.zeros(B, T, dtype=torch.int64, device=dev)
@@ -105,7 +106,8 @@ class _Graph:
         self.index = torch.zeros(B, dtype=torch.int64, device=dev) if last_only else None
         # The warm-up run before the capture writes K/V only into uncommitted slots.
         self._call = CapturedCall(
-            lambda: model.run_unchecked(self.ids, self.pos, self.mask, cache, None, self.index),
+            lambda: model.run_unchecked(self.ids, self.pos, self.mask, cache, None, self.index,
+                                        return_hidden=hidden),
             capture, dev, pool)
 
     @property
@@ -199,18 +201,20 @@ class CudaGraphs:
         self._leased.clear()
 
     # ------------------------------------------------------------------ forwards
-    def prefill(self, prompts, cache: KVCache) -> torch.Tensor:
+    def prefill(self, prompts, cache: KVCache, return_hidden: bool = False):
         """:meth:`LlamaModel.prefill`, eagerly."""
-        return self.model.prefill(prompts, cache)
+        return self.model.prefill(prompts, cache, return_hidden=return_hidden)
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache, commit=1) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, commit=1, return_hidden: bool = False):
         """:meth:`LlamaModel.decode` (same arguments and result) through the ``T = 1`` graph:
         its inputs from :meth:`LlamaModel.decode_inputs`, its forward :meth:`forward`."""
-        logits = self.forward(*self.model.decode_inputs(tokens, cache), cache)[:, 0]
+        out = self.forward(*self.model.decode_inputs(tokens, cache), cache, return_hidden=return_hidden)
         cache.commit(commit)
-        return logits
+        if return_hidden:
+            return out[0][:, 0], out[1][:, 0]
+        return out[:, 0]
 
-    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None):
+    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None, return_hidden=False):
         """:meth:`LlamaModel.forward` through the graph of ``T``'s bucket when one applies.
 
         Parameters
@@ -219,11 +223,15 @@ class CudaGraphs:
         tree_mask : torch.Tensor, shape (batch, T, T), bool
         cache : KVCache
         logits_index : torch.Tensor, shape (batch,), int64, optional
+        return_hidden : bool
+            Also return the final hidden states (batch, T, hidden), as :meth:`LlamaModel.forward`
+            does (a graph of its own).
 
         Returns
         -------
         torch.Tensor, float32
-            (batch, T, vocab), or (batch, vocab) with ``logits_index``; a new tensor.
+            (batch, T, vocab), or (batch, vocab) with ``logits_index``; a new tensor. With
+            ``return_hidden`` the pair ``(logits, hidden)``.
         """
         model = self.model
         B, T = input_ids.shape
@@ -232,13 +240,14 @@ class CudaGraphs:
         if (bucket is None or not pooled or _setup(model) != self.setup
                 or not cache.has_room(bucket)):  # room for the padding rows too
             self.eager_calls += 1
-            return model.forward(input_ids, position_ids, tree_mask, cache, logits_index)
+            return model.forward(input_ids, position_ids, tree_mask, cache, logits_index,
+                                 return_hidden=return_hidden)
         model._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
-        key = (cache, B, bucket, logits_index is not None)
+        key = (cache, B, bucket, logits_index is not None, bool(return_hidden))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _Graph(model, cache, B, bucket, logits_index is not None,
-                                               self.capture, self._pool)
+                                               self.capture, self._pool, bool(return_hidden))
             self.captures += 1
         graph.ids[:, :T].copy_(input_ids)
         graph.pos[:, :T].copy_(position_ids)
@@ -252,6 +261,9 @@ class CudaGraphs:
             graph.index.copy_(logits_index)
         out = graph.run()
         self.replays += 1
+        if return_hidden:
+            logits, hidden = out
+            return (logits.clone() if logits_index is not None else logits[:, :T].clone()), hidden[:, :T].clone()
         return out.clone() if logits_index is not None else out[:, :T].clone()
 
 

@@ -288,6 +288,15 @@ class DecoderLayer(nn.Module):
         return h.view(B, T, hidden), delta.view(B, T, hidden)
 
 
+def _pick_rows(x, logits_index, logits_rows):
+    """The rows of ``x`` (batch, T, ...) that the LM head runs on (see :meth:`LlamaModel.forward`)."""
+    if logits_index is not None:
+        return x[torch.arange(x.shape[0], device=x.device), logits_index]
+    if logits_rows is not None:
+        return x[logits_rows]
+    return x
+
+
 class LlamaModel(nn.Module):
     """A Llama-family causal LM that decodes, prefills and verifies token trees over a ``KVCache``.
 
@@ -379,7 +388,8 @@ class LlamaModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
-    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None, logits_rows=None):
+    def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None, logits_rows=None,
+                return_hidden=False):
         """Run ``T`` new tokens per sequence and write their K/V into ``cache``.
 
         Token ``j`` of sequence ``b`` sees the committed prefix ``[0, lens[b])`` and the new
@@ -400,12 +410,18 @@ class LlamaModel(nn.Module):
         logits_rows : torch.Tensor, shape (batch, T), bool, optional
             Compute the LM head only at these rows (e.g. a corpus pass that needs the
             teacher's logits on responses only). Not with ``logits_index``.
+        return_hidden : bool
+            Also return the final hidden states (after the last norm: the LM head's input) of
+            every new token, whatever rows the head runs on; drafts that read the target's
+            hidden state need them.
 
         Returns
         -------
-        torch.Tensor, float32 (float64 for a float64 model)
+        logits : torch.Tensor, float32 (float64 for a float64 model)
             Shape (batch, T, vocab), or (batch, vocab) with ``logits_index``, or
             (logits_rows.sum(), vocab) with ``logits_rows``.
+        hidden : torch.Tensor, shape (batch, T, hidden), the model's dtype
+            With ``return_hidden`` only (then the result is the pair ``(logits, hidden)``).
         """
         self._check_forward(input_ids, position_ids, tree_mask, cache, logits_index)
         if logits_rows is not None:
@@ -415,11 +431,11 @@ class LlamaModel(nn.Module):
                 raise ValueError(f"logits_rows must be a ({B}, {T}) bool tensor")
         # checked by _check_forward's check_room: no sync
         return self.run_unchecked(input_ids, position_ids, tree_mask, cache, cache.uniform_length(),
-                                  logits_index, logits_rows)
+                                  logits_index, logits_rows, return_hidden)
 
     @torch.no_grad()
     def run_unchecked(self, input_ids, position_ids, tree_mask, cache, same_len=None,
-                      logits_index=None, logits_rows=None):
+                      logits_index=None, logits_rows=None, return_hidden=False):
         """:meth:`forward` without its argument checks, for callers that checked them already.
 
         ``same_len`` is the length every sequence has when the host knows it (then the K/V
@@ -435,11 +451,15 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         attend = tree_attender(lens, same_len, tree_mask, self.attn_backend)
         if self._fused(dev):
-            return self._run_fused(h, cos, sin, cache, attend, logits_index, logits_rows)
+            return self._run_fused(h, cos, sin, cache, attend, logits_index, logits_rows, return_hidden)
         store = kv_writer(lens, same_len, B, T)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
             h = layer(h, cos, sin, kv_layer, store, attend)
+        if return_hidden:
+            y = self.norm(h)
+            logits = self.lm_head(_pick_rows(y, logits_index, logits_rows))
+            return (logits if logits.dtype == torch.float64 else logits.float()), y
         if logits_index is not None:
             h = h[torch.arange(B, device=dev), logits_index]
         elif logits_rows is not None:
@@ -455,11 +475,18 @@ class LlamaModel(nn.Module):
             return False
         return self.config.hidden_size <= MAX_HIDDEN
 
-    def _run_fused(self, h, cos, sin, cache, attend, logits_index, logits_rows):
+    def _run_fused(self, h, cos, sin, cache, attend, logits_index, logits_rows, return_hidden=False):
         """The layers and the head of :meth:`run_unchecked` on fused kernels (no host sync)."""
         delta = None
         for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
             h, delta = layer.forward_fused(h, delta, cos, sin, kv_layer, cache.lens, attend)
+        if return_hidden:
+            hidden = h.shape[-1]
+            _, y = add_rms_norm(h.reshape(-1, hidden), delta.reshape(-1, hidden), self.norm.weight,
+                                self.norm.eps, backend="triton")
+            y = y.view(h.shape)
+            logits = self.lm_head(_pick_rows(y, logits_index, logits_rows))
+            return (logits if logits.dtype == torch.float64 else logits.float()), y
         # Rows are picked before the last residual add: the add and the norm are row-wise.
         if logits_index is not None:
             rows = torch.arange(h.shape[0], device=h.device)
@@ -473,7 +500,7 @@ class LlamaModel(nn.Module):
         logits = self.lm_head(y.view(h.shape))
         return logits if logits.dtype == torch.float64 else logits.float()
 
-    def prefill(self, prompts, cache: KVCache) -> torch.Tensor:
+    def prefill(self, prompts, cache: KVCache, return_hidden: bool = False):
         """Reset ``cache`` and run the prompts; ``cache.lens`` becomes the prompt lengths.
 
         Parameters
@@ -483,10 +510,14 @@ class LlamaModel(nn.Module):
         cache : KVCache
             With ``batch_size == len(prompts)`` and ``max_seq >= max(len(p))``.
 
+        return_hidden : bool
+            Also return the final hidden states of every prompt position (see :meth:`forward`).
+
         Returns
         -------
         torch.Tensor, shape (batch, vocab), float32
-            Logits at each prompt's last token.
+            Logits at each prompt's last token; with ``return_hidden`` the pair
+            ``(logits, hidden)``, hidden (batch, longest prompt, hidden), garbage past a prompt.
         """
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -512,11 +543,11 @@ class LlamaModel(nn.Module):
         pos = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         cache.reset()
-        logits = self.forward(ids, pos, causal, cache, logits_index=lens - 1)
+        out = self.forward(ids, pos, causal, cache, logits_index=lens - 1, return_hidden=return_hidden)
         cache.commit(lens)
-        return logits
+        return out
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache, commit=1) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, commit=1, return_hidden: bool = False):
         """Run one token per sequence and commit it.
 
         Parameters
@@ -526,11 +557,18 @@ class LlamaModel(nn.Module):
         commit : int or torch.Tensor, shape (batch,), integer
             Tokens to keep per sequence (:meth:`KVCache.commit`): 1 for all by default, or 0 for
             a sequence whose token is not kept (a finished one).
+        return_hidden : bool
+            Also return the token's final hidden state (see :meth:`forward`).
 
         Returns
         -------
         torch.Tensor, shape (batch, vocab), float32
+            With ``return_hidden`` the pair ``(logits, hidden)``, hidden (batch, hidden).
         """
+        if return_hidden:
+            logits, hidden = self.forward(*self.decode_inputs(tokens, cache), cache, return_hidden=True)
+            cache.commit(commit)
+            return logits[:, 0], hidden[:, 0]
         logits = self.forward(*self.decode_inputs(tokens, cache), cache)[:, 0]
         cache.commit(commit)
         return logits

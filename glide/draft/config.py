@@ -33,6 +33,10 @@ class DraftConfig:
         first; ``None`` covers the whole vocabulary.
     own_embeddings : bool
         The draft has its own embedding and head (trained, saved), not the target's.
+    hidden_input : bool
+        Every draft token's input also carries the target's final hidden state at the last
+        verified position before its step's root (the state that predicted the root), as
+        EAGLE feeds its draft; the engine then hands the draft those states.
     fingerprint : dict
         :func:`target_fingerprint` of the target this draft was trained for.
     """
@@ -42,6 +46,7 @@ class DraftConfig:
     cross_attention: bool = True
     draft_vocab: tuple[int, ...] | None = None
     own_embeddings: bool = False
+    hidden_input: bool = False
     fingerprint: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -82,6 +87,7 @@ class DraftConfig:
                    cross_attention=bool(d["cross_attention"]),
                    draft_vocab=None if vocab is None else tuple(int(x) for x in vocab),
                    own_embeddings=bool(d.get("own_embeddings", False)),
+                   hidden_input=bool(d.get("hidden_input", False)),
                    fingerprint=dict(d.get("fingerprint") or {}))
 
 

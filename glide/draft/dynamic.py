@@ -364,7 +364,10 @@ class DynamicTreeDraft(GlideDraft):
         cap = ctx.tokens.shape[1]
         ids = torch.where(j < c[:, None], ctx.tokens.gather(1, pos.clamp(max=cap - 1)), 0)
         causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril().expand(B, W, W)
-        logits = m.step(ids, pos, causal, cache, cross, logits_index=c - 1)
+        glimpse = self._glimpse_rows(ctx, pos)
+        logits = m.step(ids, pos, causal, cache, cross, logits_index=c - 1, glimpse=glimpse)
+        # every tree node reads the root's glimpse (row c - 1 of the catch-up)
+        glimpse = None if glimpse is None else glimpse[torch.arange(B, device=dev), c - 1]
         cache.lens.copy_(root_pos + 1)
         self.trusted = root_pos + 1
         # 2. grow
@@ -396,7 +399,8 @@ class DynamicTreeDraft(GlideDraft):
             par = parent.gather(1, run_cand)
             run_par = torch.where(par >= 0, cand_run.gather(1, par.clamp(min=0)), -1)
             mask = ancestor_mask(run_par)
-            out = m.step(run_tok, root_pos[:, None] + run_depth, mask, cache, cross, last_rows=beam)
+            out = m.step(run_tok, root_pos[:, None] + run_depth, mask, cache, cross, last_rows=beam,
+                         glimpse=glimpse)
             cp, ccol = torch.softmax(out, -1).topk(K, -1)  # (B, beam, K)
             level_lo = v.shape[1]
             tok = torch.cat([tok, m.vocab_ids[ccol].reshape(B, -1)], 1)

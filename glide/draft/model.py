@@ -8,6 +8,12 @@ Each of the ``N`` layers runs, in order (as in the paper's code):
    target's cached K/V of target layer ``L - N + i`` (already rotated), read in place;
 3. a pre-norm SwiGLU MLP.
 
+With ``hidden_input`` (as EAGLE feeds its draft), each token's input is its embedding plus a
+projection of the target's final hidden state at the last verified position before its step's
+root, the "glimpse" (:meth:`GlideDraftModel.glimpse`): the state that predicted the root. All
+tokens of a step share it. The projection starts at zero, so a draft that gains it keeps its
+predictions until training moves it.
+
 Then a final RMSNorm and the LM head. The embedding and the head are the target's, shared and
 frozen (not part of the draft's state), unless ``own_embeddings``; the head may cover only a
 subset of the vocabulary (``draft_vocab``), which on the CPU is most of a draft step's cost.
@@ -31,7 +37,7 @@ from glide.model.llama import FastLinear, RMSNorm, apply_rope, kv_writer, rope_t
 
 from .config import DraftConfig
 
-__all__ = ["GlideLayer", "GlideDraftModel", "block_cross_mask"]
+__all__ = ["GlideLayer", "GlideDraftModel", "block_cross_mask", "block_starts"]
 
 
 def block_cross_mask(seq_len: int, block: int, shift=0, device="cpu") -> torch.Tensor:
@@ -64,6 +70,26 @@ def block_cross_mask(seq_len: int, block: int, shift=0, device="cpu") -> torch.T
         return pos[None, None, :] < start[:, :, None]
     start = torch.div(pos - shift, block, rounding_mode="floor") * block + shift
     return pos[None, :] < start[:, None]
+
+
+def block_starts(seq_len: int, block: int, shift, device="cpu") -> torch.Tensor:
+    """The start (a step's root) of each position's block in :func:`block_cross_mask`'s grid.
+
+    Parameters
+    ----------
+    seq_len, block : int
+    shift : torch.Tensor, shape (batch,)
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, seq_len), int64
+        ``start(q)``; may be negative before the first block. A hidden-input draft reads the
+        target's hidden state at ``start(q) - 1``.
+    """
+    pos = torch.arange(seq_len, device=device)
+    shift = torch.as_tensor(shift, device=device)
+    q = pos[None, :] - shift[:, None]
+    return torch.div(q, block, rounding_mode="floor") * block + shift[:, None]
 
 
 class GlideLayer(nn.Module):
@@ -143,6 +169,11 @@ class GlideDraftModel(nn.Module):
             self.lm_head = FastLinear(t.hidden_size, c.vocab_out, dtype, device)
         else:
             self.embed_tokens = self.lm_head = None
+        if c.hidden_input:
+            self.hidden_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype, device)
+            self.hidden_proj = FastLinear(t.hidden_size, t.hidden_size, dtype, device)
+        else:
+            self.hidden_norm = self.hidden_proj = None
         cos, sin = rope_tables(t, dtype, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -155,6 +186,11 @@ class GlideDraftModel(nn.Module):
             for name, p in self.named_parameters():
                 if "norm" not in name:
                     nn.init.normal_(p, std=init_std)
+            if self.hidden_proj is not None:
+                # Zero: the glimpse adds nothing at first. A small norm weight keeps Adam's first
+                # steps on the projection small beside the embeddings (RMS ~0.14 for SmolLM2).
+                nn.init.zeros_(self.hidden_proj.weight)
+                nn.init.constant_(self.hidden_norm.weight, 0.1)
         self._shared = None  # (embedding, head) borrowed from the target; not in state_dict
 
     # ------------------------------------------------------------------ sharing
@@ -208,7 +244,7 @@ class GlideDraftModel(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()
 
     # ------------------------------------------------------------------ training
-    def forward(self, input_ids, target_kv, cross_visible, rows=None):
+    def forward(self, input_ids, target_kv, cross_visible, rows=None, target_hidden=None):
         """Whole sequences at once, teacher-forced: the draft's logits (training).
 
         ``forward`` so that ``DistributedDataParallel`` can wrap the draft; see :meth:`step`
@@ -225,6 +261,10 @@ class GlideDraftModel(nn.Module):
             Target positions each query may read (:func:`block_cross_mask`).
         rows : torch.Tensor, shape (batch, S), bool, optional
             Compute the head only at these positions (those that carry a loss).
+        target_hidden : torch.Tensor, shape (batch, S, hidden), optional
+            With ``hidden_input`` (and only then): for each query, the target's final hidden
+            state at the position before its block's start (:func:`block_starts`), zeros where
+            there is none.
 
         Returns
         -------
@@ -237,6 +277,9 @@ class GlideDraftModel(nn.Module):
         h = F.embedding(input_ids, embed_w)
         if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
             h = h.to(torch.get_autocast_dtype(h.device.type))
+        self._check_hidden(target_hidden, (B, S))
+        if target_hidden is not None:
+            h = h + self.glimpse(target_hidden).to(h.dtype)
         cos = self.rope_cos[:S][None, :, None, :]
         sin = self.rope_sin[:S][None, :, None, :]
         allowed = cross_visible if cross_visible.dim() == 3 else cross_visible.expand(B, S, S)
@@ -252,6 +295,34 @@ class GlideDraftModel(nn.Module):
             h = layer(h, cos.to(h.dtype), sin.to(h.dtype), self_attend, cross_attend)
         return self._head(h if rows is None else h[rows])
 
+    def glimpse(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """What a hidden-input draft adds to a token's embedding.
+
+        Parameters
+        ----------
+        target_hidden : torch.Tensor, shape (..., hidden)
+            The target's final hidden states (the LM head's input).
+
+        Returns
+        -------
+        torch.Tensor, shape (..., hidden)
+        """
+        if self.hidden_proj is None:
+            raise ValueError("draft: this draft reads no target hidden state (hidden_input is off)")
+        return self.hidden_proj(self.hidden_norm(target_hidden.to(self.hidden_proj.weight.dtype)))
+
+    def _check_hidden(self, target_hidden, lead) -> None:
+        want = self.config.hidden_input
+        if want and target_hidden is None:
+            raise ValueError("draft: a hidden-input draft needs the target's hidden states (target_hidden)")
+        if not want and target_hidden is not None:
+            raise ValueError("draft: target_hidden given to a draft without hidden_input")
+        if target_hidden is not None:
+            H = self.config.target.hidden_size
+            if tuple(target_hidden.shape) != (*lead, H):
+                raise ValueError(f"draft: target_hidden must have shape {(*lead, H)}, got "
+                                 f"{tuple(target_hidden.shape)}")
+
     # ------------------------------------------------------------------ decoding
     def new_cache(self, batch_size: int, max_seq: int) -> KVCache:
         """The draft's own self-attention cache (one layer per draft layer)."""
@@ -265,7 +336,7 @@ class GlideDraftModel(nn.Module):
 
     @torch.no_grad()
     def step(self, input_ids, position_ids, tree_mask, cache: KVCache, cross_attend, logits_index=None,
-             need_logits=True, last_rows=None, checked=True):
+             need_logits=True, last_rows=None, checked=True, glimpse=None):
         """Run ``T`` new tokens over the draft's cache; their K/V go to ``cache.lens + j``.
 
         Like the target's forward, ``cache.lens`` is not advanced.
@@ -291,6 +362,9 @@ class GlideDraftModel(nn.Module):
             ``False`` skips the cache's room check and writes K/V by index at ``cache.lens``:
             no host sync, so the step can be captured in a CUDA graph (the caller guarantees
             the room).
+        glimpse : torch.Tensor, shape (batch, hidden) or (batch, T, hidden), optional
+            :meth:`glimpse` of the target's hidden state each token reads; required with
+            ``hidden_input`` and only then. (batch, hidden) serves every token of the step.
 
         Returns
         -------
@@ -307,6 +381,10 @@ class GlideDraftModel(nn.Module):
         store = kv_writer(cache.lens, same_len, B, T)
         attend = tree_attender(cache.lens, same_len, tree_mask, self.attn_backend)
         h = F.embedding(input_ids, self._embed_head()[0])
+        if (glimpse is None) == self.config.hidden_input:
+            raise ValueError("draft: glimpse is required with hidden_input, and only then")
+        if glimpse is not None:
+            h = h + (glimpse[:, None] if glimpse.dim() == 2 else glimpse).to(h.dtype)
         cos = self.rope_cos[position_ids].unsqueeze(2)
         sin = self.rope_sin[position_ids].unsqueeze(2)
         for i, (layer, kv_layer) in enumerate(zip(self.layers, cache.kv.unbind(0))):

@@ -52,6 +52,7 @@ class GlideDraft(Draft):
         self.model = model
         self.gamma = gamma
         self.max_nodes = gamma
+        self.needs_hidden = model.config.hidden_input
         self.cache = None
         self._graph_mode = None  # see use_cuda_graphs
         self._graphs = {}
@@ -97,7 +98,7 @@ class GlideDraft(Draft):
 
         def cross(i, q):
             return reference.masked_attention(q, tk[i], tv[i], seen)
-        m.step(ids, pos, causal, self.cache, cross, need_logits=False)
+        m.step(ids, pos, causal, self.cache, cross, need_logits=False, glimpse=self._glimpse_rows(ctx, pos))
         if self._graph_mode is True and self._chain_graph is not None:
             # capture the chain now, outside the decode steps (the engine times begin as
             # set-up); the run only writes draft K/V that the first proposal rewrites
@@ -147,8 +148,10 @@ class GlideDraft(Draft):
         ids = torch.cat([prev, ctx.root[:, None]], 1)
         pos = torch.stack([root_pos - 1, root_pos], 1)
         causal = torch.ones(2, 2, dtype=torch.bool, device=dev).tril().expand(B, 2, 2)
+        glimpse = self._glimpse_rows(ctx, pos)
         logits = m.step(ids, pos, causal, cache, cross, logits_index=torch.ones_like(root_pos),
-                        checked=checked)
+                        checked=checked, glimpse=glimpse)
+        glimpse = None if glimpse is None else glimpse[:, 1]  # the root's: every chain token's
         self._advance(cache, 2, checked)
         tokens, probs, rows = [], [], []
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
@@ -160,7 +163,7 @@ class GlideDraft(Draft):
                 rows.append(logits)
             if j < self.gamma:
                 logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross,
-                                checked=checked)[:, 0]
+                                checked=checked, glimpse=glimpse)[:, 0]
                 self._advance(cache, 1, checked)
         return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits else None
 
@@ -178,6 +181,19 @@ class GlideDraft(Draft):
     def cache_extra(self) -> int:
         """Draft cache slots beyond the committed tokens: the chain and the rewritten pair."""
         return self.max_nodes + 2
+
+    def _glimpse_rows(self, ctx: DraftContext, pos: torch.Tensor):
+        """The glimpse of committed rows at ``pos`` (batch, n): each reads the target's hidden
+        state at ``pos - 1``, as a step's root does (zeros at position 0). ``None`` for a draft
+        without hidden input."""
+        if not self.needs_hidden:
+            return None
+        hs = ctx.hidden_states
+        if hs is None:
+            raise ValueError("draft: this draft reads the target's hidden states, and the context has none")
+        prev = pos - 1  # padding rows past the capacity read its last entry (their output is unused)
+        h = hs.gather(1, prev.clamp(0, hs.shape[1] - 1)[:, :, None].expand(-1, -1, hs.shape[-1]))
+        return self.model.glimpse(h * (prev >= 0)[:, :, None].to(h.dtype))
 
     def _pick(self, logits):
         """Greedy draft token (a target token id) and its draft probability."""

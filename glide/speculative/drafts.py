@@ -46,6 +46,10 @@ class DraftContext:
         Host copies the engine keeps from its one host read a step: tokens emitted so far
         (all sequences, the prefill's first token included) and sequences still active. A
         draft that needs them reads no device tensor for them.
+    hidden_states : torch.Tensor, shape (batch, capacity, hidden), or None
+        The target's final hidden state (the LM head's input) at every position of the
+        verified cache, ``< lengths - 1``; later entries are garbage. Kept only for a draft
+        whose :attr:`Draft.needs_hidden` is true, else ``None``.
     """
 
     model: object
@@ -56,6 +60,7 @@ class DraftContext:
     active: torch.Tensor
     emitted: int = 0
     live: int = 0
+    hidden_states: torch.Tensor | None = None
 
 
 class Draft:
@@ -65,9 +70,12 @@ class Draft:
     ----------
     max_nodes : int
         Upper bound on ``Proposal.num_nodes``: the engine sizes the cache with it.
+    needs_hidden : bool
+        The draft reads the target's hidden states (:attr:`DraftContext.hidden_states`).
     """
 
     max_nodes: int = 0
+    needs_hidden: bool = False
 
     def reserve(self) -> int:
         """Positions this draft needs beyond the longest prompt plus ``max_new_tokens``: the

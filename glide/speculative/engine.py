@@ -69,9 +69,20 @@ class _Batch:
         self.max_new = max_new_tokens
         self.rows = torch.arange(B, device=device)
 
-    def context(self, model, cache) -> DraftContext:
+    def context(self, model, cache, hidden=None) -> DraftContext:
         # Views of the state: updated in place, so one context serves the whole run.
-        return DraftContext(model, cache, self.tokens[:, :-1], self.lengths, self.root, self.active)
+        return DraftContext(model, cache, self.tokens[:, :-1], self.lengths, self.root, self.active,
+                            hidden_states=None if hidden is None else hidden[:, :-1])
+
+    def keep_hidden(self, hidden, step_hidden, slots, count) -> None:
+        """Write the target's hidden states of the committed slots: ``hidden[b, r + j] =
+        step_hidden[b, slots[b, j]]`` for ``j < count[b]``, ``r`` the old root's position (call
+        before :meth:`emit`). ``hidden`` (B, capacity + 1, H) has a sink column too."""
+        n = slots.shape[1]
+        j = torch.arange(n, device=slots.device)
+        pos = torch.where(j < count[:, None], self.lengths[:, None] - 1 + j, hidden.shape[1] - 1)
+        rows = step_hidden.gather(1, slots[:, :, None].expand(-1, -1, step_hidden.shape[-1]))
+        hidden.scatter_(1, pos[:, :, None].expand_as(rows), rows.to(hidden.dtype))
 
     def emit(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Append ``new[b, :count[b]]`` (B, A), cut at EOS and ``max_new_tokens``; return the kept
@@ -244,13 +255,20 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
                              counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth))
 
     outputs = [SequenceOutput() for _ in range(B)]
-    logits = target.prefill([list(p) for p in prompts], cache)
+    hidden = None
+    if draft is not None and draft.needs_hidden:
+        logits, prompt_hidden = target.prefill([list(p) for p in prompts], cache, return_hidden=True)
+        hidden = prompt_hidden.new_zeros(B, state.tokens.shape[1], prompt_hidden.shape[-1])
+        hidden[:, :prompt_hidden.shape[1]] = prompt_hidden
+        del prompt_hidden
+    else:
+        logits = target.prefill([list(p) for p in prompts], cache)
     if logits.device.type == "cuda":  # keep the asynchronous prefill out of the decode time
         torch.cuda.synchronize(logits.device)
     start = time.perf_counter()
     first = pick(logits)[:, None]
     emitted, live = _report(outputs, state.emit_one(first), first, state.active, None, start, on_tokens)
-    ctx = state.context(model, cache)
+    ctx = state.context(model, cache, hidden)
     ctx.emitted, ctx.live = emitted, live
     if draft is not None and live:
         t0 = time.perf_counter()
@@ -266,14 +284,14 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
             new = pick(target.decode(state.root, cache))[:, None]
             count, problems = state.emit_one(new), None
         else:
-            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify, pick)
+            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify, pick, hidden)
         emitted, ctx.live = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
                                     model.config.vocab_size)
         ctx.emitted += emitted
     return outputs
 
 
-def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
+def _speculative_step(model, target, cache, draft, ctx, state, verify, pick, hidden=None):
     """Draft a tree, verify it in one forward of ``target`` (the model or its CUDA graphs), keep
     the accepted path. Returns the emitted tokens (B, T), how many of them each sequence kept,
     and the draft's validity flags. A proposal with no nodes at all (a paused dynamic tree)
@@ -284,7 +302,13 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
     if proposal.tokens.shape[1] == 0:
-        new = pick(target.decode(state.root, cache, commit=state.active.long()))[:, None]
+        if hidden is None:
+            logits = target.decode(state.root, cache, commit=state.active.long())
+        else:
+            logits, step_hidden = target.decode(state.root, cache, commit=state.active.long(), return_hidden=True)
+            state.keep_hidden(hidden, step_hidden[:, None], torch.zeros_like(state.root)[:, None],
+                              state.active.long())
+        new = pick(logits)[:, None]
         count = state.emit_one(new)  # == the commit above: 1 for each sequence still active
         draft.observe(ctx)
         return new, count, None
@@ -293,8 +317,14 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     tree = build_tree(state.root, proposal, max_depth=(state.max_new - state.num_new - 1).clamp(min=0))
     if tree.tokens.device.type == "cpu":  # a host read is free here; it costs a sync on a GPU
         tree = _trim(tree)
-    logits = target.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
+    inputs = (tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
+    if hidden is None:
+        logits = target.forward(*inputs)
+    else:
+        logits, step_hidden = target.forward(*inputs, return_hidden=True)
     verdict = verify(tree, logits)
+    if hidden is not None:  # before emit moves the lengths; a finished sequence's writes are moot
+        state.keep_hidden(hidden, step_hidden, verdict.path_idx, verdict.path_lens * state.active)
     count = state.emit(verdict.tokens, verdict.path_lens)
     cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS
     draft.observe(ctx)

@@ -71,6 +71,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gamma", type=int, default=d.gamma, help=f"draft tokens per step (default: {d.gamma})")
     p.add_argument("--layers", type=int, default=d.num_layers, help=f"draft layers (default: {d.num_layers})")
     p.add_argument("--vanilla", action="store_true", help="train the ablation without cross-attention")
+    p.add_argument("--hidden-input", action="store_true",
+                   help="the draft also reads the target's final hidden state at the last verified position "
+                        "(the features stage then stores the target's hidden states too)")
     p.add_argument("--draft-vocab", type=int, default=d.draft_vocab_size,
                    help=f"rows of the draft's head, most frequent tokens first; 0 for the full vocabulary "
                         f"(default: {d.draft_vocab_size})")
@@ -120,7 +123,7 @@ def _settings(args):
                       draft_vocab_size=args.draft_vocab or None, loss=args.loss, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                       init=args.init, seed=args.seed, init_from=args.init_from,
-                      save_every=args.save_every)
+                      save_every=args.save_every, hidden_input=args.hidden_input)
     try:
         s.check()
     except ValueError as exc:
@@ -193,7 +196,7 @@ def run(args) -> int:
                          eos_token_ids=eos_ids(target.config, tok), progress=progress)
         if args.stage in ("all", "features"):
             build_shard_features(target, corpus_dir, feat_dir, shards=args.shards, num_layers=settings.num_layers,
-                                 topk=args.topk, progress=progress)
+                                 topk=args.topk, progress=progress, hidden=settings.hidden_input)
         trained = False
         if args.stage in ("all", "train"):
             from .prompts import later_turn

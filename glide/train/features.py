@@ -10,6 +10,9 @@ On disk (a folder, not committed: it is rebuilt from the corpus)::
     kv.bin           (tokens, draft_layers, 2, kv_heads, head_dim), bfloat16 bits as int16
     topk_ids.bin     (tokens, k), int32; -1 where no teacher was computed
     topk_logp.bin    (tokens, k), float16
+    hidden.bin       (tokens, hidden), bfloat16 bits as int16: the target's final hidden state
+                     (the LM head's input), optional, for drafts that read it
+                     (:func:`build_hidden`; ``hidden.json`` tracks it like ``meta.json``)
 
 Rows follow the corpus order (:func:`glide.train.corpus.load_corpus`). The teacher is computed
 only at positions that predict a response token (``q >= prompt_len - 1``): the LM head over
@@ -31,7 +34,7 @@ import torch
 
 from .corpus import Sample, atomic_write
 
-__all__ = ["Features", "FeatureSet", "build_features", "open_features", "corpus_digest",
+__all__ = ["Features", "FeatureSet", "build_features", "build_hidden", "open_features", "corpus_digest",
            "build_shard_features", "open_shard_features"]
 
 
@@ -50,6 +53,11 @@ class Features:
     topk_logp: np.memmap
     offsets: np.ndarray  # (samples + 1,)
     meta: dict
+    hidden: np.memmap | None = None  # (N, hidden) int16 (bfloat16 bits), if built
+
+    @property
+    def has_hidden(self) -> bool:
+        return self.hidden is not None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -59,6 +67,14 @@ class Features:
         a, b = self.offsets[i], self.offsets[i + 1]
         x = torch.from_numpy(np.array(self.kv[a:b])).view(torch.bfloat16)
         return x.permute(1, 2, 3, 0, 4)
+
+    def sample_hidden(self, i: int) -> torch.Tensor:
+        """(S, hidden) bfloat16 of sample ``i``: the target's final hidden states."""
+        if self.hidden is None:
+            raise ValueError("data: these features hold no hidden states; run the features stage "
+                             "with --hidden")
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return torch.from_numpy(np.array(self.hidden[a:b])).view(torch.bfloat16)
 
     def sample_topk(self, i: int):
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -75,11 +91,104 @@ def _open(path: Path, meta: dict, mode: str) -> Features:
     total = meta["total_tokens"]
     kv_shape = (total, meta["num_layers"], 2, meta["num_kv_heads"], meta["head_dim"])
     k = meta["topk"]
+    hidden = None
+    hmeta = _hidden_meta(path)
+    if hmeta is not None and hmeta["corpus"] == meta["corpus"] and hmeta["done"] == len(meta["offsets"]) - 1:
+        hidden = np.memmap(path / "hidden.bin", dtype=np.int16, mode="r", shape=(total, hmeta["hidden_size"]))
     return Features(
         kv=np.memmap(path / "kv.bin", dtype=np.int16, mode=mode, shape=kv_shape),
         topk_ids=np.memmap(path / "topk_ids.bin", dtype=np.int32, mode=mode, shape=(total, k)),
         topk_logp=np.memmap(path / "topk_logp.bin", dtype=np.float16, mode=mode, shape=(total, k)),
-        offsets=np.array(meta["offsets"], dtype=np.int64), meta=meta)
+        offsets=np.array(meta["offsets"], dtype=np.int64), meta=meta, hidden=hidden)
+
+
+def _hidden_meta(path: Path) -> dict | None:
+    p = Path(path) / "hidden.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _length_batches(lengths, start, tokens_per_batch):
+    """Chunks of the samples in (length, index) order from position ``start`` of that order:
+    ``(order_end, chunk)`` with at most ``tokens_per_batch`` padded tokens (or one sample)."""
+    n = len(lengths)
+    order = sorted(range(n), key=lambda k: (lengths[k], k))
+    i = start
+    while i < n:
+        j, longest = i, 0
+        while j < n and (max(longest, lengths[order[j]]) * (j - i + 1) <= tokens_per_batch or j == i):
+            longest = max(longest, lengths[order[j]])
+            j += 1
+        yield j, [order[k] for k in range(i, j)]
+        i = j
+
+
+def build_hidden(model, samples: list[Sample], out_dir, tokens_per_batch: int = 4096,
+                 progress: bool = True) -> Features:
+    """Add the target's final hidden states (``hidden.bin``) to finished features (resumable).
+
+    A separate pass, so that features made before drafts read hidden states gain them
+    without being rebuilt; it runs the target's layers without its LM head.
+
+    Parameters
+    ----------
+    model : LlamaModel
+        The target that made the features, in the same dtype.
+    samples : list of Sample
+        The samples of the features in ``out_dir``.
+    out_dir : path
+    tokens_per_batch : int
+
+    Returns
+    -------
+    Features
+        With ``hidden``.
+    """
+    out = Path(out_dir)
+    feats = open_features(out)
+    if feats.meta["corpus"] != corpus_digest(samples):
+        raise ValueError(f"data: the features in {out} were made from another corpus")
+    H = model.config.hidden_size
+    lengths = [len(s.tokens) for s in samples]
+    total = feats.meta["total_tokens"]
+    hmeta = {"corpus": feats.meta["corpus"], "hidden_size": H, "dtype": str(model.dtype), "done": 0}
+    old = _hidden_meta(out)
+    if old is not None and all(old.get(k) == hmeta[k] for k in ("corpus", "hidden_size", "dtype")):
+        hmeta["done"] = old["done"]
+    n = len(samples)
+    if hmeta["done"] == n:
+        return feats
+    hid = np.memmap(out / "hidden.bin", dtype=np.int16, mode="r+" if hmeta["done"] else "w+", shape=(total, H))
+    if hmeta["done"] == 0:
+        atomic_write(out / "hidden.json", lambda tmp: Path(tmp).write_text(json.dumps(hmeta)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, initial=hmeta["done"], desc="hidden", unit="sample")
+    dev = model.device
+    for end, chunk in _length_batches(lengths, hmeta["done"], tokens_per_batch):
+        B, S = len(chunk), max(lengths[k] for k in chunk)
+        ids = torch.zeros(B, S, dtype=torch.int64)
+        for b, k in enumerate(chunk):
+            ids[b, : lengths[k]] = torch.as_tensor(samples[k].tokens)
+        ids = ids.to(dev)
+        cache = model.new_cache(B, S)
+        pos = torch.arange(S, device=dev).expand(B, S)
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril().expand(B, S, S)
+        none = torch.zeros(B, S, dtype=torch.bool, device=dev)  # no LM head rows
+        with torch.no_grad():
+            _, y = model.forward(ids.to(dev), pos, causal, cache, logits_rows=none, return_hidden=True)
+        y = y.to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        for b, k in enumerate(chunk):
+            a = int(feats.offsets[k])
+            hid[a:a + lengths[k]] = y[b, : lengths[k]]
+        hid.flush()
+        hmeta["done"] = end
+        atomic_write(out / "hidden.json", lambda tmp: Path(tmp).write_text(json.dumps(hmeta)))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return open_features(out)
 
 
 def build_features(model, samples: list[Sample], out_dir, num_layers: int = 1, topk: int = 16,
@@ -235,10 +344,21 @@ class FeatureSet:
         part, j = self._locate(i)
         return part.sample_topk(j)
 
+    def sample_hidden(self, i: int) -> torch.Tensor:
+        part, j = self._locate(i)
+        return part.sample_hidden(j)
 
-def build_shard_features(model, corpus_dir, out_dir, shards=None, progress: bool = True, **kw) -> FeatureSet:
+    @property
+    def has_hidden(self) -> bool:
+        """Whether every shard holds the target's hidden states."""
+        return all(p.hidden is not None for p in self.parts)
+
+
+def build_shard_features(model, corpus_dir, out_dir, shards=None, progress: bool = True, hidden: bool = False,
+                         **kw) -> FeatureSet:
     """:func:`build_features` for each corpus shard (``out_dir/shard-XXXXX/``), so that a corpus
-    can grow and features follow shard by shard. ``shards`` limits it to the first ``shards``."""
+    can grow and features follow shard by shard. ``shards`` limits it to the first ``shards``;
+    ``hidden`` adds the target's hidden states (:func:`build_hidden`) where they are missing."""
     from .corpus import corpus_shards, load_corpus_shard
 
     files = corpus_shards(corpus_dir)[:shards]
@@ -253,6 +373,8 @@ def build_shard_features(model, corpus_dir, out_dir, shards=None, progress: bool
             part = open_features(sub)
         except (FileNotFoundError, ValueError):
             part = build_features(model, load_corpus_shard(f), sub, progress=False, **kw)
+        if hidden and part.hidden is None:
+            part = build_hidden(model, load_corpus_shard(f), sub, kw.get("tokens_per_batch", 4096), progress=False)
         parts.append(part)
         if bar is not None:
             bar.update(1)

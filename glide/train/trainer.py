@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from glide.draft.checkpoint import new_draft_config, save_draft
-from glide.draft.model import GlideDraftModel, block_cross_mask
+from glide.draft.model import GlideDraftModel, block_cross_mask, block_starts
 
 from .corpus import Sample, atomic_write
 from .features import Features, FeatureSet
@@ -86,6 +86,11 @@ class TrainSettings:
         schedule); its cross-attention and head size must be this run's, and the run keeps its
         head rows (its card goes into the new card as ``prior``). A draft with fewer layers
         than ``num_layers`` is grown by :func:`grow_state`, starting from the same predictions.
+    hidden_input : bool
+        The draft also reads the target's final hidden state at the last verified position
+        (see :class:`~glide.draft.model.GlideDraftModel`); the features must hold it
+        (:func:`~glide.train.features.build_hidden`). A prior draft without it gains it with
+        its projection at zero, so it starts from the prior's predictions.
     """
 
     gamma: int = 4
@@ -105,6 +110,7 @@ class TrainSettings:
     save_every: int = 50
     bf16: bool = True
     init_from: str | None = None
+    hidden_input: bool = False
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -190,6 +196,9 @@ def _read_prior(target, settings: TrainSettings):
     if (c.cross_attention, have) != (settings.cross_attention, want) or c.num_layers > settings.num_layers:
         raise ValueError(f"init_from: the draft in {path} differs from this run (cross-attention or head "
                          f"size), or has more layers ({c.num_layers}) than --layers ({settings.num_layers})")
+    if c.hidden_input and not settings.hidden_input:
+        raise ValueError(f"init_from: the draft in {path} reads the target's hidden state; train it further "
+                         "with --hidden-input")
     return prior, card
 
 
@@ -276,6 +285,7 @@ class _Batch:
     t_logp: torch.Tensor  # (n, k)
     t_top1: torch.Tensor  # (n,) teacher argmax token id
     shift: torch.Tensor  # (b,)
+    hidden: torch.Tensor | None = None  # (b, S, hidden): the target's state before each block's start
 
 
 def _block_shifts(s: TrainSettings, step: int, n: int) -> torch.Tensor:
@@ -318,8 +328,16 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
     shift = torch.as_tensor(shifts)[lo:hi]
     t_id = tid[rows]
     t_idx = torch.where(t_id >= 0, vocab_index[t_id.clamp(min=0)], -1)
+    hidden = None
+    if s.hidden_input:
+        hid = torch.zeros(b, S, feats.sample_hidden(idx[0]).shape[-1], dtype=torch.bfloat16)
+        for r, i in enumerate(idx):
+            hid[r, :lens[r]] = feats.sample_hidden(i)[:lens[r]]
+        before = block_starts(S, s.gamma + 1, shift) - 1  # the last verified position of each block
+        hidden = hid.gather(1, before.clamp(min=0)[:, :, None].expand(b, S, hid.shape[-1]))
+        hidden = hidden * (before >= 0)[:, :, None].to(hidden.dtype)
     return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(N)], rows, w[rows],
-                  vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift)
+                  vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift, hidden)
 
 
 def _loss_terms(logits, batch: _Batch, kind: str):
@@ -393,7 +411,7 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 cross = (block_cross_mask(S, block, batch.shift) if cross_mask is None
                          else cross_mask(S, batch.shift))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                    logits = model(batch.ids, batch.kv, cross, batch.rows)
+                    logits = model(batch.ids, batch.kv, cross, batch.rows, batch.hidden)
                 per_row, top1 = _loss_terms(logits, batch, settings.loss)
                 total += float((per_row * batch.weight).sum())
                 ok = (model.vocab_ids[top1] == batch.t_top1).double() * batch.weight
@@ -449,6 +467,9 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         ``val_loss`` / ``val_top1`` with ``validation``.
     """
     settings.check()
+    if settings.hidden_input and not feats.has_hidden:
+        raise ValueError("data: the features hold no target hidden states; run the features stage "
+                         "with --hidden-input")
     if feats.meta["num_layers"] < settings.num_layers:
         raise ValueError(f"data: the features hold {feats.meta['num_layers']} target layers, the "
                          f"draft needs {settings.num_layers}")
@@ -467,11 +488,16 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         vocab = prior.config.draft_vocab
     else:
         vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
-    config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab)
+    config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab,
+                              hidden_input=settings.hidden_input)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
     if prior is not None:
         own = model.state_dict()
-        model.load_state_dict({k: v for k, v in grow_state(prior, settings.num_layers).items() if k in own})
+        grown = {k: v for k, v in grow_state(prior, settings.num_layers).items() if k in own}
+        # a prior without hidden input keeps the new glimpse at its start: zero projection
+        missing = model.load_state_dict(grown, strict=False).missing_keys
+        if any(not k.startswith("hidden_") for k in missing):
+            raise ValueError(f"init_from: the draft in {settings.init_from} lacks {missing}")
         del prior
     elif settings.init != "random":
         init_from_target(model, target, settings.init)
@@ -540,7 +566,7 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         opt.zero_grad(set_to_none=True)
         cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            logits = ddp(batch.ids, batch.kv, cross, batch.rows)
+            logits = ddp(batch.ids, batch.kv, cross, batch.rows, batch.hidden)
         per_row, top1 = _loss_terms(logits, batch, settings.loss)
         loss = (per_row * batch.weight).sum() / wsum.clamp(min=1e-9) * world
         loss.backward()

@@ -190,7 +190,7 @@ def step_forward(rec, dev, dtype, smoke):
                     n = 3 if smoke else 30
                     eager = wall_us(lambda: model.forward(ids, pos, mask, cache), dev, n)
                     graphed = wall_us(lambda: graphs.forward(ids, pos, mask, cache), dev, n)
-                    g = graphs._graphs[(cache, B, T, False)]
+                    g = graphs._graphs[(cache, B, T, False, False)]  # (cache, batch, bucket, last only, hidden)
                     replay = (wall_us(g.graph.replay, dev, n) if g.graph is not None else None)
                     diff = None
                     if fused:

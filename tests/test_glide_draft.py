@@ -515,7 +515,7 @@ def test_drafting_pauses_while_drafted_steps_are_slower_and_stays_lossless(train
 
 def test_the_pause_policy_follows_the_measured_rates(trained):
     """_decide: draft the first WARM_UP (4) measured steps, then measure a plain step; pause 1,
-    2, 4 ... up to max_skip steps while drafted steps are slower than 0.9x plain ones, with a
+    2, 4 ... up to max_skip steps (fewer for a small deficit) while drafted steps are slower than 0.9x plain ones, with a
     drafted probe after each pause; a step that drafts on the rates halves the back-off; re-measure the plain rate every `refresh` drafted steps."""
     _, d, _ = trained
     g = DynamicTreeDraft(d, max_skip=4, refresh=5)
@@ -538,17 +538,38 @@ def test_the_pause_policy_follows_the_measured_rates(trained):
     assert g._backoff == 0
     g._rates, g._since_plain = {True: (0.95, 1.0, 9), False: (1.0, 1.0, 1)}, 0
     assert run(3, 0.95) == "ddd"  # within the margin: no pause
-    assert run(9, 0.5) == "d" + "p" + "d" + "pp" + "d" + "ppp"  # one step at 0.5 brings it to 0.89
-    # the longest run of plain steps: a refresh step, then a full pause (the catch-up window
-    # and the draft cache's scratch rows are sized for max_skip + 1)
+    # one step at 0.5 brings it to 0.89: pauses as long as the deficit allows (_longest_pause,
+    # with max_skip 4): 1 at 0.89 and 0.84, 2 at 0.80, 3 at 0.76
+    assert run(9, 0.5) == "d" + "p" + "d" + "p" + "d" + "pp" + "d" + "p"
+    # the longest run of plain steps: a refresh step, then a full pause
     g = DynamicTreeDraft(d, max_skip=2, refresh=1)
     assert max(len(r) for r in run(60, 0.2).split("d")) == 3
     # a step that drafts on the rates halves the back-off, and losing again doubles it back
     g = DynamicTreeDraft(d, max_skip=8, refresh=100)
     g._rates, g._backoff = {True: (1.0, 1.0, 9), False: (1.0, 1.0, 1)}, 8
     assert run(1, 1.0) == "d" and g._backoff == 4
-    # one more drafted step (4 -> 2) at 0.1 sinks the rate below 0.9: a pause of 4
-    assert run(2, 0.1) == "dp" and g._backoff == 4 and g._skip == 3
+    # one more drafted step (4 -> 2) at 0.1 sinks the rate to 0.89, just below 0.9: a pause of
+    # 1 only; a rate far below doubles the back-off again
+    assert run(2, 0.1) == "dp" and g._backoff == 1 and g._skip == 0
+    g._backoff, g._probe, g._rates[True] = 4, False, (0.5, 1.0, 9)
+    assert run(1, 0.5) == "p" and g._backoff == 8 and g._skip == 7
+
+
+def test_the_longest_pause_grows_with_the_deficit(trained):
+    """Pauses may reach max_skip only when drafted steps lose by DEEP below PAUSE_BELOW; just
+    below the threshold a probe follows every step or two."""
+    _, d, _ = trained
+    g = DynamicTreeDraft(d, max_skip=64)
+    assert (g.PAUSE_BELOW, g.DEEP) == (0.9, 0.2)
+    assert [g._longest_pause(r) for r in (0.95, 0.9, 0.89, 0.85, 0.8, 0.75, 0.7, 0.3)] == [1, 1, 3, 16, 32, 48, 64, 64]
+    # through the policy: at 0.8x the plain rate, pauses double up to 32, not 64
+    g._rates, g._since_plain, g.refresh = {True: (0.8, 1.0, 9), False: (1.0, 1.0, 1)}, 0, 10 ** 6
+    lengths = []
+    for _ in range(12):
+        assert g._decide() is False
+        lengths.append(g._backoff)
+        g._skip, g._probe = 0, False  # skip the pause and its probe: ask again at once
+    assert lengths == [1, 2, 4, 8, 16, 32, 32, 32, 32, 32, 32, 32]
 
 
 def test_the_pause_policy_remembers_its_rates_per_batch_size(trained):

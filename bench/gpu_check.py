@@ -260,8 +260,14 @@ def step_e2e(rec, dev, dtype, smoke):
         torch.manual_seed(1)
         net = GlideDraftModel(new_draft_config(model, num_layers=1), dtype=dtype, device=dev,
                               init_std=0.02).attach(model)
+        # The same with the hidden input (the target's final hidden states kept per position,
+        # returned by graphs of their own when graphed), its glimpse random, not zero.
+        net_h = GlideDraftModel(new_draft_config(model, num_layers=1, hidden_input=True), dtype=dtype, device=dev,
+                                init_std=0.02).attach(model)
+        with torch.no_grad():
+            torch.nn.init.normal_(net_h.hidden_proj.weight, std=0.02)
         if dev.type != "cuda":
-            net.attn_backend = "reference"
+            net.attn_backend = net_h.attn_backend = "reference"
         hf, hf_error = None, None  # transformers' model of the shape, built at its first use
         for B in (1, 8):
             g = torch.Generator().manual_seed(B)
@@ -299,6 +305,13 @@ def step_e2e(rec, dev, dtype, smoke):
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=[o.output_ids for o in outs3] == refs, new_tokens=new,
                         prompt_len=plen)
+            for label, graphs in (("eager", False), ("graphed", gr)):
+                run(GlideDraft(net_h, 4), graphs)
+                outs5, tps_wall, tps_decode, mat = run(GlideDraft(net_h, 4), graphs)
+                rec.add("e2e", shape=shape, batch=B, method="glide-random-hidden", mode=label,
+                        tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
+                        same_tokens_as_ar=[o.output_ids for o in outs5] == refs, new_tokens=new,
+                        prompt_len=plen)
             # The dynamic tree on the same random draft: its drafted steps lose, so it pauses,
             # and the paused steps run as one-slot forwards (the graphed engine's bucket 1).
             # Fresh trees: one keeps what its pause policy learnt across generations.
@@ -323,7 +336,7 @@ def step_e2e(rec, dev, dtype, smoke):
                 except Exception as exc:  # noqa: BLE001 - recorded once, the sweep goes on
                     hf_error = exc
                     rec.error("e2e-hf", exc)
-        del net, hf
+        del net, net_h, hf
         if bound:
             rec.add("e2e", shape=shape, weight_gb=bound,
                     note="weight-streaming bound: copy GB/s / 2 / weight GB tokens/s at batch 1")

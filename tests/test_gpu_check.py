@@ -39,9 +39,9 @@ def test_smoke_e2e_rows_keep_ar_tokens_and_count_paused_steps(tmp_path, capsys):
     assert data["meta"]["errors"] == []
     rows = [r for r in data["rows"] if r.get("method")]
     methods = {r["method"] for r in rows}
-    assert {"ar", "oracle-chain4", "glide-random-draft", "glide-random-dynamic"} <= methods
+    assert {"ar", "oracle-chain4", "glide-random-draft", "glide-random-hidden", "glide-random-dynamic"} <= methods
     spec = [r for r in rows if "same_tokens_as_ar" in r]
-    assert len(spec) == 12 and all(r["same_tokens_as_ar"] for r in spec)
+    assert len(spec) == 16 and all(r["same_tokens_as_ar"] for r in spec)
     dyn = [r for r in rows if r["method"] == "glide-random-dynamic"]
     assert {(r["batch"], r["mode"]) for r in dyn} == {(b, m) for b in (1, 8) for m in ("eager", "graphed")}
     assert all(0 <= r["paused_steps"] < r["steps"] and r["tok_s_wall"] > 0 for r in dyn)

@@ -193,6 +193,46 @@ def test_hidden_drafts_are_lossless_at_batch_3(target, make):
     assert [o.output_ids for o in sp] == [o.output_ids for o in ar]
 
 
+def test_the_dynamic_tree_feeds_each_row_its_glimpse(target):
+    """Every draft forward of the dynamic tree, through pauses, ragged acceptance and EOS: its
+    catch-up rows at ``pos <= root`` read the target's state at ``pos - 1`` (a root's view, as
+    in training), and every tree level reads the root's, at ``root - 1``."""
+    d = tiny_draft(target, hidden=True)
+    prompts = PROMPTS + [[6]]
+    seen = {"checked": 0, "catch_up": 0}
+    tree = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=12, fixed_size=8)
+    tree.fallback = True
+    gen = torch.Generator().manual_seed(0)
+    tree._plan = lambda ctx: bool(torch.rand((), generator=gen) < 0.4)  # random pauses
+    propose, step = tree.propose, d.step
+
+    def spy_propose(ctx):
+        seen["ctx"], seen["n"] = ctx, 0
+        return propose(ctx)
+
+    def spy_step(ids, pos, mask, cache, cross, **kw):
+        ctx = seen.get("ctx")
+        if ctx is not None:
+            seen["n"] += 1
+            hs, root, live = ctx.hidden_states, ctx.lengths - 1, ctx.active
+            rows = torch.arange(len(root))
+            if seen["n"] == 1:
+                prev = (pos - 1).clamp(0, hs.shape[1] - 1)
+                want = d.glimpse(torch.where((pos >= 1)[..., None], hs[rows[:, None], prev], 0.0))
+                use = (pos <= root[:, None]) & live[:, None]
+                seen["catch_up"] += int((use.sum(1) > 1).any())
+            else:  # one glimpse a sequence, (batch, hidden), for every node of the level
+                want, use = d.glimpse(hs[rows, root - 1]), live
+            torch.testing.assert_close(kw["glimpse"][use], want[use], rtol=0, atol=0)
+            seen["checked"] += 1
+        return step(ids, pos, mask, cache, cross, **kw)
+
+    tree.propose, d.step = spy_propose, spy_step
+    out = generate_ids(target, prompts, tree, max_new_tokens=50, eos_token_ids=(2,))
+    assert seen["checked"] > 30 and seen["catch_up"] > 3 and tree.skipped > 5
+    assert max(a for o in out for a in o.accepted) >= 1
+
+
 def test_a_hidden_draft_round_trips_and_needs_its_glimpse(target, tmp_path):
     d = tiny_draft(target, hidden=True)
     save_draft(d, tmp_path / "d", dtype=torch.float64)
@@ -247,17 +287,20 @@ def test_features_store_the_targets_hidden_states_and_resume(corpus):
     meta = json.loads(meta_path.read_text())
     meta["done"] = 5
     meta_path.write_text(json.dumps(meta))
-    raw = np.memmap(root / "f" / "hidden.bin", dtype=np.int16, mode="r+")
-    lengths = sorted(range(len(samples)), key=lambda k: (len(samples[k].tokens), k))
-    later = lengths[5:]
-    for k in later:
+    raw = np.memmap(root / "f" / "hidden.bin", dtype=np.int16, mode="r+").reshape(-1, t.config.hidden_size)
+    order = sorted(range(len(samples)), key=lambda k: (len(samples[k].tokens), k))  # the pass's order
+    for k in order:  # marked: the done samples must be kept, the rest recomputed
         a, b = int(feats.offsets[k]), int(feats.offsets[k + 1])
-        raw.reshape(-1, t.config.hidden_size)[a:b] = 0
+        raw[a:b] = 7
     raw.flush()
     assert not open_features(root / "f").has_hidden  # unfinished: not offered to training
     again = build_hidden(t, samples, root / "f", tokens_per_batch=40, progress=False)
-    for i, w in enumerate(want):
-        torch.testing.assert_close(again.sample_hidden(i).float(), w.float(), rtol=2e-2, atol=2e-2)
+    for rank, k in enumerate(order):
+        got = again.sample_hidden(k)
+        if rank < 5:
+            assert (got.view(torch.int16) == 7).all()  # not recomputed
+        else:
+            torch.testing.assert_close(got.float(), want[k].float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="another corpus"):
         build_hidden(t, samples[:-1], root / "f", progress=False)
 
@@ -286,6 +329,12 @@ def test_training_a_hidden_draft_from_one_without(corpus):
     assert first["loss"] == evaluate(prior, samples, feats, base)["loss"]
     trained = load_draft(root / "h" / "draft", t)
     assert trained.config.hidden_input and trained.hidden_proj.weight.abs().max() > 0
+    # a custom cross mask pairs each query with the state at the last position it reads: for the
+    # training mask itself, the same scores
+    same = evaluate(trained, samples, feats, settings, cross_mask=lambda S, shift: block_cross_mask(S, 5, shift))
+    assert same == evaluate(trained, samples, feats, settings)
+    stale = evaluate(trained, samples, feats, settings, cross_mask=lambda S, shift: block_cross_mask(S, 5, shift + 1))
+    assert stale != same
     again = TrainSettings(batch_size=4, epochs=2, lr=3e-3, warmup_steps=2, save_every=100, draft_vocab_size=None,
                           init_from=str(root / "h" / "draft"))
     with pytest.raises(ValueError, match="hidden-input"):

@@ -72,7 +72,7 @@ class Features:
         """(S, hidden) bfloat16 of sample ``i``: the target's final hidden states."""
         if self.hidden is None:
             raise ValueError("data: these features hold no hidden states; run the features stage "
-                             "with --hidden")
+                             "with --hidden-input")
         a, b = self.offsets[i], self.offsets[i + 1]
         return torch.from_numpy(np.array(self.hidden[a:b])).view(torch.bfloat16)
 
@@ -93,7 +93,8 @@ def _open(path: Path, meta: dict, mode: str) -> Features:
     k = meta["topk"]
     hidden = None
     hmeta = _hidden_meta(path)
-    if hmeta is not None and hmeta["corpus"] == meta["corpus"] and hmeta["done"] == len(meta["offsets"]) - 1:
+    if (hmeta is not None and hmeta["corpus"] == meta["corpus"] and hmeta.get("dtype") == meta["dtype"]
+            and hmeta["done"] == len(meta["offsets"]) - 1):
         hidden = np.memmap(path / "hidden.bin", dtype=np.int16, mode="r", shape=(total, hmeta["hidden_size"]))
     return Features(
         kv=np.memmap(path / "kv.bin", dtype=np.int16, mode=mode, shape=kv_shape),
@@ -157,9 +158,9 @@ def build_hidden(model, samples: list[Sample], out_dir, tokens_per_batch: int = 
     n = len(samples)
     if hmeta["done"] == n:
         return feats
-    hid = np.memmap(out / "hidden.bin", dtype=np.int16, mode="r+" if hmeta["done"] else "w+", shape=(total, H))
-    if hmeta["done"] == 0:
+    if hmeta["done"] == 0:  # mark it unfinished before a fresh file (zeros) replaces the old one
         atomic_write(out / "hidden.json", lambda tmp: Path(tmp).write_text(json.dumps(hmeta)))
+    hid = np.memmap(out / "hidden.bin", dtype=np.int16, mode="r+" if hmeta["done"] else "w+", shape=(total, H))
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -285,7 +285,8 @@ class _Batch:
     t_logp: torch.Tensor  # (n, k)
     t_top1: torch.Tensor  # (n,) teacher argmax token id
     shift: torch.Tensor  # (b,)
-    hidden: torch.Tensor | None = None  # (b, S, hidden): the target's state before each block's start
+    states: torch.Tensor | None = None  # (b, S, hidden): the target's final hidden state per position
+    hidden: torch.Tensor | None = None  # (b, S, hidden): the state each query reads (its block's start - 1)
 
 
 def _block_shifts(s: TrainSettings, step: int, n: int) -> torch.Tensor:
@@ -328,16 +329,26 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
     shift = torch.as_tensor(shifts)[lo:hi]
     t_id = tid[rows]
     t_idx = torch.where(t_id >= 0, vocab_index[t_id.clamp(min=0)], -1)
-    hidden = None
+    hid = None
     if s.hidden_input:
-        hid = torch.zeros(b, S, feats.sample_hidden(idx[0]).shape[-1], dtype=torch.bfloat16)
         for r, i in enumerate(idx):
-            hid[r, :lens[r]] = feats.sample_hidden(i)[:lens[r]]
-        before = block_starts(S, s.gamma + 1, shift) - 1  # the last verified position of each block
-        hidden = hid.gather(1, before.clamp(min=0)[:, :, None].expand(b, S, hid.shape[-1]))
-        hidden = hidden * (before >= 0)[:, :, None].to(hidden.dtype)
-    return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(N)], rows, w[rows],
-                  vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift, hidden)
+            h = feats.sample_hidden(i)
+            if hid is None:
+                hid = torch.zeros(b, S, h.shape[-1], dtype=torch.bfloat16)
+            hid[r, :lens[r]] = h[:lens[r]]
+    batch = _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(N)], rows, w[rows],
+                   vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift, hid)
+    if hid is not None:  # the last verified position of each block
+        batch.hidden = _glimpsed(hid, block_starts(S, s.gamma + 1, shift) - 1)
+    return batch
+
+
+def _glimpsed(states: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """The target state each query reads: ``states[b, before[b, q]]``, zeros where ``before < 0``.
+
+    ``states`` (b, S, H), ``before`` (b, S) int64."""
+    out = states.gather(1, before.clamp(min=0)[:, :, None].expand(*before.shape, states.shape[-1]))
+    return out * (before >= 0)[:, :, None].to(out.dtype)
 
 
 def _loss_terms(logits, batch: _Batch, kind: str):
@@ -410,6 +421,10 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 S = batch.ids.shape[1]
                 cross = (block_cross_mask(S, block, batch.shift) if cross_mask is None
                          else cross_mask(S, batch.shift))
+                if cross_mask is not None and batch.hidden is not None:
+                    # the state at the last target position each query reads (masks are prefixes)
+                    seen = cross.expand(len(idx), S, S) if cross.dim() == 2 else cross
+                    batch.hidden = _glimpsed(batch.states, seen.sum(-1) - 1)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                     logits = model(batch.ids, batch.kv, cross, batch.rows, batch.hidden)
                 per_row, top1 = _loss_terms(logits, batch, settings.loss)

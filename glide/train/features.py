@@ -110,7 +110,10 @@ def _hidden_meta(path: Path) -> dict | None:
 
 def _length_batches(lengths, start, tokens_per_batch):
     """Chunks of the samples in (length, index) order from position ``start`` of that order:
-    ``(order_end, chunk)`` with at most ``tokens_per_batch`` padded tokens (or one sample)."""
+    ``(order_end, chunk)`` with at most ``tokens_per_batch`` padded tokens (or one sample).
+
+    Similar lengths batch with little padding, and the fixed order lets a pass resume exactly
+    from ``done``, a count in that order."""
     n = len(lengths)
     order = sorted(range(n), key=lambda k: (lengths[k], k))
     i = start
@@ -121,6 +124,20 @@ def _length_batches(lengths, start, tokens_per_batch):
             j += 1
         yield j, [order[k] for k in range(i, j)]
         i = j
+
+
+def _chunk_inputs(model, samples: list[Sample], chunk: list[int]):
+    """A causal target pass over the samples ``chunk``, right-padded: ``(ids, pos, causal,
+    cache)`` on the model's device, ids (B, S)."""
+    S = max(len(samples[k].tokens) for k in chunk)
+    ids = torch.zeros(len(chunk), S, dtype=torch.int64)
+    for b, k in enumerate(chunk):
+        ids[b, : len(samples[k].tokens)] = torch.as_tensor(samples[k].tokens)
+    dev = model.device
+    B = len(chunk)
+    pos = torch.arange(S, device=dev).expand(B, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril().expand(B, S, S)
+    return ids.to(dev), pos, causal, model.new_cache(B, S)
 
 
 def build_hidden(model, samples: list[Sample], out_dir, tokens_per_batch: int = 4096,
@@ -165,19 +182,11 @@ def build_hidden(model, samples: list[Sample], out_dir, tokens_per_batch: int = 
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, initial=hmeta["done"], desc="hidden", unit="sample")
-    dev = model.device
     for end, chunk in _length_batches(lengths, hmeta["done"], tokens_per_batch):
-        B, S = len(chunk), max(lengths[k] for k in chunk)
-        ids = torch.zeros(B, S, dtype=torch.int64)
-        for b, k in enumerate(chunk):
-            ids[b, : lengths[k]] = torch.as_tensor(samples[k].tokens)
-        ids = ids.to(dev)
-        cache = model.new_cache(B, S)
-        pos = torch.arange(S, device=dev).expand(B, S)
-        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril().expand(B, S, S)
-        none = torch.zeros(B, S, dtype=torch.bool, device=dev)  # no LM head rows
+        ids, pos, causal, cache = _chunk_inputs(model, samples, chunk)
+        none = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # no LM head rows
         with torch.no_grad():
-            _, y = model.forward(ids.to(dev), pos, causal, cache, logits_rows=none, return_hidden=True)
+            _, y = model.forward(ids, pos, causal, cache, logits_rows=none, return_hidden=True)
         y = y.to("cpu", torch.bfloat16).view(torch.int16).numpy()
         for b, k in enumerate(chunk):
             a = int(feats.offsets[k])
@@ -237,29 +246,16 @@ def build_features(model, samples: list[Sample], out_dir, num_layers: int = 1, t
         from tqdm.auto import tqdm
         bar = tqdm(total=meta["total_tokens"], initial=int(meta["offsets"][meta["done"]]),
                    desc="features", unit="tok", unit_scale=True)
-    # Batches of similar lengths (little padding), in a fixed order so that `done` (a count
-    # in that order) resumes exactly.
-    order = sorted(range(n), key=lambda k: (lengths[k], k))
     t0, made = time.perf_counter(), 0
     layers = meta["target_layers"]
-    i = meta["done"]
-    while i < n:
-        j, longest = i, 0
-        while j < n and (max(longest, lengths[order[j]]) * (j - i + 1) <= tokens_per_batch or j == i):
-            longest = max(longest, lengths[order[j]])
-            j += 1
-        chunk = [order[k] for k in range(i, j)]
-        B, S = len(chunk), longest
-        ids = torch.zeros(B, S, dtype=torch.int64)
+    for end, chunk in _length_batches(lengths, meta["done"], tokens_per_batch):
+        ids, pos, causal, cache = _chunk_inputs(model, samples, chunk)
+        B, S = ids.shape
         rows = torch.zeros(B, S, dtype=torch.bool)  # teacher rows: q predicts response token q + 1
         for b, k in enumerate(chunk):
             s = samples[k]
-            ids[b, : len(s.tokens)] = torch.as_tensor(s.tokens)
             rows[b, max(s.prompt_len - 1, 0): len(s.tokens) - 1] = True
-        ids, rows = ids.to(model.device), rows.to(model.device)
-        cache = model.new_cache(B, S)
-        pos = torch.arange(S, device=model.device).expand(B, S)
-        causal = torch.ones(S, S, dtype=torch.bool, device=model.device).tril().expand(B, S, S)
+        rows = rows.to(model.device)
         with torch.no_grad():
             logits = model.forward(ids, pos, causal, cache, logits_rows=rows)
             top, top_id = logits.topk(min(topk, logits.shape[-1]), dim=-1)
@@ -285,7 +281,7 @@ def build_features(model, samples: list[Sample], out_dir, num_layers: int = 1, t
             feats.topk_logp[a:a + L] = lp_b
         for arr in (feats.kv, feats.topk_ids, feats.topk_logp):
             arr.flush()
-        meta["done"] = i = j
+        meta["done"] = end
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
         size = sum(lengths[k] for k in chunk)
         made += size

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
+from .llama import _first_row
 
 __all__ = ["BUCKETS", "CapturedCall", "CudaGraphs", "graphs_for", "bucket_for"]
 
@@ -210,9 +211,7 @@ class CudaGraphs:
         its inputs from :meth:`LlamaModel.decode_inputs`, its forward :meth:`forward`."""
         out = self.forward(*self.model.decode_inputs(tokens, cache), cache, return_hidden=return_hidden)
         cache.commit(commit)
-        if return_hidden:
-            return out[0][:, 0], out[1][:, 0]
-        return out[:, 0]
+        return _first_row(out)
 
     def forward(self, input_ids, position_ids, tree_mask, cache, logits_index=None, return_hidden=False):
         """:meth:`LlamaModel.forward` through the graph of ``T``'s bucket when one applies.
@@ -261,10 +260,9 @@ class CudaGraphs:
             graph.index.copy_(logits_index)
         out = graph.run()
         self.replays += 1
-        if return_hidden:
-            logits, hidden = out
-            return (logits.clone() if logits_index is not None else logits[:, :T].clone()), hidden[:, :T].clone()
-        return out.clone() if logits_index is not None else out[:, :T].clone()
+        logits, hidden = out if return_hidden else (out, None)
+        logits = logits.clone() if logits_index is not None else logits[:, :T].clone()  # padding rows cut
+        return (logits, hidden[:, :T].clone()) if return_hidden else logits
 
 
 def _setup(model) -> tuple:

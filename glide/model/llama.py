@@ -297,6 +297,12 @@ def _pick_rows(x, logits_index, logits_rows):
     return x
 
 
+def _first_row(out):
+    """Row 0 of a one-token forward's result: logits (batch, 1, vocab), or the pair with the
+    hidden states."""
+    return (out[0][:, 0], out[1][:, 0]) if isinstance(out, tuple) else out[:, 0]
+
+
 class LlamaModel(nn.Module):
     """A Llama-family causal LM that decodes, prefills and verifies token trees over a ``KVCache``.
 
@@ -456,16 +462,16 @@ class LlamaModel(nn.Module):
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
             h = layer(h, cos, sin, kv_layer, store, attend)
-        if return_hidden:
-            y = self.norm(h)
-            logits = self.lm_head(_pick_rows(y, logits_index, logits_rows))
-            return (logits if logits.dtype == torch.float64 else logits.float()), y
-        if logits_index is not None:
-            h = h[torch.arange(B, device=dev), logits_index]
-        elif logits_rows is not None:
-            h = h[logits_rows]
-        logits = self.lm_head(self.norm(h))
-        return logits if logits.dtype == torch.float64 else logits.float()
+        # the norm is row-wise: it runs on the head's rows only, unless every row's state is asked for
+        y = self.norm(h) if return_hidden else self.norm(_pick_rows(h, logits_index, logits_rows))
+        return self._head(y, logits_index, logits_rows, return_hidden)
+
+    def _head(self, y, logits_index, logits_rows, return_hidden):
+        """The LM head over the normed states ``y``: all rows with ``return_hidden`` (then the
+        pair ``(logits, y)``), else the head's rows already."""
+        logits = self.lm_head(_pick_rows(y, logits_index, logits_rows) if return_hidden else y)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return (logits, y) if return_hidden else logits
 
     def _fused(self, device) -> bool:
         """Whether :meth:`run_unchecked` runs :meth:`DecoderLayer.forward_fused` (host-only)."""
@@ -480,25 +486,16 @@ class LlamaModel(nn.Module):
         delta = None
         for layer, kv_layer in zip(self.layers, cache.kv.unbind(0)):
             h, delta = layer.forward_fused(h, delta, cos, sin, kv_layer, cache.lens, attend)
-        if return_hidden:
-            hidden = h.shape[-1]
-            _, y = add_rms_norm(h.reshape(-1, hidden), delta.reshape(-1, hidden), self.norm.weight,
-                                self.norm.eps, backend="triton")
-            y = y.view(h.shape)
-            logits = self.lm_head(_pick_rows(y, logits_index, logits_rows))
-            return (logits if logits.dtype == torch.float64 else logits.float()), y
         # Rows are picked before the last residual add: the add and the norm are row-wise.
-        if logits_index is not None:
-            rows = torch.arange(h.shape[0], device=h.device)
-            h, delta = h[rows, logits_index], delta[rows, logits_index]
-        elif logits_rows is not None:
+        if not return_hidden and logits_rows is not None:
             picked = logits_rows.nonzero(as_tuple=True)  # the host sync of a boolean index, once
             h, delta = h[picked], delta[picked]
+        elif not return_hidden:
+            h, delta = _pick_rows(h, logits_index, None), _pick_rows(delta, logits_index, None)
         hidden = h.shape[-1]
         _, y = add_rms_norm(h.reshape(-1, hidden), delta.reshape(-1, hidden), self.norm.weight,
                             self.norm.eps, backend="triton")
-        logits = self.lm_head(y.view(h.shape))
-        return logits if logits.dtype == torch.float64 else logits.float()
+        return self._head(y.view(h.shape), logits_index, logits_rows, return_hidden)
 
     def prefill(self, prompts, cache: KVCache, return_hidden: bool = False):
         """Reset ``cache`` and run the prompts; ``cache.lens`` becomes the prompt lengths.
@@ -565,13 +562,9 @@ class LlamaModel(nn.Module):
         torch.Tensor, shape (batch, vocab), float32
             With ``return_hidden`` the pair ``(logits, hidden)``, hidden (batch, hidden).
         """
-        if return_hidden:
-            logits, hidden = self.forward(*self.decode_inputs(tokens, cache), cache, return_hidden=True)
-            cache.commit(commit)
-            return logits[:, 0], hidden[:, 0]
-        logits = self.forward(*self.decode_inputs(tokens, cache), cache)[:, 0]
+        out = self.forward(*self.decode_inputs(tokens, cache), cache, return_hidden=return_hidden)
         cache.commit(commit)
-        return logits
+        return _first_row(out)
 
     def decode_inputs(self, tokens: torch.Tensor, cache: KVCache):
         """The :meth:`forward` inputs of a decode step: ``(input_ids, position_ids, tree_mask)``,

@@ -68,21 +68,30 @@ class _Batch:
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.int64, device=device)
         self.max_new = max_new_tokens
         self.rows = torch.arange(B, device=device)
+        # the target's hidden state at every committed position, with the same sink column, for
+        # a draft that reads it (start_hidden); None otherwise
+        self.hidden = None
 
-    def context(self, model, cache, hidden=None) -> DraftContext:
+    def start_hidden(self, prompt_hidden: torch.Tensor) -> None:
+        """Keep hidden states from the prefill's (batch, longest prompt, H) on."""
+        B, P, H = prompt_hidden.shape
+        self.hidden = prompt_hidden.new_zeros(B, self.tokens.shape[1], H)
+        self.hidden[:, :P] = prompt_hidden
+
+    def context(self, model, cache) -> DraftContext:
         # Views of the state: updated in place, so one context serves the whole run.
         return DraftContext(model, cache, self.tokens[:, :-1], self.lengths, self.root, self.active,
-                            hidden_states=None if hidden is None else hidden[:, :-1])
+                            hidden_states=None if self.hidden is None else self.hidden[:, :-1])
 
-    def keep_hidden(self, hidden, step_hidden, slots, count) -> None:
+    def keep_hidden(self, step_hidden, slots, count) -> None:
         """Write the target's hidden states of the committed slots: ``hidden[b, r + j] =
         step_hidden[b, slots[b, j]]`` for ``j < count[b]``, ``r`` the old root's position (call
-        before :meth:`emit`). ``hidden`` (B, capacity + 1, H) has a sink column too."""
+        before :meth:`emit`); the other slots go to the sink column."""
         n = slots.shape[1]
         j = torch.arange(n, device=slots.device)
-        pos = torch.where(j < count[:, None], self.lengths[:, None] - 1 + j, hidden.shape[1] - 1)
+        pos = torch.where(j < count[:, None], self.lengths[:, None] - 1 + j, self.hidden.shape[1] - 1)
         rows = step_hidden.gather(1, slots[:, :, None].expand(-1, -1, step_hidden.shape[-1]))
-        hidden.scatter_(1, pos[:, :, None].expand_as(rows), rows.to(hidden.dtype))
+        self.hidden.scatter_(1, pos[:, :, None].expand_as(rows), rows.to(self.hidden.dtype))
 
     def emit(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Append ``new[b, :count[b]]`` (B, A), cut at EOS and ``max_new_tokens``; return the kept
@@ -255,20 +264,17 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
                              counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth))
 
     outputs = [SequenceOutput() for _ in range(B)]
-    hidden = None
-    if draft is not None and draft.needs_hidden:
-        logits, prompt_hidden = target.prefill([list(p) for p in prompts], cache, return_hidden=True)
-        hidden = prompt_hidden.new_zeros(B, state.tokens.shape[1], prompt_hidden.shape[-1])
-        hidden[:, :prompt_hidden.shape[1]] = prompt_hidden
-        del prompt_hidden
-    else:
-        logits = target.prefill([list(p) for p in prompts], cache)
+    want_hidden = draft is not None and draft.needs_hidden
+    logits = target.prefill([list(p) for p in prompts], cache, return_hidden=want_hidden)
+    if want_hidden:
+        logits, prompt_hidden = logits
+        state.start_hidden(prompt_hidden)
     if logits.device.type == "cuda":  # keep the asynchronous prefill out of the decode time
         torch.cuda.synchronize(logits.device)
     start = time.perf_counter()
     first = pick(logits)[:, None]
     emitted, live = _report(outputs, state.emit_one(first), first, state.active, None, start, on_tokens)
-    ctx = state.context(model, cache, hidden)
+    ctx = state.context(model, cache)
     ctx.emitted, ctx.live = emitted, live
     if draft is not None and live:
         t0 = time.perf_counter()
@@ -284,30 +290,31 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
             new = pick(target.decode(state.root, cache))[:, None]
             count, problems = state.emit_one(new), None
         else:
-            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify, pick, hidden)
+            new, count, problems = _speculative_step(model, target, cache, draft, ctx, state, verify, pick)
         emitted, ctx.live = _report(outputs, count, new, state.active, was_active, start, on_tokens, problems,
                                     model.config.vocab_size)
         ctx.emitted += emitted
     return outputs
 
 
-def _speculative_step(model, target, cache, draft, ctx, state, verify, pick, hidden=None):
+def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     """Draft a tree, verify it in one forward of ``target`` (the model or its CUDA graphs), keep
     the accepted path. Returns the emitted tokens (B, T), how many of them each sequence kept,
     and the draft's validity flags. A proposal with no nodes at all (a paused dynamic tree)
     runs as an AR step, ``pick`` on a one-token forward: the root's token is the one the
     tree's verification would pick (the same position's uniforms when sampling). Unlike the
-    AR loop's decode it commits nothing for finished sequences, as compaction would not."""
+    AR loop's decode it commits nothing for finished sequences, as compaction would not.
+    For a draft that reads the target's hidden states, those of the committed positions go to
+    ``state.hidden``."""
+    want_hidden = state.hidden is not None
     proposal = draft.propose(ctx)
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
     if proposal.tokens.shape[1] == 0:
-        if hidden is None:
-            logits = target.decode(state.root, cache, commit=state.active.long())
-        else:
-            logits, step_hidden = target.decode(state.root, cache, commit=state.active.long(), return_hidden=True)
-            state.keep_hidden(hidden, step_hidden[:, None], torch.zeros_like(state.root)[:, None],
-                              state.active.long())
+        logits = target.decode(state.root, cache, commit=state.active.long(), return_hidden=want_hidden)
+        if want_hidden:
+            logits, step_hidden = logits
+            state.keep_hidden(step_hidden[:, None], state.rows[:, None] * 0, state.active.long())
         new = pick(logits)[:, None]
         count = state.emit_one(new)  # == the commit above: 1 for each sequence still active
         draft.observe(ctx)
@@ -317,14 +324,13 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick, hid
     tree = build_tree(state.root, proposal, max_depth=(state.max_new - state.num_new - 1).clamp(min=0))
     if tree.tokens.device.type == "cpu":  # a host read is free here; it costs a sync on a GPU
         tree = _trim(tree)
-    inputs = (tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache)
-    if hidden is None:
-        logits = target.forward(*inputs)
-    else:
-        logits, step_hidden = target.forward(*inputs, return_hidden=True)
+    logits = target.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache,
+                            return_hidden=want_hidden)
+    if want_hidden:
+        logits, step_hidden = logits
     verdict = verify(tree, logits)
-    if hidden is not None:  # before emit moves the lengths; a finished sequence's writes are moot
-        state.keep_hidden(hidden, step_hidden, verdict.path_idx, verdict.path_lens * state.active)
+    if want_hidden:  # before emit moves the lengths; a finished sequence's writes are moot
+        state.keep_hidden(step_hidden, verdict.path_idx, verdict.path_lens * state.active)
     count = state.emit(verdict.tokens, verdict.path_lens)
     cache.compact(verdict.path_idx, count)  # the root and the accepted nodes, cut at EOS
     draft.observe(ctx)

@@ -310,6 +310,7 @@ class DynamicTreeDraft(GlideDraft):
         to that batch size's (empty for a size not seen yet)."""
         self._skip = 0  # steps left in the current pause
         self._probe = False  # the step after a pause drafts
+        self._gap = 0  # steps skipped since the last catch-up (each commits one token a row)
         self._prev = None  # (drafted, clock, committed tokens, live rows) at the last proposal
         self._warm = set()  # the kinds of step (drafted, plain) already run once
         if batch is not None and batch != self._batch:
@@ -344,6 +345,7 @@ class DynamicTreeDraft(GlideDraft):
         m, cache = self.model, self.cache
         B, dev = ctx.root.shape[0], ctx.root.device
         if self.fallback and not self._plan(ctx):  # a pause: nothing to verify but the root
+            self._gap += 1
             self.skipped += 1
             self.sizes.append(0)
             self._last = None
@@ -351,13 +353,14 @@ class DynamicTreeDraft(GlideDraft):
             return Proposal(empty, empty.clone(), empty.bool(), empty.float())
         root_pos = ctx.lengths - 1
         cross = self._cross(ctx)
-        # 1. catch up: positions trusted .. root (c rows a sequence), right-padded to the longest
-        # c (a host read: free on the CPU, a sync on a GPU, once a drafted step). A sequence still decoding committed 1 token a skipped
-        # step and 1 .. depth + 1 in the last drafted one, so its padding ends at most depth rows
-        # past its root; a finished one (nothing committed) starts its window earlier instead,
-        # rewriting committed rows nobody reads again. So the scratch needs no room for pauses.
-        c = root_pos - self.trusted + 1
-        W = max(1, int(c.max()))
+        # 1. catch up: positions trusted .. root (c rows a sequence), right-padded to W rows,
+        # W known on the host (no device read): a sequence still decoding committed 1 token a
+        # skipped step and 1 .. depth + 1 in the last drafted one, so c <= W = depth + 1 + gap,
+        # and its padding ends at most depth rows past its root. A finished one (nothing
+        # committed) starts its window earlier instead, rewriting committed rows nobody reads
+        # again. So the scratch needs no room for pauses.
+        W = self.depth + 1 + self._gap
+        self._gap = 0
         start = torch.minimum(self.trusted, root_pos + 1 + self.depth - W).clamp(min=0)
         c = root_pos - start + 1
         cache.lens.copy_(start)

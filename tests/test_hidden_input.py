@@ -11,7 +11,6 @@ import torch
 from glide.draft import GlideDraft, block_cross_mask, load_draft, save_draft
 from glide.draft.cape import CapeDraft
 from glide.draft.dynamic import DynamicTreeDraft
-from glide.draft.model import block_starts
 from glide.speculative.drafts import DraftContext, RandomTreeDraft
 from glide.speculative.engine import generate_ids
 
@@ -253,12 +252,29 @@ def test_a_hidden_draft_round_trips_and_needs_its_glimpse(target, tmp_path):
         back(ids, kv, block_cross_mask(S, 5), target_hidden=torch.zeros(1, S, 3, dtype=target.dtype))
 
 
-def test_block_starts_match_the_cross_mask():
-    shift = torch.tensor([0, 2, 4])
-    starts = block_starts(13, 5, shift)
-    mask = block_cross_mask(13, 5, shift)
-    # a query sees exactly the target positions before its block's start
-    assert torch.equal(mask.sum(-1), starts.clamp(min=0))
+def test_training_glimpses_read_the_state_before_each_block():
+    """With the training mask, each query's glimpse is the target state at the position before
+    its block's start (the root of the step that drafts it); none before the first block. A
+    staler mask (one target position less) moves the glimpse with it."""
+    from glide.train.trainer import _Batch, _target_hidden
+
+    S, block, shift = 13, 5, torch.tensor([0, 2, 4])
+    states = torch.randn(3, S, 6)
+    batch = _Batch(torch.zeros(3, S, dtype=torch.int64), [], None, None, None, None, None, None, shift, states)
+    got = _target_hidden(batch, block_cross_mask(S, block, shift))
+    for b in range(3):
+        for q in range(S):
+            start = (q - int(shift[b])) // block * block + int(shift[b])
+            want = states[b, start - 1] if start >= 1 else torch.zeros(6)
+            assert torch.equal(got[b, q], want), (b, q)
+    base = block_cross_mask(S, block, shift)
+    stale = base & (torch.arange(S) < base.sum(-1, keepdim=True) - 1)  # one position less of the target
+    lag = _target_hidden(batch, stale)
+    for b in range(3):
+        for q in range(S):
+            start = (q - int(shift[b])) // block * block + int(shift[b])
+            want = states[b, start - 2] if start >= 2 else torch.zeros(6)
+            assert torch.equal(lag[b, q], want), (b, q)
 
 
 # ---------------------------------------------------------------- features and training

@@ -37,7 +37,7 @@ from glide.model.llama import FastLinear, RMSNorm, apply_rope, kv_writer, rope_t
 
 from .config import DraftConfig
 
-__all__ = ["GlideLayer", "GlideDraftModel", "block_cross_mask", "block_starts"]
+__all__ = ["GlideLayer", "GlideDraftModel", "block_cross_mask", "states_at"]
 
 
 def block_cross_mask(seq_len: int, block: int, shift=0, device="cpu") -> torch.Tensor:
@@ -72,24 +72,22 @@ def block_cross_mask(seq_len: int, block: int, shift=0, device="cpu") -> torch.T
     return pos[None, :] < start[:, None]
 
 
-def block_starts(seq_len: int, block: int, shift, device="cpu") -> torch.Tensor:
-    """The start (a step's root) of each position's block in :func:`block_cross_mask`'s grid.
+def states_at(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The target states a hidden-input draft reads: ``states[b, index[b, j]]``.
 
     Parameters
     ----------
-    seq_len, block : int
-    shift : torch.Tensor, shape (batch,)
+    states : torch.Tensor, shape (batch, S, hidden)
+    index : torch.Tensor, shape (batch, n), int64
+        Zeros where ``index < 0`` (no verified position before); an index past ``S - 1`` reads
+        the last row (padding rows, whose output nobody uses).
 
     Returns
     -------
-    torch.Tensor, shape (batch, seq_len), int64
-        ``start(q)``; may be negative before the first block. A hidden-input draft reads the
-        target's hidden state at ``start(q) - 1``.
+    torch.Tensor, shape (batch, n, hidden)
     """
-    pos = torch.arange(seq_len, device=device)
-    shift = torch.as_tensor(shift, device=device)
-    q = pos[None, :] - shift[:, None]
-    return torch.div(q, block, rounding_mode="floor") * block + shift[:, None]
+    out = states.gather(1, index.clamp(0, states.shape[1] - 1)[:, :, None].expand(-1, -1, states.shape[-1]))
+    return out * (index >= 0)[:, :, None].to(out.dtype)
 
 
 class GlideLayer(nn.Module):
@@ -263,8 +261,8 @@ class GlideDraftModel(nn.Module):
             Compute the head only at these positions (those that carry a loss).
         target_hidden : torch.Tensor, shape (batch, S, hidden), optional
             With ``hidden_input`` (and only then): for each query, the target's final hidden
-            state at the position before its block's start (:func:`block_starts`), zeros where
-            there is none.
+            state at the last target position it reads in ``cross_visible`` (the position before
+            its block's start), zeros where it reads none (:func:`states_at`).
 
         Returns
         -------

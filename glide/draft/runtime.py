@@ -25,7 +25,7 @@ from glide.speculative.drafts import Draft, DraftContext
 from glide.speculative.tree import Proposal
 
 from .config import check_fingerprint
-from .model import GlideDraftModel
+from .model import GlideDraftModel, states_at
 
 __all__ = ["GlideDraft"]
 
@@ -191,9 +191,7 @@ class GlideDraft(Draft):
         hs = ctx.hidden_states
         if hs is None:
             raise ValueError("draft: this draft reads the target's hidden states, and the context has none")
-        prev = pos - 1  # padding rows past the capacity read its last entry (their output is unused)
-        h = hs.gather(1, prev.clamp(0, hs.shape[1] - 1)[:, :, None].expand(-1, -1, hs.shape[-1]))
-        return self.model.glimpse(h * (prev >= 0)[:, :, None].to(h.dtype))
+        return self.model.glimpse(states_at(hs, pos - 1))
 
     def _pick(self, logits):
         """Greedy draft token (a target token id) and its draft probability."""

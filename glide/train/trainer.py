@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from glide.draft.checkpoint import new_draft_config, save_draft
-from glide.draft.model import GlideDraftModel, block_cross_mask, block_starts
+from glide.draft.model import GlideDraftModel, block_cross_mask, states_at
 
 from .corpus import Sample, atomic_write
 from .features import Features, FeatureSet
@@ -286,7 +286,6 @@ class _Batch:
     t_top1: torch.Tensor  # (n,) teacher argmax token id
     shift: torch.Tensor  # (b,)
     states: torch.Tensor | None = None  # (b, S, hidden): the target's final hidden state per position
-    hidden: torch.Tensor | None = None  # (b, S, hidden): the state each query reads (its block's start - 1)
 
 
 def _block_shifts(s: TrainSettings, step: int, n: int) -> torch.Tensor:
@@ -336,19 +335,18 @@ def _make_batch(plan_batch, lo, hi, samples, feats: Features | FeatureSet, s: Tr
             if hid is None:
                 hid = torch.zeros(b, S, h.shape[-1], dtype=torch.bfloat16)
             hid[r, :lens[r]] = h[:lens[r]]
-    batch = _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(N)], rows, w[rows],
-                   vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift, hid)
-    if hid is not None:  # the last verified position of each block
-        batch.hidden = _glimpsed(hid, block_starts(S, s.gamma + 1, shift) - 1)
-    return batch
+    return _Batch(ids, [(kv[l, 0], kv[l, 1]) for l in range(N)], rows, w[rows],
+                  vocab_index[nxt[rows]], t_idx, tlp[rows], t_id[:, 0], shift, hid)
 
 
-def _glimpsed(states: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """The target state each query reads: ``states[b, before[b, q]]``, zeros where ``before < 0``.
-
-    ``states`` (b, S, H), ``before`` (b, S) int64."""
-    out = states.gather(1, before.clamp(min=0)[:, :, None].expand(*before.shape, states.shape[-1]))
-    return out * (before >= 0)[:, :, None].to(out.dtype)
+def _target_hidden(batch: _Batch, cross: torch.Tensor):
+    """What each query's glimpse reads: the target state at the last position its cross mask
+    shows (the position before its block's start for the training mask; masks are prefixes),
+    or ``None`` for a batch without states."""
+    if batch.states is None:
+        return None
+    seen = cross if cross.dim() == 3 else cross.expand(batch.ids.shape[0], *cross.shape)
+    return states_at(batch.states, seen.sum(-1) - 1)
 
 
 def _loss_terms(logits, batch: _Batch, kind: str):
@@ -421,12 +419,8 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 S = batch.ids.shape[1]
                 cross = (block_cross_mask(S, block, batch.shift) if cross_mask is None
                          else cross_mask(S, batch.shift))
-                if cross_mask is not None and batch.hidden is not None:
-                    # the state at the last target position each query reads (masks are prefixes)
-                    seen = cross.expand(len(idx), S, S) if cross.dim() == 2 else cross
-                    batch.hidden = _glimpsed(batch.states, seen.sum(-1) - 1)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                    logits = model(batch.ids, batch.kv, cross, batch.rows, batch.hidden)
+                    logits = model(batch.ids, batch.kv, cross, batch.rows, _target_hidden(batch, cross))
                 per_row, top1 = _loss_terms(logits, batch, settings.loss)
                 total += float((per_row * batch.weight).sum())
                 ok = (model.vocab_ids[top1] == batch.t_top1).double() * batch.weight
@@ -581,7 +575,7 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         opt.zero_grad(set_to_none=True)
         cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            logits = ddp(batch.ids, batch.kv, cross, batch.rows, batch.hidden)
+            logits = ddp(batch.ids, batch.kv, cross, batch.rows, _target_hidden(batch, cross))
         per_row, top1 = _loss_terms(logits, batch, settings.loss)
         loss = (per_row * batch.weight).sum() / wsum.clamp(min=1e-9) * world
         loss.backward()

@@ -298,20 +298,14 @@ def step_e2e(rec, dev, dtype, smoke):
                 rec.add("e2e", shape=shape, batch=B, method="oracle-chain4", mode=label,
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=same, new_tokens=new, prompt_len=plen)
-            for label, graphs in (("eager", False), ("graphed", gr)):
-                run(GlideDraft(net, 4), graphs)
-                outs3, tps_wall, tps_decode, mat = run(GlideDraft(net, 4), graphs)
-                rec.add("e2e", shape=shape, batch=B, method="glide-random-draft", mode=label,
-                        tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
-                        same_tokens_as_ar=[o.output_ids for o in outs3] == refs, new_tokens=new,
-                        prompt_len=plen)
-            for label, graphs in (("eager", False), ("graphed", gr)):
-                run(GlideDraft(net_h, 4), graphs)
-                outs5, tps_wall, tps_decode, mat = run(GlideDraft(net_h, 4), graphs)
-                rec.add("e2e", shape=shape, batch=B, method="glide-random-hidden", mode=label,
-                        tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
-                        same_tokens_as_ar=[o.output_ids for o in outs5] == refs, new_tokens=new,
-                        prompt_len=plen)
+            for method, n in (("glide-random-draft", net), ("glide-random-hidden", net_h)):
+                for label, graphs in (("eager", False), ("graphed", gr)):
+                    run(GlideDraft(n, 4), graphs)
+                    outs3, tps_wall, tps_decode, mat = run(GlideDraft(n, 4), graphs)
+                    rec.add("e2e", shape=shape, batch=B, method=method, mode=label,
+                            tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
+                            same_tokens_as_ar=[o.output_ids for o in outs3] == refs, new_tokens=new,
+                            prompt_len=plen)
             # The dynamic tree on the same random draft: its drafted steps lose, so it pauses,
             # and the paused steps run as one-slot forwards (the graphed engine's bucket 1).
             # Fresh trees: one keeps what its pause policy learnt across generations.

@@ -309,13 +309,15 @@ class GlideDraftModel(nn.Module):
             raise ValueError("draft: this draft reads no target hidden state (hidden_input is off)")
         return self.hidden_proj(self.hidden_norm(target_hidden.to(self.hidden_proj.weight.dtype)))
 
-    def _check_hidden(self, target_hidden, lead) -> None:
+    def _check_hidden(self, target_hidden, lead, name: str = "target_hidden") -> None:
+        """``target_hidden`` (or a step's glimpse, ``name``) is given with ``hidden_input`` and
+        only then; ``lead`` its leading shape, ``None`` not to check it."""
         want = self.config.hidden_input
         if want and target_hidden is None:
-            raise ValueError("draft: a hidden-input draft needs the target's hidden states (target_hidden)")
+            raise ValueError(f"draft: a hidden-input draft needs the target's hidden states ({name})")
         if not want and target_hidden is not None:
-            raise ValueError("draft: target_hidden given to a draft without hidden_input")
-        if target_hidden is not None:
+            raise ValueError(f"draft: {name} given to a draft without hidden_input")
+        if target_hidden is not None and lead is not None:
             H = self.config.target.hidden_size
             if tuple(target_hidden.shape) != (*lead, H):
                 raise ValueError(f"draft: target_hidden must have shape {(*lead, H)}, got "
@@ -379,8 +381,7 @@ class GlideDraftModel(nn.Module):
         store = kv_writer(cache.lens, same_len, B, T)
         attend = tree_attender(cache.lens, same_len, tree_mask, self.attn_backend)
         h = F.embedding(input_ids, self._embed_head()[0])
-        if (glimpse is None) == self.config.hidden_input:
-            raise ValueError("draft: glimpse is required with hidden_input, and only then")
+        self._check_hidden(glimpse, None, "glimpse")
         if glimpse is not None:
             h = h + (glimpse[:, None] if glimpse.dim() == 2 else glimpse).to(h.dtype)
         cos = self.rope_cos[position_ids].unsqueeze(2)

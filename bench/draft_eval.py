@@ -5,9 +5,10 @@
                                [--gamma 4] [--prompts bench/prompts/heldout.jsonl] [--limit N]
                                [--calibration] [--out FILE]
 
-A draft spec is ``NAME=PATH[:TREE]`` with ``TREE`` one of ``chain`` (default), ``cape`` (the
-paper's bins), ``dynamic``, or ``dynamic-always`` (the dynamic tree drafting at every step:
-``fallback=False``). ``--calibration`` also runs the dynamic tree greedily at batch 1
+A draft spec is ``NAME=PATH[:TREE[,lookup=N]]`` with ``TREE`` one of ``chain`` (default),
+``cape`` (the paper's bins), ``dynamic``, or ``dynamic-always`` (the dynamic tree drafting at
+every step: ``fallback=False``); ``lookup=N`` sets a dynamic tree's prompt-lookup tokens (``0``
+turns them off; default: the tree's own). ``--calibration`` also runs the dynamic tree greedily at batch 1
 with a recorder and stores the predicted-against-observed acceptance table, and stores the
 verify-cost curve the dynamic tree sized itself with.
 
@@ -72,16 +73,17 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
             base, base_ids = None, None
             for method, draft in runs:
                 name, (path, tree) = draft if draft else (method, (None, None))
+                tree, lookup = split_tree(tree)
                 always = tree == "dynamic-always"
                 start = time.perf_counter()
                 res = api.generate(prompts, method=method, max_new_tokens=max_new_tokens, batch_size=b,
                                    temperature=temp, seed=0, draft=path, gamma=gamma,
                                    tree="dynamic" if always else tree, fallback=not always,
-                                   loaded=loaded, dtype=dt)
+                                   lookup=lookup, loaded=loaded, dtype=dt)
                 wall = time.perf_counter() - start
                 row = aggregate(res, method=name, batch_size=b, max_new_tokens=max_new_tokens,
                                 wall_seconds=wall)
-                row.update(temperature=temp, draft=str(path) if path else None, tree=tree,
+                row.update(temperature=temp, draft=str(path) if path else None, tree=tree, lookup=lookup,
                            gamma=gamma if path and not str(tree).startswith("dynamic") else None)
                 for kind in sorted(set(kinds.get(p.id, "all") for p in prompts)):
                     part = [r for p, r in zip(prompts, res) if kinds.get(p.id, "all") == kind]
@@ -100,6 +102,33 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
                 bar.set_postfix(last=f"{name} b{b} t{temp}: MAT {row['mean_accepted']:.2f}")
     bar.close()
     return rows, out, meta, loaded
+
+
+TREE_KINDS = ("chain", "cape", "dynamic", "dynamic-always")
+
+
+def split_tree(spec):
+    """``(tree, lookup)`` from a spec's ``TREE[,lookup=N]`` part (``lookup`` ``None``: the
+    default); ``(None, None)`` for ``None``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown tree, another option, or ``lookup`` on a tree that is not dynamic.
+    """
+    if spec is None:
+        return None, None
+    tree, *opts = spec.split(",")
+    tree = tree or "chain"
+    if tree not in TREE_KINDS:
+        raise ValueError(f"unknown tree {tree!r}")
+    lookup = None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key != "lookup" or not value.isdigit() or not tree.startswith("dynamic"):
+            raise ValueError(f"unknown option {opt!r} for tree {tree!r} (dynamic trees take lookup=N)")
+        lookup = int(value)
+    return tree, lookup
 
 
 def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temperature=0.0):
@@ -149,8 +178,12 @@ def main(argv=None) -> int:
     for item in args.drafts or [f"glide={default_draft_path()}"]:
         name, sep, spec = item.partition("=")
         path, _, tree = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        if not sep or tree not in ("", "chain", "cape", "dynamic", "dynamic-always"):
-            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic|dynamic-always], got {item!r}")
+        try:
+            split_tree(tree or "chain")
+        except ValueError as exc:
+            p.error(f"argument --drafts: {exc}")
+        if not sep:
+            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic|dynamic-always[,lookup=N]], got {item!r}")
         drafts[name] = (path, tree or "chain")
     prompts = Path(args.prompts) if Path(args.prompts).is_absolute() else harness.REPO_ROOT / args.prompts
     rows, out, meta, loaded = run(drafts, prompts, args.batch_sizes, args.temperatures, args.max_new_tokens,

@@ -215,13 +215,14 @@ TREES = ("chain", "cape", "dynamic")
 
 
 def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
-               temperature: float = 0.0, fallback: bool = True):
+               temperature: float = 0.0, fallback: bool = True, lookup: int | None = None):
     """The draft for ``method``; ``None`` for the target-only methods.
 
     The dynamic tree sizes itself with the calibration the draft folder ships for
     ``temperature`` (``calibration.json``, see :func:`glide.draft.dynamic.load_calibration`),
     or with the draft's raw probabilities when it ships none; ``fallback`` lets it pause
-    drafting where drafting does not pay.
+    drafting where drafting does not pay; ``lookup`` (``None``: the tree's default) is the
+    number of prompt-lookup tokens it merges into its candidates.
 
     Raises
     ------
@@ -249,7 +250,8 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
                 calibration = load_calibration(path, temperature)
             except ValueError as exc:
                 raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback)
+            extra = {} if lookup is None else {"lookup": lookup}
+            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback, **extra)
         if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
@@ -317,6 +319,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     loaded=None,
     fallback: bool = True,
+    lookup: int | None = None,
 ) -> list[dict]:
     """Generate a reply to each prompt with ``method``.
 
@@ -369,6 +372,11 @@ def generate(
         plain one-token steps (by a 10% margin), decode without drafting for a pause that
         doubles while drafting keeps losing, as on this CPU at batch 4. ``False`` drafts at
         every step.
+    lookup : int, optional
+        ``dynamic`` only: up to this many prompt-lookup tokens (the continuation of the last
+        earlier occurrence of the sequence's last tokens) merged into the tree's candidates,
+        ranked by their measured acceptance beside the draft's; ``0`` turns it off. ``None``:
+        the tree's default (:class:`glide.draft.dynamic.DynamicTreeDraft`).
 
     Returns
     -------
@@ -388,6 +396,11 @@ def generate(
         raise ArgumentError("fallback", f"must be True or False, got {fallback!r}")
     if not fallback and tree != "dynamic":
         raise ArgumentError("fallback", f"only the dynamic tree pauses drafting; got tree {tree!r}")
+    if lookup is not None:
+        if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+            raise ArgumentError("lookup", f"must be an integer >= 0, got {lookup!r}")
+        if tree != "dynamic":
+            raise ArgumentError("lookup", f"only the dynamic tree merges prompt lookup; got tree {tree!r}")
     if bins is not None and (method != "cape" or tree not in (None, "cape")):
         raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape trees")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -421,7 +434,8 @@ def generate(
     config = target.config
     if encoded is None or tokenizer is not tok:
         encoded = [encode_chat(tokenizer, p.text) for p in items]
-    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback)
+    draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback,
+                                                          lookup)
     # our engine also reserves room for one verification tree past the last token (and a
     # GliDe draft for its own cache's scratch rows)
     from glide.speculative.engine import room

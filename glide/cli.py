@@ -29,6 +29,7 @@ _FLAGS = {
     "bins": "--bins",
     "tree": "--tree",
     "fallback": "--no-fallback",
+    "lookup": "--lookup",
     "cuda_graphs": "--no-cuda-graphs",
     "device": "--device",
     "dtype": "--dtype",
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fallback", dest="fallback", action="store_false",
                    help="dynamic tree: draft at every step (default: pause drafting while drafted "
                         "steps, as timed, emit fewer tokens per second than plain ones)")
+    g.add_argument("--lookup", type=int, default=None, metavar="N",
+                   help="dynamic tree: merge up to N prompt-lookup tokens (the continuation of the last "
+                        "earlier occurrence of the reply's last tokens) into the tree; 0 turns it off "
+                        "(default: the tree's own)")
     g.add_argument("--device", default=None, metavar="{cpu,cuda}",
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
@@ -131,7 +136,7 @@ def _generate(args) -> int:
             prompts, method=args.method, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
-            bins=args.bins, tree=args.tree, fallback=args.fallback,
+            bins=args.bins, tree=args.tree, fallback=args.fallback, lookup=args.lookup,
             device=args.device, cuda_graphs=args.cuda_graphs,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )

@@ -84,7 +84,8 @@ def draft_dir(loaded, tmp_path_factory):
 
 @pytest.mark.parametrize("method,kw", [("glide", {}), ("glide", {"gamma": 2}), ("cape", {}),
                                        ("cape", {"bins": "3,3,3,3,3,2,2,2,1,1,1"}), ("cape", {"tree": "dynamic"}),
-                                       ("glide", {"tree": "cape"}), ("glide", {"tree": "dynamic", "fallback": False})])
+                                       ("glide", {"tree": "cape"}), ("glide", {"tree": "dynamic", "fallback": False}),
+                                       ("glide", {"tree": "dynamic", "fallback": False, "lookup": 4})])
 def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
     ar = run(loaded, "ar", batch_size=2)
     sp = run(loaded, method, batch_size=2, draft=draft_dir, **kw)
@@ -96,7 +97,10 @@ def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
                                      ({"method": "glide", "tree": "bushy"}, "tree"),
                                      ({"method": "cape", "tree": "dynamic", "bins": "2,2,2,2,2,2,2,2,2,2,2"}, "bins"),
                                      ({"method": "glide", "fallback": False}, "fallback"),
-                                     ({"method": "glide", "tree": "dynamic", "fallback": "no"}, "fallback")])
+                                     ({"method": "glide", "tree": "dynamic", "fallback": "no"}, "fallback"),
+                                     ({"method": "glide", "lookup": 4}, "lookup"),
+                                     ({"method": "glide", "tree": "dynamic", "lookup": -1}, "lookup"),
+                                     ({"method": "glide", "tree": "dynamic", "lookup": 2.0}, "lookup")])
 def test_bad_tree_arguments_name_them(loaded, draft_dir, kw, name):
     with pytest.raises(api.ArgumentError) as info:
         api.generate(PROMPTS, loaded=loaded, draft=draft_dir if kw["method"] != "ar" else None, **kw)

@@ -538,3 +538,16 @@ def test_flex_recompile_limit_is_raised():
     with dynamo_config.patch({name: 1000, acc: getattr(dynamo_config, acc)}):
         assert kernels._raise_recompile_limit(512)[name] == 1000  # never lowered
     assert hasattr(dynamo_config, name)
+
+
+def test_draft_eval_tree_specs_take_a_lookup_option():
+    from bench.draft_eval import main, split_tree
+
+    assert split_tree("dynamic,lookup=0") == ("dynamic", 0)
+    assert split_tree("dynamic-always") == ("dynamic-always", None)
+    assert split_tree("") == ("chain", None) and split_tree(None) == (None, None)
+    for bad in ("chain,lookup=2", "dynamic,lookup=-1", "dynamic,depth=3", "bushy"):
+        with pytest.raises(ValueError):
+            split_tree(bad)
+    with pytest.raises(SystemExit):
+        main(["--drafts", "x=some/path:dynamic,lookup=two"])

@@ -36,6 +36,8 @@ BAD = [
     (["--prompt", "hi", "--method", "ar", "--draft", "."], "--draft"),
     (["--prompts", "/nonexistent/prompts.jsonl"], "--prompts"),
     (["--prompt", "hi", "--method", "glide", "--no-fallback"], "--no-fallback"),
+    (["--prompt", "hi", "--method", "glide", "--lookup", "3"], "--lookup"),
+    (["--prompt", "hi", "--method", "glide", "--tree", "dynamic", "--lookup", "-2"], "--lookup"),
     (["--prompt", "hi", "--out", "/nonexistent/dir/out.jsonl"], "--out"),
 ]
 

@@ -9,6 +9,7 @@ from glide.speculative.drafts import (
     ModelDraft,
     OracleDraft,
     PromptLookupDraft,
+    lookup_continuation,
     RandomTreeDraft,
     WrongDraft,
 )
@@ -53,6 +54,15 @@ def test_prompt_lookup_finds_the_latest_match_and_falls_back():
     p.validate(5, vocab_size=100)
     assert p.parents.tolist() == [[0, 1, 2]] * 5  # a chain
     assert [_chain(p, b) for b in range(5)] == [[4, 6, 1], [0, 7, 8], [], [3], [1, 2]]
+
+
+def test_lookup_continuation_reports_the_suffix_length_it_matched():
+    ctx = _ctx([[1, 2, 3, 9, 8, 5, 1, 2, 3, 4, 6, 1, 2, 3], [5, 6, 7, 8, 0, 7, 8], [4, 1, 2, 3], [3, 3, 3],
+                [1, 2, 1, 2]], active=[True, True, True, True, False])
+    chain, valid, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, 3, 2)
+    assert n.tolist() == [3, 2, 0, 2, 0]  # a finished row and a row without a match: 0
+    assert valid.tolist() == [[True, True], [True, True], [False, False], [True, False], [False, False]]
+    assert chain[:2].tolist() == [[4, 6], [0, 7]]
 
 
 def test_prompt_lookup_skips_finished_sequences():

@@ -250,7 +250,7 @@ def test_gamma_must_be_positive(target):
 
 # ---------------------------------------------------------------- CaPE
 from glide.draft.cape import PAPER_BINS, CapeDraft, cape_widths, check_bins  # noqa: E402
-from glide.speculative.tree import ancestor_mask, build_tree  # noqa: E402
+from glide.speculative.tree import Proposal, ancestor_mask, build_tree  # noqa: E402
 
 
 def test_cape_widths_follow_the_bins():
@@ -446,6 +446,7 @@ class _PausingTree(DynamicTreeDraft):
             return got
         fresh = DynamicTreeDraft(self.model, fallback=False, **self.kw)
         fresh.begin(ctx)
+        fresh._lookup_counts = self._lookup_counts  # what the lookup learnt so far is not the cache's
         want = fresh.propose(ctx)
         live = ctx.active
         assert torch.equal(got.tokens[live], want.tokens[live])
@@ -482,6 +483,9 @@ class _StepClock:
 
 
 def _timed_tree(d, drafted, plain, **kw):
+    # the pause tests count steps: without lookup's extra tokens, a generation's step count is
+    # the draft's alone
+    kw.setdefault("lookup", 0)
     g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0, **kw)
     g._clock = _StepClock(g, drafted, plain)
     return g
@@ -606,8 +610,8 @@ def test_the_pause_policy_remembers_its_rates_per_batch_size(trained):
 def test_calibration_records_what_was_accepted(trained):
     t, d, _ = trained
     rec = Calibration()
-    out = generate_ids(t, PROMPTS_SMALL, DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=10, record=rec),
-                       max_new_tokens=30)
+    out = generate_ids(t, PROMPTS_SMALL, DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=10, record=rec,
+                                                          lookup=0), max_new_tokens=30)
     rows = rec.table()
     steps = sum(len(o.accepted) for o in out)
     assert sum(r["nodes"] for r in rows) == 10 * steps
@@ -736,3 +740,118 @@ def test_a_paused_tree_through_the_static_graph_path_equals_ar(trained):
     out = generate_ids(t, PROMPTS_SMALL, slow, max_new_tokens=40, cuda_graphs=CudaGraphs(t, capture=False))
     assert [o.output_ids for o in out] == [o.output_ids for o in ar]
     assert slow.skipped >= 5  # pauses of 1, 2, 4 ... after the warm-up
+
+
+# ---------------------------------------------------------------- prompt lookup in the dynamic tree
+def _lookup_ctx(t, rows):
+    """A context over committed ``rows`` (history ending at the root), every row active."""
+    B, cap = len(rows), 16
+    tokens = torch.zeros(B, cap, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r)
+    lengths = torch.tensor([len(r) for r in rows])
+    root = tokens.gather(1, (lengths - 1)[:, None])[:, 0]
+    return DraftContext(t, t.new_cache(B, cap + 40), tokens, lengths, root, torch.ones(B, dtype=torch.bool))
+
+
+def test_lookup_tokens_merge_into_equal_candidates_and_extend_the_tree(trained):
+    t, d, _ = trained
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, lookup=3)
+    # lookup tokens after 2-gram matches have all matched so far (rate 3/4 a level with the prior),
+    # the others are at the prior 1/2
+    g._lookup_counts = torch.zeros(2, 4, 3, dtype=torch.float64)
+    g._lookup_counts[:, 2] = 2.0
+    # row 0: the last 2-gram [1, 2] was followed by [3, 6, 1]; row 1: only [4] follows a 1-gram
+    ctx = _lookup_ctx(t, [[5, 1, 2, 3, 6, 1, 2], [4, 4]])
+    tok = torch.tensor([[3, 7, 6, 5], [2, 5, 4, 1]])
+    v = torch.tensor([[0.5, 0.3, 0.7, 0.1], [0.6, 0.2, 0.3, 0.1]])
+    parent = torch.tensor([[-1, -1, 0, 0], [-1, -1, 0, 0]])
+    depth = torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2]])
+    tok, v, parent, depth, (chain, ok, n, touched) = g._merge_lookup(ctx, tok, v, parent, depth)
+    assert chain[0].tolist() == [3, 6, 1] and ok.tolist() == [[True] * 3, [True, False, False]]
+    assert n.tolist() == [2, 1]
+    # 3 and 6 exist under the same parents: v becomes max(own, lookup's) (lookup's 0.75 for 3,
+    # 6's own 0.7 > 0.75 * 0.75); 1 joins under 6, at 6's v times the rate
+    assert v[0].tolist() == pytest.approx([0.75, 0.3, 0.7, 0.1, -1, -1, 0.525])
+    assert parent[0].tolist() == [-1, -1, 0, 0, -1, 0, 2] and depth[0].tolist() == [1, 1, 2, 2, 1, 2, 3]
+    assert touched[0].tolist() == [True, False, True, False, False, False, True]
+    # row 1: 4 under the root is new (the candidate 4 hangs under 2); nothing follows it
+    assert v[1].tolist() == pytest.approx([0.6, 0.2, 0.3, 0.1, 0.5, -1, -1])
+    assert parent[1].tolist()[:5] == [-1, -1, 0, 0, -1] and touched[1].tolist() == [False] * 4 + [True, False, False]
+
+
+def test_lookup_rates_count_the_target_tokens_and_the_calibration_skips_lookup_nodes(trained):
+    t, d, _ = trained
+    rec = Calibration()
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, lookup=3, record=rec)
+    g._lookup_counts = torch.zeros(2, 4, 3, dtype=torch.float64)
+    prop = Proposal(torch.tensor([[3, 6, 9], [4, 5, 2]]), torch.tensor([[0, 1, 1], [0, 0, 2]]),
+                    torch.ones(2, 3, dtype=torch.bool), torch.tensor([[0.5, 0.4, 0.3], [0.5, 0.4, 0.1]]))
+    # row 0's lookup guessed 3, 9, 2: the 2 is right, but after a miss it is not counted
+    chain, ok = torch.tensor([[3, 9, 2], [4, 0, 0]]), torch.tensor([[True] * 3, [True, False, False]])
+    touched = torch.tensor([[True, False, False], [True, False, False]])
+    root_pos = torch.tensor([2, 1])
+    g._last = (prop, root_pos, torch.tensor([[1, 2, 2], [1, 1, 2]]), (chain, ok, torch.tensor([3, 1])), touched)
+    # committed after the roots: row 0 took 3, 6 and the bonus 2; row 1 took 5, 2 and the bonus 8
+    ctx = _lookup_ctx(t, [[7, 8, 9, 3, 6, 2], [7, 8, 5, 2, 8]])
+    g.observe(ctx)
+    seen, matched = g._lookup_counts
+    # seen: the target's token is known and every lookup token above matched; by suffix length
+    assert seen.tolist() == [[0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]]
+    assert matched.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0]]
+    assert sum(rec.count) == 4  # the untouched nodes: 6 and 9 (row 0), 5 and 2 (row 1)
+    assert sum(rec.accepted) == 3  # 6, 5 and 2; 3 was accepted too, but lookup touched it
+
+
+@pytest.mark.parametrize("kw", [dict(depth=4, top_k=3, beam=2, fixed_size=12, lookup=3),
+                                dict(depth=5, top_k=2, beam=2, cost=_flat_cost(0.01), lookup=5)])
+def test_dynamic_tree_with_lookup_equals_ar(trained, kw):
+    t, d, _ = trained
+    prompts = PROMPTS_SMALL + [[2, 5, 2, 5, 2, 5, 2]]
+    ar = generate_ids(t, prompts, None, max_new_tokens=40)
+    dyn = DynamicTreeDraft(d, **kw)
+    out = generate_ids(t, prompts, dyn, max_new_tokens=40)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    seen, matched = dyn._lookup_counts
+    assert seen[:, 0].sum() > 0 and matched[:, 0].sum() > 0  # lookup guessed, and the target agreed at times
+
+
+def test_a_tree_with_lookup_keeps_its_invariants(trained):
+    t, d, _ = trained
+    prompts = [[1, 3, 0, 4, 3, 1, 3], [4, 0, 4]]
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=15, min_expand=0.0, lookup=4)
+    B = 2
+    ctx = _lookup_ctx(t, prompts)
+    g.begin(ctx)
+    prop = g.propose(ctx)
+    prop.validate(B, vocab_size=t.config.vocab_size)
+    v = torch.where(prop.valid, prop.draft_probs, -1.0)
+    assert (v[:, :-1] >= v[:, 1:]).all()
+    pv = torch.cat([torch.ones(B, 1), v], 1).gather(1, prop.parents.clamp(min=0))
+    assert (v[prop.valid] <= pv[prop.valid] + 1e-6).all()  # a child never outranks its parent
+    assert (prop.parents[prop.valid] < torch.arange(1, 16).expand(B, 15)[prop.valid]).all()
+    for b in range(B):
+        kids = {}
+        for i in range(15):
+            if prop.valid[b, i]:
+                kids.setdefault(int(prop.parents[b, i]), []).append(int(prop.tokens[b, i]))
+        assert all(len(k) == len(set(k)) for k in kids.values())  # no duplicate siblings
+    # row 0's last 2-gram [1, 3] was followed by [0, 4, 3, 1]: its head hangs under the root
+    first = [int(prop.tokens[0, i]) for i in range(15) if prop.valid[0, i] and prop.parents[0, i] == 0]
+    assert 0 in first
+
+
+def test_sampling_with_lookup_in_the_dynamic_tree_has_the_ar_law():
+    tv, first = _sampled_tv(1.0, 1.0, lambda m: _glide_on(m, DynamicTreeDraft, depth=2, top_k=3, beam=2,
+                                                        fixed_size=6, lookup=2))
+    assert (first >= 2).double().mean() > 0.3
+    assert tv < TV_BOUND, f"TV {tv:.4f} >= {TV_BOUND:.4f}"
+
+
+def test_lookup_sizes_are_checked(trained):
+    _, d, _ = trained
+    with pytest.raises(ValueError, match="lookup must"):
+        DynamicTreeDraft(d, lookup=-1)
+    with pytest.raises(ValueError, match="lookup_ngram"):
+        DynamicTreeDraft(d, lookup=2, lookup_ngram=0)
+    assert DynamicTreeDraft(d, depth=3, lookup=9).lookup == 3  # never deeper than the tree

@@ -19,6 +19,12 @@ Each step:
    is unsure (sampling, large batches on the CPU) that skips the forwards of a tree nobody
    would verify. (Asking again before every level cut levels that paid: measured as a loss
    with greedy decoding at batch 1.)
+   With ``lookup``, a prompt-lookup chain joins the candidates here: the tokens that followed
+   the last earlier occurrence of the sequence's last few tokens (prompt and reply), at no draft
+   cost. Each lookup token's ``v`` is its parent's times the rate at which lookup tokens at its
+   depth have matched the target so far; one equal to a candidate under the same parent raises
+   that candidate's ``v`` instead of joining twice. Small models repeat themselves (lists,
+   code, loops), where a one-layer draft is unsure and the history is right.
 3. **Size.** Candidates are ranked by ``v`` (children never outrank their parent, so every
    prefix of the ranking is a tree). The tree keeps the ``N`` best, with ``N`` maximising the
    expected tokens per second of the step, ``(1 + sum_i f(v_i)) / (t_draft + t_verify(N + 1))``,
@@ -55,7 +61,7 @@ import numpy as np
 import torch
 
 from glide.cache import cache_dir
-from glide.speculative.drafts import DraftContext
+from glide.speculative.drafts import DraftContext, lookup_continuation
 from glide.speculative.tree import Proposal, ancestor_mask
 
 from .runtime import GlideDraft
@@ -272,6 +278,18 @@ class DynamicTreeDraft(GlideDraft):
         :meth:`_longest_pause`).
     refresh : int
         Drafted steps between two plain steps that re-measure the plain rate.
+    lookup : int
+        Also offer up to this many tokens of prompt lookup (the continuation of the last
+        earlier match of the sequence's last ``lookup_ngram`` tokens, see
+        :func:`~glide.speculative.drafts.lookup_continuation`) as a chain under the root,
+        merged into the candidates before sizing: where a lookup token equals a candidate under
+        the same parent, that candidate's ``v`` becomes the larger of the two estimates; else
+        the token joins as a new candidate. A lookup token's ``v`` is its parent's times the
+        rate at which lookup tokens at its depth, found by a suffix match of the same length,
+        matched the target (after matches above them), counted over every step so far (prior
+        1/2). At most ``depth`` tokens; 0: off.
+    lookup_ngram : int
+        Longest suffix the lookup matches.
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
@@ -279,10 +297,11 @@ class DynamicTreeDraft(GlideDraft):
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
-                 growth_check: bool = True, fallback: bool = True, max_skip: int = 64, refresh: int = 32):
+                 growth_check: bool = True, fallback: bool = True, max_skip: int = 64, refresh: int = 32,
+                 lookup: int = 6, lookup_ngram: int = 3):
         super().__init__(model, gamma=depth)
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
-                            ("max_skip", max_skip), ("refresh", refresh)):
+                            ("max_skip", max_skip), ("refresh", refresh), ("lookup_ngram", lookup_ngram)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.depth, self.beam = depth, beam
@@ -294,6 +313,12 @@ class DynamicTreeDraft(GlideDraft):
         self.growth_check = growth_check
         self.fallback = bool(fallback) and fixed_size is None
         self.max_skip, self.refresh = max_skip, refresh
+        if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
+            raise ValueError(f"lookup must be an int >= 0, got {lookup!r}")
+        self.lookup, self.lookup_ngram = min(lookup, depth), lookup_ngram
+        # lookup tokens whose ancestors matched, by suffix length and depth: (seen, matched),
+        # (2, lookup_ngram + 1, lookup) on the device
+        self._lookup_counts = None
         self._clock = time.perf_counter  # times the steps (tests replace it)
         self.sizes = []  # chosen tree sizes, for reports
         self.skipped = 0  # steps decoded without drafting, for reports
@@ -413,6 +438,9 @@ class DynamicTreeDraft(GlideDraft):
             parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             self._t_level = time.perf_counter() - t_start
+        lookup = None
+        if self.lookup:
+            tok, v, parent, depth, lookup = self._merge_lookup(ctx, tok, v, parent, depth)
         # 3. size: keep the N best, N by expected tokens per second
         order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
         v_sorted = v.gather(1, order)
@@ -424,11 +452,47 @@ class DynamicTreeDraft(GlideDraft):
         slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
         sel_parent = parent.gather(1, sel)
         parents = torch.where(sel_parent >= 0, slot.gather(1, sel_parent.clamp(min=0)), 0)
-        proposal = Proposal(tok.gather(1, sel), parents, ctx.active[:, None].expand(B, N).contiguous(),
-                            v_sorted[:, :N].float())
+        valid = ctx.active[:, None].expand(B, N)
+        if lookup is not None:  # lookup tokens not offered (v < 0) sort last
+            valid = valid & (v_sorted[:, :N] >= 0)
+        proposal = Proposal(tok.gather(1, sel), parents, valid.contiguous(), v_sorted[:, :N].float())
         self.sizes.append(N)
-        self._last = (proposal, root_pos.clone(), depth.gather(1, sel))
+        touched = None if lookup is None else lookup[3].gather(1, sel)
+        self._last = (proposal, root_pos.clone(), depth.gather(1, sel), None if lookup is None else lookup[:3], touched)
         return proposal
+
+    def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth):
+        """Merge the prompt-lookup chain into the candidates ``(tok, v, parent, depth)``, each
+        (batch, C): returns them extended by ``lookup`` columns (a column not offered, or
+        merged into an equal candidate, gets ``v = -1``), and ``(chain, valid, touched)``: the
+        lookup tokens, their validity, and which candidates lookup created or raised."""
+        B, dev = tok.shape[0], tok.device
+        k = self.lookup
+        chain, ok, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.lookup_ngram, k)
+        if self._lookup_counts is None or self._lookup_counts.device != dev:
+            self._lookup_counts = torch.zeros(2, self.lookup_ngram + 1, k, dtype=torch.float64, device=dev)
+        seen, matched = self._lookup_counts
+        rate = ((matched[n] + 1) / (seen[n] + 2)).to(v.dtype)  # (B, k): each row's suffix length
+        touched = torch.zeros_like(tok, dtype=torch.bool)
+        cur = torch.full((B,), -1, dtype=torch.int64, device=dev)  # the chain's parent candidate
+        cur_v = torch.ones(B, dtype=v.dtype, device=dev)
+        for j in range(k):
+            want = cur_v * rate[:, j]
+            hit = (parent == cur[:, None]) & (tok == chain[:, j:j + 1]) & ok[:, j:j + 1] & (cur_v[:, None] >= 0)
+            found = hit.any(1)
+            at = hit.int().argmax(1, keepdim=True)  # the equal candidate (siblings are distinct)
+            v = v.scatter(1, at, torch.where(found, torch.maximum(v.gather(1, at)[:, 0], want),
+                                             v.gather(1, at)[:, 0])[:, None])
+            touched = touched.scatter(1, at, (touched.gather(1, at)[:, 0] | found)[:, None])
+            new = ok[:, j] & ~found & (cur_v >= 0)
+            tok = torch.cat([tok, chain[:, j:j + 1]], 1)
+            v = torch.cat([v, torch.where(new, want, -1.0)[:, None]], 1)
+            parent = torch.cat([parent, cur[:, None]], 1)
+            depth = torch.cat([depth, torch.full((B, 1), j + 1, dtype=depth.dtype, device=dev)], 1)
+            touched = torch.cat([touched, new[:, None]], 1)
+            cur = torch.where(found, at[:, 0], tok.shape[1] - 1)
+            cur_v = v.gather(1, cur[:, None])[:, 0]
+        return tok, v, parent, depth, (chain, ok, n, touched)
 
     def _plan(self, ctx: DraftContext) -> bool:
         """Whether this step drafts: times the last step (see :meth:`_account`), then asks
@@ -520,8 +584,8 @@ class DynamicTreeDraft(GlideDraft):
     def _expected(self, v: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Expected acceptance of candidates with path probabilities ``v`` (calibrated), 0 for
         finished sequences."""
-        f = self.calibration.mapping(v) if self.calibration is not None else v
-        return torch.where(active[:, None], f, 0.0)
+        f = self.calibration.mapping(v.clamp(min=0)) if self.calibration is not None else v
+        return torch.where(active[:, None] & (v >= 0), f, 0.0)
 
     def _best_size(self, v_sorted: torch.Tensor, t_draft: float, active: torch.Tensor):
         """``(N, expected tokens, seconds)`` of the step's best tree from candidates ``v_sorted``
@@ -558,14 +622,28 @@ class DynamicTreeDraft(GlideDraft):
         return False
 
     def observe(self, ctx: DraftContext) -> None:
-        if self.record is None or self._last is None:
+        if self._last is None:
             return
-        prop, root_pos, depth = self._last
+        prop, root_pos, depth, lookup, touched = self._last
+        cap = ctx.tokens.shape[1]
+        emitted = ctx.lengths - 1 - root_pos  # tokens committed after the old root
+        if lookup is not None:
+            # a lookup token is judged where the target's token is known (the bonus included),
+            # after every lookup token above it matched
+            chain, ok, n = lookup
+            k = chain.shape[1]
+            want = ctx.tokens.gather(1, (root_pos[:, None] + 1 + torch.arange(k, device=chain.device)).clamp(max=cap - 1))
+            j = torch.arange(k, device=chain.device)
+            right = chain == want
+            above = torch.cat([torch.ones_like(right[:, :1]), right[:, :-1].int().cummin(1).values.bool()], 1)
+            seen = ok & above & (j < emitted[:, None])
+            for i, count in enumerate((seen, seen & right)):
+                self._lookup_counts[i].index_add_(0, n, count.to(torch.float64))
+        if self.record is None:
+            return
         B, N = prop.tokens.shape
         if N == 0:
             return
-        cap = ctx.tokens.shape[1]
-        emitted = ctx.lengths - 1 - root_pos  # tokens committed after the old root
         want = ctx.tokens.gather(1, (root_pos[:, None] + depth).clamp(max=cap - 1))
         match = (prop.tokens == want) & (depth < emitted[:, None]) & prop.valid
         # a node is accepted when it and all its ancestors carry the committed tokens; the last
@@ -573,7 +651,9 @@ class DynamicTreeDraft(GlideDraft):
         minus = torch.full((B, 1), -1, dtype=torch.int64, device=prop.tokens.device)
         anc = ancestor_mask(torch.cat([minus, torch.where(prop.valid, prop.parents, -1)], 1))[:, 1:, 1:]
         ok = ~(anc & ~match[:, None, :]).any(-1)
-        self.record.add(prop.draft_probs[prop.valid], ok[prop.valid])
+        # the calibration is the draft's: nodes lookup made or raised carry another estimate
+        mine = prop.valid if touched is None else prop.valid & ~touched
+        self.record.add(prop.draft_probs[mine], ok[mine])
 
 
 # ---------------------------------------------------------------------------- shipped calibration

@@ -18,6 +18,7 @@ __all__ = [
     "DraftContext",
     "Draft",
     "PromptLookupDraft",
+    "lookup_continuation",
     "ModelDraft",
     "OracleDraft",
     "WrongDraft",
@@ -133,22 +134,56 @@ class PromptLookupDraft(Draft):
         self.max_nodes = num_tokens
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        toks, L = ctx.tokens, ctx.lengths
-        B, cap = toks.shape
-        dev = toks.device
-        start = torch.full((B,), -1, dtype=torch.int64, device=dev)  # continuation start
-        for n in range(min(self.ngram, cap - 1), 0, -1):
-            windows = toks.unfold(1, n, 1)  # (B, cap - n + 1, n): window starting at s
-            key = toks.gather(1, (L[:, None] - n + torch.arange(n, device=dev)).clamp(min=0))
-            s = torch.arange(windows.shape[1], device=dev)
-            # an earlier occurrence whose continuation starts inside the committed history
-            hit = (windows == key[:, None, :]).all(-1) & (s[None, :] + n < L[:, None]) & (L[:, None] > n)
-            last = torch.where(hit, s, -1).amax(-1)
-            start = torch.where((start < 0) & (last >= 0), last + n, start)
-        idx = start[:, None] + torch.arange(self.num_tokens, device=dev)
-        valid = (start[:, None] >= 0) & (idx < L[:, None]) & ctx.active[:, None]
-        tokens = torch.where(valid, toks.gather(1, idx.clamp(0, cap - 1)), 0)
-        return Proposal(tokens, _chain_parents(B, self.num_tokens, dev), valid)
+        tokens, valid, _ = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.ngram, self.num_tokens)
+        B = tokens.shape[0]
+        return Proposal(tokens, _chain_parents(B, self.num_tokens, tokens.device), valid)
+
+
+def lookup_continuation(tokens: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor, ngram: int,
+                        num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The continuation of the most recent earlier match of each sequence's last n-gram.
+
+    Tries the last ``ngram`` tokens (the root's included), then shorter suffixes down to 1, in
+    the sequence's own committed history; device ops only (no host read).
+
+    Parameters
+    ----------
+    tokens : torch.Tensor, shape (batch, capacity), int64
+        Committed tokens; entries at ``>= lengths`` are ignored.
+    lengths : torch.Tensor, shape (batch,), int64
+    active : torch.Tensor, shape (batch,), bool
+        Finished sequences get no continuation.
+    ngram, num_tokens : int
+        Longest suffix matched; tokens returned.
+
+    Returns
+    -------
+    continuation : torch.Tensor, shape (batch, num_tokens), int64
+        The tokens that followed the match (0 where not valid): guesses for positions
+        ``lengths``, ``lengths + 1``, ...
+    valid : torch.Tensor, shape (batch, num_tokens), bool
+        A prefix of each row: there was a match, and its continuation lies inside the history.
+    matched : torch.Tensor, shape (batch,), int64
+        The length of the suffix matched, 0 where none was.
+    """
+    B, cap = tokens.shape
+    dev = tokens.device
+    start = torch.full((B,), -1, dtype=torch.int64, device=dev)  # continuation start
+    matched = torch.zeros(B, dtype=torch.int64, device=dev)
+    for n in range(min(ngram, cap - 1), 0, -1):
+        windows = tokens.unfold(1, n, 1)  # (B, cap - n + 1, n): window starting at s
+        key = tokens.gather(1, (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0))
+        s = torch.arange(windows.shape[1], device=dev)
+        # an earlier occurrence whose continuation starts inside the committed history
+        hit = (windows == key[:, None, :]).all(-1) & (s[None, :] + n < lengths[:, None]) & (lengths[:, None] > n)
+        last = torch.where(hit, s, -1).amax(-1)
+        first = (start < 0) & (last >= 0)
+        matched = torch.where(first, n, matched)
+        start = torch.where(first, last + n, start)
+    idx = start[:, None] + torch.arange(num_tokens, device=dev)
+    valid = (start[:, None] >= 0) & (idx < lengths[:, None]) & active[:, None]
+    matched = torch.where(valid[:, 0], matched, 0)
+    return torch.where(valid, tokens.gather(1, idx.clamp(0, cap - 1)), 0), valid, matched
 
 
 class ModelDraft(Draft):

@@ -83,7 +83,7 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
                 wall = time.perf_counter() - start
                 row = aggregate(res, method=name, batch_size=b, max_new_tokens=max_new_tokens,
                                 wall_seconds=wall)
-                row.update(temperature=temp, draft=str(path) if path else None, tree=tree, lookup=lookup,
+                row.update(temperature=temp, draft=str(path) if path else None, tree=tree, lookup=_lookup_used(tree, lookup),
                            gamma=gamma if path and not str(tree).startswith("dynamic") else None)
                 for kind in sorted(set(kinds.get(p.id, "all") for p in prompts)):
                     part = [r for p, r in zip(prompts, res) if kinds.get(p.id, "all") == kind]
@@ -105,6 +105,15 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
 
 
 TREE_KINDS = ("chain", "cape", "dynamic", "dynamic-always")
+
+
+def _lookup_used(tree, lookup):
+    """The prompt-lookup tokens a run's tree merged (``None`` for trees without lookup)."""
+    if tree is None or not tree.startswith("dynamic"):
+        return None
+    from glide.draft.dynamic import LOOKUP
+
+    return LOOKUP if lookup is None else lookup
 
 
 def split_tree(spec):

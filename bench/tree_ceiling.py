@@ -36,7 +36,8 @@ def drafts(net):
     for n, depth, k, beam in FIXED_TREES:
         out.append((f"dynamic, fixed {n} nodes (depth {depth}, top-k {k}, beam {beam})",
                     lambda n=n, depth=depth, k=k, beam=beam: DynamicTreeDraft(
-                        net, depth=depth, top_k=k, beam=beam, max_nodes=n, fixed_size=n, min_expand=0.0)))
+                        net, depth=depth, top_k=k, beam=beam, max_nodes=n, fixed_size=n, min_expand=0.0,
+                        lookup=0)))  # the draft's own ceiling
     return out
 
 

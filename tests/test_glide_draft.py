@@ -657,6 +657,7 @@ def test_calibration_ships_in_the_draft_folder_and_sizes_the_tree(trained, tmp_p
     assert draft.calibration.accepted == never.accepted
     draft.cost = _flat_cost(0.01)  # no timing noise: only the calibration decides the size
     draft.fallback = False  # every step drafts: an empty tree is the calibration's doing
+    draft.lookup = 0  # lookup's measured rates are not the calibration's (see the test below)
     out = generate_ids(t, PROMPTS_SMALL, draft, max_new_tokens=8, temperature=1.0)
     assert set(draft.sizes) == {0} and all(a == 1 for o in out for a in o.accepted)
     plain = DynamicTreeDraft(d, cost=_flat_cost(0.01))  # the same draft, uncalibrated, grows trees
@@ -763,21 +764,37 @@ def test_lookup_tokens_merge_into_equal_candidates_and_extend_the_tree(trained):
     g._lookup_counts[:, 2] = 2.0
     # row 0: the last 2-gram [1, 2] was followed by [3, 6, 1]; row 1: only [4] follows a 1-gram
     ctx = _lookup_ctx(t, [[5, 1, 2, 3, 6, 1, 2], [4, 4]])
-    tok = torch.tensor([[3, 7, 6, 5], [2, 5, 4, 1]])
-    v = torch.tensor([[0.5, 0.3, 0.7, 0.1], [0.6, 0.2, 0.3, 0.1]])
+    tok = torch.tensor([[3, 7, 6, 5], [2, 4, 5, 1]])
+    v = torch.tensor([[0.5, 0.3, 0.45, 0.05], [0.6, 0.55, 0.3, 0.1]])
     parent = torch.tensor([[-1, -1, 0, 0], [-1, -1, 0, 0]])
     depth = torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2]])
     tok, v, parent, depth, (chain, ok, n, touched) = g._merge_lookup(ctx, tok, v, parent, depth)
     assert chain[0].tolist() == [3, 6, 1] and ok.tolist() == [[True] * 3, [True, False, False]]
     assert n.tolist() == [2, 1]
-    # 3 and 6 exist under the same parents: v becomes max(own, lookup's) (lookup's 0.75 for 3,
-    # 6's own 0.7 > 0.75 * 0.75); 1 joins under 6, at 6's v times the rate
-    assert v[0].tolist() == pytest.approx([0.75, 0.3, 0.7, 0.1, -1, -1, 0.525])
+    # row 0: 3 and 6 exist under the same parents and lookup's estimates are higher (0.75, then
+    # 0.75 * 0.75): raised, not duplicated; 1 joins under 6 at 6's v times the rate
+    assert v[0].tolist() == pytest.approx([0.75, 0.3, 0.5625, 0.05, -1, -1, 0.421875])
     assert parent[0].tolist() == [-1, -1, 0, 0, -1, 0, 2] and depth[0].tolist() == [1, 1, 2, 2, 1, 2, 3]
     assert touched[0].tolist() == [True, False, True, False, False, False, True]
-    # row 1: 4 under the root is new (the candidate 4 hangs under 2); nothing follows it
-    assert v[1].tolist() == pytest.approx([0.6, 0.2, 0.3, 0.1, 0.5, -1, -1])
-    assert parent[1].tolist()[:5] == [-1, -1, 0, 0, -1] and touched[1].tolist() == [False] * 4 + [True, False, False]
+    # row 1: 4 is a root candidate already, and the draft's 0.55 beats lookup's 0.5: it keeps
+    # its own v and stays the draft's; nothing follows it
+    assert v[1].tolist() == pytest.approx([0.6, 0.55, 0.3, 0.1, -1, -1, -1])
+    assert parent[1].tolist() == [-1, -1, 0, 0, -1, 1, 5] and not touched[1].any()
+
+
+def test_lookup_estimates_are_not_calibrated_as_the_drafts(trained):
+    """A calibration maps the draft's path probabilities; a lookup estimate is a measured rate."""
+    _, d, _ = trained
+    never = Calibration()
+    never.add(torch.linspace(0, 1, 5000), torch.zeros(5000, dtype=torch.bool))  # the draft is never right
+    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, calibration=never)
+    v = torch.tensor([[0.9, 0.8, 0.1]])
+    measured = torch.tensor([[False, True, False]])
+    f = g._expected(v, torch.tensor([True]), measured)
+    assert f[0].tolist() == pytest.approx([0.0, 0.8, 0.0])
+    g.cost = _flat_cost(0.01)
+    assert g._best_size(v, 0.0, torch.tensor([True]))[0] == 0  # the calibration alone: nothing pays
+    assert g._best_size(v, 0.0, torch.tensor([True]), measured)[0] == 2  # the lookup node does
 
 
 def test_lookup_rates_count_the_target_tokens_and_the_calibration_skips_lookup_nodes(trained):
@@ -819,26 +836,39 @@ def test_dynamic_tree_with_lookup_equals_ar(trained, kw):
 def test_a_tree_with_lookup_keeps_its_invariants(trained):
     t, d, _ = trained
     prompts = [[1, 3, 0, 4, 3, 1, 3], [4, 0, 4]]
-    g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, fixed_size=15, min_expand=0.0, lookup=4)
     B = 2
-    ctx = _lookup_ctx(t, prompts)
-    g.begin(ctx)
-    prop = g.propose(ctx)
-    prop.validate(B, vocab_size=t.config.vocab_size)
-    v = torch.where(prop.valid, prop.draft_probs, -1.0)
-    assert (v[:, :-1] >= v[:, 1:]).all()
-    pv = torch.cat([torch.ones(B, 1), v], 1).gather(1, prop.parents.clamp(min=0))
-    assert (v[prop.valid] <= pv[prop.valid] + 1e-6).all()  # a child never outranks its parent
-    assert (prop.parents[prop.valid] < torch.arange(1, 16).expand(B, 15)[prop.valid]).all()
-    for b in range(B):
-        kids = {}
-        for i in range(15):
-            if prop.valid[b, i]:
-                kids.setdefault(int(prop.parents[b, i]), []).append(int(prop.tokens[b, i]))
-        assert all(len(k) == len(set(k)) for k in kids.values())  # no duplicate siblings
-    # row 0's last 2-gram [1, 3] was followed by [0, 4, 3, 1]: its head hangs under the root
-    first = [int(prop.tokens[0, i]) for i in range(15) if prop.valid[0, i] and prop.parents[0, i] == 0]
-    assert 0 in first
+    for size in (15, 40):  # 40: every column, lookup's not offered (row 1's) too
+        g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, max_nodes=40, fixed_size=size, min_expand=0.0, lookup=4)
+        ctx = _lookup_ctx(t, prompts)
+        g.begin(ctx)
+        prop = g.propose(ctx)
+        prop.validate(B, vocab_size=t.config.vocab_size)
+        build_tree(ctx.root, prop)
+        columns = 3 + 3 * 2 * 3 + 4  # the root's top-3, three grown levels of beam 2 x top-3, lookup's
+        assert prop.num_nodes == min(size, columns) and (size == 15 or not prop.valid.all())
+        v = torch.where(prop.valid, prop.draft_probs, -1.0)
+        pv = torch.cat([torch.ones(B, 1), v], 1).gather(1, prop.parents.clamp(min=0))
+        assert (v[prop.valid] <= pv[prop.valid] + 1e-6).all()  # a child never outranks its parent
+        for b in range(B):
+            kids = {}
+            for i in range(prop.num_nodes):
+                if prop.valid[b, i]:
+                    kids.setdefault(int(prop.parents[b, i]), []).append(int(prop.tokens[b, i]))
+            assert all(len(k) == len(set(k)) for k in kids.values())  # no duplicate siblings
+        # row 0's last 2-gram [1, 3] was followed by [0, 4, 3, 1]: the chain hangs under the root,
+        # once, whether the draft proposed its tokens too or not
+        path, slot = [], 0
+        for want in (0, 4, 3, 1):
+            nxt = [i + 1 for i in range(prop.num_nodes) if prop.valid[0, i] and prop.parents[0, i] == slot
+                   and prop.tokens[0, i] == want]
+            if not nxt:
+                break
+            assert len(nxt) == 1
+            path.append(want)
+            slot = nxt[0]
+        assert path[:1] == [0]
+        if size == 40:  # every live candidate is in: the whole chain
+            assert path == [0, 4, 3, 1]
 
 
 def test_sampling_with_lookup_in_the_dynamic_tree_has_the_ar_law():

@@ -238,6 +238,9 @@ class Calibration:
         return cls(list(d["edges"]), list(d["predicted"]), list(d["accepted"]), list(d["count"]))
 
 
+LOOKUP = 6  # prompt-lookup tokens merged into the tree by default (see DynamicTreeDraft)
+
+
 class DynamicTreeDraft(GlideDraft):
     """The budgeted dynamic tree (see the module docstring).
 
@@ -298,7 +301,7 @@ class DynamicTreeDraft(GlideDraft):
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
                  growth_check: bool = True, fallback: bool = True, max_skip: int = 64, refresh: int = 32,
-                 lookup: int = 6, lookup_ngram: int = 3):
+                 lookup: int = LOOKUP, lookup_ngram: int = 3):
         super().__init__(model, gamma=depth)
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
                             ("max_skip", max_skip), ("refresh", refresh), ("lookup_ngram", lookup_ngram)):
@@ -447,7 +450,8 @@ class DynamicTreeDraft(GlideDraft):
         if self.fixed_size is not None:
             N = min(self.fixed_size, self.max_nodes, v_sorted.shape[1])
         else:
-            N = self._best_size(v_sorted, time.perf_counter() - t0, ctx.active)[0]
+            measured = None if lookup is None else lookup[3].gather(1, order)
+            N = self._best_size(v_sorted, time.perf_counter() - t0, ctx.active, measured)[0]
         sel = order[:, :N]
         slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
         sel_parent = parent.gather(1, sel)
@@ -464,8 +468,9 @@ class DynamicTreeDraft(GlideDraft):
     def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth):
         """Merge the prompt-lookup chain into the candidates ``(tok, v, parent, depth)``, each
         (batch, C): returns them extended by ``lookup`` columns (a column not offered, or
-        merged into an equal candidate, gets ``v = -1``), and ``(chain, valid, touched)``: the
-        lookup tokens, their validity, and which candidates lookup created or raised."""
+        merged into an equal candidate, gets ``v = -1``), and ``(chain, valid, n, touched)``:
+        the lookup tokens, their validity, the suffix length matched, and which candidates
+        carry lookup's estimate (created, or raised above the draft's own ``v``)."""
         B, dev = tok.shape[0], tok.device
         k = self.lookup
         chain, ok, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.lookup_ngram, k)
@@ -481,9 +486,10 @@ class DynamicTreeDraft(GlideDraft):
             hit = (parent == cur[:, None]) & (tok == chain[:, j:j + 1]) & ok[:, j:j + 1] & (cur_v[:, None] >= 0)
             found = hit.any(1)
             at = hit.int().argmax(1, keepdim=True)  # the equal candidate (siblings are distinct)
-            v = v.scatter(1, at, torch.where(found, torch.maximum(v.gather(1, at)[:, 0], want),
-                                             v.gather(1, at)[:, 0])[:, None])
-            touched = touched.scatter(1, at, (touched.gather(1, at)[:, 0] | found)[:, None])
+            own = v.gather(1, at)[:, 0]
+            raised = found & (want > own)  # the candidate now carries lookup's estimate
+            v = v.scatter(1, at, torch.where(raised, want, own)[:, None])
+            touched = touched.scatter(1, at, (touched.gather(1, at)[:, 0] | raised)[:, None])
             new = ok[:, j] & ~found & (cur_v >= 0)
             tok = torch.cat([tok, chain[:, j:j + 1]], 1)
             v = torch.cat([v, torch.where(new, want, -1.0)[:, None]], 1)
@@ -581,17 +587,22 @@ class DynamicTreeDraft(GlideDraft):
         self._since_plain += 1
         return True
 
-    def _expected(self, v: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _expected(self, v: torch.Tensor, active: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor:
         """Expected acceptance of candidates with path probabilities ``v`` (calibrated), 0 for
-        finished sequences."""
+        finished sequences and for lookup columns not offered (``v < 0``). Candidates marked
+        ``measured`` carry lookup's estimate, a measured rate already: not calibrated."""
         f = self.calibration.mapping(v.clamp(min=0)) if self.calibration is not None else v
+        if measured is not None:
+            f = torch.where(measured, v.to(f.dtype), f)
         return torch.where(active[:, None] & (v >= 0), f, 0.0)
 
-    def _best_size(self, v_sorted: torch.Tensor, t_draft: float, active: torch.Tensor):
+    def _best_size(self, v_sorted: torch.Tensor, t_draft: float, active: torch.Tensor,
+                   measured: torch.Tensor | None = None):
         """``(N, expected tokens, seconds)`` of the step's best tree from candidates ``v_sorted``
-        (best first) after ``t_draft`` seconds of drafting: ``N`` maximises their ratio."""
+        (best first) after ``t_draft`` seconds of drafting: ``N`` maximises their ratio
+        (``measured``: see :meth:`_expected`)."""
         limit = min(self.max_nodes, v_sorted.shape[1])
-        f = self._expected(v_sorted, active)
+        f = self._expected(v_sorted, active, measured)
         # expected tokens of the batch for N = 0..limit: one bonus per active sequence plus the nodes
         gain = active.sum() + torch.cat([f.new_zeros(f.shape[0], 1), f[:, :limit].cumsum(1)], 1).sum(0)
         gain = gain.double().cpu().numpy()
@@ -691,7 +702,7 @@ def record_calibration(target, net, prompts, max_new_tokens: int = 128, temperat
     rec = Calibration()
     # every step drafts (no pauses): the table should see every kind of step; one draft, so that
     # its verify-cost curve is looked up once
-    d = DynamicTreeDraft(net, record=rec, fallback=False)
+    d = DynamicTreeDraft(net, record=rec, fallback=False, lookup=0)  # the draft's own estimates
     for ids in tqdm(prompts, desc=f"calibrate T={temperature:g}", disable=not progress):
         generate_ids(target, [list(ids)], d, max_new_tokens=max_new_tokens, temperature=temperature,
                      seed=seed, eos_token_ids=eos_token_ids)

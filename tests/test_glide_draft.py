@@ -821,7 +821,7 @@ def test_lookup_rates_count_the_target_tokens_and_the_calibration_skips_lookup_n
 
 
 @pytest.mark.parametrize("kw", [dict(depth=4, top_k=3, beam=2, fixed_size=12, lookup=3),
-                                dict(depth=5, top_k=2, beam=2, cost=_flat_cost(0.01), lookup=5)])
+                                dict(depth=3, top_k=2, beam=2, cost=_flat_cost(0.01), lookup=8)])
 def test_dynamic_tree_with_lookup_equals_ar(trained, kw):
     t, d, _ = trained
     prompts = PROMPTS_SMALL + [[2, 5, 2, 5, 2, 5, 2]]
@@ -831,6 +831,8 @@ def test_dynamic_tree_with_lookup_equals_ar(trained, kw):
     assert [o.output_ids for o in out] == [o.output_ids for o in ar]
     seen, matched = dyn._lookup_counts
     assert seen[:, 0].sum() > 0 and matched[:, 0].sum() > 0  # lookup guessed, and the target agreed at times
+    if kw["lookup"] > kw["depth"]:  # chains deeper than the grown tree were accepted, and caught up
+        assert max(a for o in out for a in o.accepted) > kw["depth"] + 1
 
 
 def test_a_tree_with_lookup_keeps_its_invariants(trained):
@@ -884,4 +886,6 @@ def test_lookup_sizes_are_checked(trained):
         DynamicTreeDraft(d, lookup=-1)
     with pytest.raises(ValueError, match="lookup_ngram"):
         DynamicTreeDraft(d, lookup=2, lookup_ngram=0)
-    assert DynamicTreeDraft(d, depth=3, lookup=9).lookup == 3  # never deeper than the tree
+    deep = DynamicTreeDraft(d, depth=3, beam=2, max_nodes=8, lookup=9)
+    assert deep.lookup == 8  # a chain fits the tree's nodes
+    assert deep.cache_extra() == max(8, 2 * 2) + 8 + 2  # the catch-up window reaches as deep

@@ -290,7 +290,7 @@ class DynamicTreeDraft(GlideDraft):
         the token joins as a new candidate. A lookup token's ``v`` is its parent's times the
         rate at which lookup tokens at its depth, found by a suffix match of the same length,
         matched the target (after matches above them), counted over every step so far (prior
-        1/2). At most ``depth`` tokens; 0: off.
+        1/2). Lookup chains may reach deeper than ``depth`` (at most ``max_nodes`` tokens); 0: off.
     lookup_ngram : int
         Longest suffix the lookup matches.
     """
@@ -318,7 +318,8 @@ class DynamicTreeDraft(GlideDraft):
         self.max_skip, self.refresh = max_skip, refresh
         if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
             raise ValueError(f"lookup must be an int >= 0, got {lookup!r}")
-        self.lookup, self.lookup_ngram = min(lookup, depth), lookup_ngram
+        self.lookup, self.lookup_ngram = min(lookup, max_nodes), lookup_ngram
+        self._reach = max(depth, self.lookup)  # the deepest node a tree can hold
         # lookup tokens whose ancestors matched, by suffix length and depth: (seen, matched),
         # (2, lookup_ngram + 1, lookup) on the device
         self._lookup_counts = None
@@ -353,8 +354,8 @@ class DynamicTreeDraft(GlideDraft):
 
     def cache_extra(self) -> int:
         # scratch slots for the expanded nodes, and the catch-up window's padding (at most
-        # depth rows past the root, see propose)
-        return max(self.max_nodes, (self.depth - 1) * self.beam) + self.depth + 2
+        # _reach rows past the root, see propose)
+        return max(self.max_nodes, (self.depth - 1) * self.beam) + self._reach + 2
 
     def begin(self, ctx: DraftContext) -> None:
         super().begin(ctx)
@@ -383,13 +384,14 @@ class DynamicTreeDraft(GlideDraft):
         cross = self._cross(ctx)
         # 1. catch up: positions trusted .. root (c rows a sequence), right-padded to W rows,
         # W known on the host (no device read): a sequence still decoding committed 1 token a
-        # skipped step and 1 .. depth + 1 in the last drafted one, so c <= W = depth + 1 + gap,
-        # and its padding ends at most depth rows past its root. A finished one (nothing
+        # skipped step and 1 .. reach + 1 in the last drafted one (reach: the deepest node, a
+        # grown one or lookup's), so c <= W = reach + 1 + gap, and its padding ends at most
+        # reach rows past its root. A finished one (nothing
         # committed) starts its window earlier instead, rewriting committed rows nobody reads
         # again. So the scratch needs no room for pauses.
-        W = self.depth + 1 + self._gap
+        W = self._reach + 1 + self._gap
         self._gap = 0
-        start = torch.minimum(self.trusted, root_pos + 1 + self.depth - W).clamp(min=0)
+        start = torch.minimum(self.trusted, root_pos + 1 + self._reach - W).clamp(min=0)
         c = root_pos - start + 1
         cache.lens.copy_(start)
         j = torch.arange(W, device=dev)

@@ -238,7 +238,7 @@ class Calibration:
         return cls(list(d["edges"]), list(d["predicted"]), list(d["accepted"]), list(d["count"]))
 
 
-LOOKUP = 6  # prompt-lookup tokens merged into the tree by default (see DynamicTreeDraft)
+LOOKUP = 12  # prompt-lookup tokens merged into the tree by default (see DynamicTreeDraft)
 
 
 class DynamicTreeDraft(GlideDraft):

@@ -480,26 +480,42 @@ class DynamicTreeDraft(GlideDraft):
             self._lookup_counts = torch.zeros(2, self.lookup_ngram + 1, k, dtype=torch.float64, device=dev)
         seen, matched = self._lookup_counts
         rate = ((matched[n] + 1) / (seen[n] + 2)).to(v.dtype)  # (B, k): each row's suffix length
-        touched = torch.zeros_like(tok, dtype=torch.bool)
-        cur = torch.full((B,), -1, dtype=torch.int64, device=dev)  # the chain's parent candidate
-        cur_v = torch.ones(B, dtype=v.dtype, device=dev)
-        for j in range(k):
-            want = cur_v * rate[:, j]
-            hit = (parent == cur[:, None]) & (tok == chain[:, j:j + 1]) & ok[:, j:j + 1] & (cur_v[:, None] >= 0)
-            found = hit.any(1)
-            at = hit.int().argmax(1, keepdim=True)  # the equal candidate (siblings are distinct)
-            own = v.gather(1, at)[:, 0]
-            raised = found & (want > own)  # the candidate now carries lookup's estimate
-            v = v.scatter(1, at, torch.where(raised, want, own)[:, None])
-            touched = touched.scatter(1, at, (touched.gather(1, at)[:, 0] | raised)[:, None])
-            new = ok[:, j] & ~found & (cur_v >= 0)
-            tok = torch.cat([tok, chain[:, j:j + 1]], 1)
-            v = torch.cat([v, torch.where(new, want, -1.0)[:, None]], 1)
-            parent = torch.cat([parent, cur[:, None]], 1)
-            depth = torch.cat([depth, torch.full((B, 1), j + 1, dtype=depth.dtype, device=dev)], 1)
-            touched = torch.cat([touched, new[:, None]], 1)
-            cur = torch.where(found, at[:, 0], tok.shape[1] - 1)
-            cur_v = v.gather(1, cur[:, None])[:, 0]
+        C = tok.shape[1]
+        # the candidates that spell a prefix of the chain: their token is the chain's at their
+        # depth and so are their ancestors' (draft candidates are at most `depth` deep)
+        at = (depth - 1).clamp(max=k - 1)
+        spell = (depth <= k) & (tok == chain.gather(1, at)) & ok.gather(1, at)
+        for _ in range(min(self.depth, k) - 1):
+            spell = spell & torch.where(parent >= 0, spell.gather(1, parent.clamp(min=0)), True)
+        levels = torch.arange(1, k + 1, device=dev)
+        hit = spell[:, :, None] & (depth[:, :, None] == levels)  # (B, C, k): siblings are distinct
+        found = hit.any(1)  # a prefix of each row's chain
+        # each chain token's column: the equal candidate, or a new one after the candidates
+        node = torch.where(found, hit.int().argmax(1), C + levels - 1)
+        own = v.gather(1, node.clamp(max=C - 1))
+        # estimates down the chain: a found token keeps the larger of its own v and lookup's
+        # (its parent's times the rate); below the draft's deepest level nothing is found
+        top = min(self.depth, k)
+        cur = torch.ones(B, dtype=v.dtype, device=dev)
+        est, wants = [], []
+        for j in range(top):
+            want = cur * rate[:, j]
+            cur = torch.where(found[:, j], torch.maximum(own[:, j], want),
+                              torch.where(ok[:, j] & (cur >= 0), want, -1.0))
+            est.append(cur)
+            wants.append(want)
+        est, want = torch.stack(est, 1), torch.stack(wants, 1)
+        if k > top:
+            tail = cur[:, None] * rate[:, top:].cumprod(1)
+            tail = torch.where(ok[:, top:] & (cur >= 0)[:, None], tail, -1.0)
+            est, want = torch.cat([est, tail], 1), torch.cat([want, tail], 1)
+        raised = found & (want > own)  # the candidate now carries lookup's estimate
+        mine = raised | (~found & (est >= 0))  # raised, or new
+        v = torch.cat([v, v.new_full((B, k), -1.0)], 1).scatter(1, node, est)
+        touched = torch.zeros(B, C + k, dtype=torch.bool, device=dev).scatter(1, node, mine)
+        tok = torch.cat([tok, chain], 1)
+        parent = torch.cat([parent, torch.full((B, 1), -1, dtype=parent.dtype, device=dev), node[:, :-1]], 1)
+        depth = torch.cat([depth, levels.expand(B, k).to(depth.dtype)], 1)
         return tok, v, parent, depth, (chain, ok, n, touched)
 
     def _plan(self, ctx: DraftContext) -> bool:

@@ -71,9 +71,10 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ArgumentError(name, rest) from None
 
 
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value``, an integer (not a bool) ``>= minimum``; else ArgumentError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArgumentError(name, f"must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -244,14 +245,14 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
             raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
         tree = tree or ("chain" if method == "glide" else "cape")
         if tree == "dynamic":
-            from glide.draft.dynamic import DynamicTreeDraft, load_calibration
+            from glide.draft.dynamic import LOOKUP, DynamicTreeDraft, load_calibration
 
             try:
                 calibration = load_calibration(path, temperature)
             except ValueError as exc:
                 raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-            extra = {} if lookup is None else {"lookup": lookup}
-            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback, **extra)
+            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback,
+                                    lookup=LOOKUP if lookup is None else lookup)
         if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
@@ -397,8 +398,7 @@ def generate(
     if not fallback and tree != "dynamic":
         raise ArgumentError("fallback", f"only the dynamic tree pauses drafting; got tree {tree!r}")
     if lookup is not None:
-        if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
-            raise ArgumentError("lookup", f"must be an integer >= 0, got {lookup!r}")
+        check_positive_int("lookup", lookup, minimum=0)
         if tree != "dynamic":
             raise ArgumentError("lookup", f"only the dynamic tree merges prompt lookup; got tree {tree!r}")
     if bins is not None and (method != "cape" or tree not in (None, "cape")):

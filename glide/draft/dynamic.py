@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from glide.cache import cache_dir
-from glide.speculative.drafts import DraftContext, lookup_continuation
+from glide.speculative.drafts import DraftContext, check_count, lookup_continuation
 from glide.speculative.tree import Proposal, ancestor_mask
 
 from .runtime import GlideDraft
@@ -305,8 +305,8 @@ class DynamicTreeDraft(GlideDraft):
         super().__init__(model, gamma=depth)
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
                             ("max_skip", max_skip), ("refresh", refresh), ("lookup_ngram", lookup_ngram)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_count(name, value)
+        check_count("lookup", lookup, 0)
         self.depth, self.beam = depth, beam
         self.top_k = min(top_k, model.config.vocab_out)
         self.beam = min(beam, self.top_k)
@@ -316,8 +316,6 @@ class DynamicTreeDraft(GlideDraft):
         self.growth_check = growth_check
         self.fallback = bool(fallback) and fixed_size is None
         self.max_skip, self.refresh = max_skip, refresh
-        if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
-            raise ValueError(f"lookup must be an int >= 0, got {lookup!r}")
         self.lookup, self.lookup_ngram = min(lookup, max_nodes), lookup_ngram
         self._reach = max(depth, self.lookup)  # the deepest node a tree can hold
         # lookup tokens whose ancestors matched, by suffix length and depth: (seen, matched),

@@ -19,6 +19,7 @@ __all__ = [
     "Draft",
     "PromptLookupDraft",
     "lookup_continuation",
+    "check_count",
     "ModelDraft",
     "OracleDraft",
     "WrongDraft",
@@ -103,7 +104,8 @@ class Draft:
         default."""
 
 
-def _check_count(name: str, value, minimum: int = 1) -> int:
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """``value``, an int (not a bool) ``>= minimum``; else ValueError naming ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -129,8 +131,8 @@ class PromptLookupDraft(Draft):
     """
 
     def __init__(self, ngram: int = 3, num_tokens: int = 5):
-        self.ngram = _check_count("ngram", ngram)
-        self.num_tokens = _check_count("num_tokens", num_tokens)
+        self.ngram = check_count("ngram", ngram)
+        self.num_tokens = check_count("num_tokens", num_tokens)
         self.max_nodes = num_tokens
 
     def propose(self, ctx: DraftContext) -> Proposal:
@@ -204,7 +206,7 @@ class ModelDraft(Draft):
     def __init__(self, model, branching=(3, 2, 1)):
         if not isinstance(branching, (tuple, list)) or not branching:
             raise ValueError(f"branching must be a non-empty tuple of ints, got {branching!r}")
-        self.branching = tuple(_check_count("branching", k) for k in branching)
+        self.branching = tuple(check_count("branching", k) for k in branching)
         self.model = model
         width, self.max_nodes = 1, 0
         for k in self.branching:
@@ -290,8 +292,8 @@ class OracleDraft(Draft):
         if not isinstance(references, (list, tuple)) or not references:
             raise ValueError("references must be a non-empty list of token-id lists")
         self.references = [list(map(int, r)) for r in references]
-        self.num_tokens = _check_count("num_tokens", num_tokens)
-        self.width = _check_count("width", width)
+        self.num_tokens = check_count("num_tokens", num_tokens)
+        self.width = check_count("width", width)
         self.max_nodes = num_tokens * width
 
     def check(self, model) -> None:
@@ -363,7 +365,7 @@ class RandomTreeDraft(Draft):
 
     def __init__(self, max_nodes: int = 8, seed: int = 0, p_invalid: float = 0.2, references=None,
                  p_correct: float = 0.5):
-        self.max_nodes = _check_count("max_nodes", max_nodes, 0)
+        self.max_nodes = check_count("max_nodes", max_nodes, 0)
         self.seed, self.p_invalid, self.p_correct = seed, p_invalid, p_correct
         self.oracle = OracleDraft(references, num_tokens=1) if references is not None else None
 

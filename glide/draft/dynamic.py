@@ -447,10 +447,10 @@ class DynamicTreeDraft(GlideDraft):
         # 3. size: keep the N best, N by expected tokens per second
         order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
         v_sorted = v.gather(1, order)
+        measured = None if lookup is None else lookup[3].gather(1, order)  # lookup's estimates
         if self.fixed_size is not None:
             N = min(self.fixed_size, self.max_nodes, v_sorted.shape[1])
         else:
-            measured = None if lookup is None else lookup[3].gather(1, order)
             N = self._best_size(v_sorted, time.perf_counter() - t0, ctx.active, measured)[0]
         sel = order[:, :N]
         slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
@@ -461,8 +461,8 @@ class DynamicTreeDraft(GlideDraft):
             valid = valid & (v_sorted[:, :N] >= 0)
         proposal = Proposal(tok.gather(1, sel), parents, valid.contiguous(), v_sorted[:, :N].float())
         self.sizes.append(N)
-        touched = None if lookup is None else lookup[3].gather(1, sel)
-        self._last = (proposal, root_pos.clone(), depth.gather(1, sel), None if lookup is None else lookup[:3], touched)
+        self._last = (proposal, root_pos.clone(), depth.gather(1, sel), None if lookup is None else lookup[:3],
+                      None if lookup is None else measured[:, :N])
         return proposal
 
     def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth):
@@ -658,14 +658,11 @@ class DynamicTreeDraft(GlideDraft):
             # a lookup token is judged where the target's token is known (the bonus included),
             # after every lookup token above it matched
             chain, ok, n = lookup
-            k = chain.shape[1]
-            want = ctx.tokens.gather(1, (root_pos[:, None] + 1 + torch.arange(k, device=chain.device)).clamp(max=cap - 1))
-            j = torch.arange(k, device=chain.device)
-            right = chain == want
+            j = torch.arange(chain.shape[1], device=chain.device)
+            right = chain == ctx.tokens.gather(1, (root_pos[:, None] + 1 + j).clamp(max=cap - 1))
             above = torch.cat([torch.ones_like(right[:, :1]), right[:, :-1].int().cummin(1).values.bool()], 1)
             seen = ok & above & (j < emitted[:, None])
-            for i, count in enumerate((seen, seen & right)):
-                self._lookup_counts[i].index_add_(0, n, count.to(torch.float64))
+            self._lookup_counts.index_add_(1, n, torch.stack([seen, seen & right]).to(torch.float64))
         if self.record is None:
             return
         B, N = prop.tokens.shape

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glide.api import TREES
+
 from . import harness
 from .e2e import aggregate
 
@@ -104,7 +106,7 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
     return rows, out, meta, loaded
 
 
-TREE_KINDS = ("chain", "cape", "dynamic", "dynamic-always")
+TREE_KINDS = (*TREES, "dynamic-always")  # the API's trees, and the dynamic one never pausing
 
 
 def _lookup_used(tree, lookup):

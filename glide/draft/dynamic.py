@@ -456,10 +456,8 @@ class DynamicTreeDraft(GlideDraft):
         slot = torch.full_like(tok, -1).scatter(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
         sel_parent = parent.gather(1, sel)
         parents = torch.where(sel_parent >= 0, slot.gather(1, sel_parent.clamp(min=0)), 0)
-        valid = ctx.active[:, None].expand(B, N)
-        if lookup is not None:  # lookup tokens not offered (v < 0) sort last
-            valid = valid & (v_sorted[:, :N] >= 0)
-        proposal = Proposal(tok.gather(1, sel), parents, valid.contiguous(), v_sorted[:, :N].float())
+        valid = ctx.active[:, None] & (v_sorted[:, :N] >= 0)  # columns not offered (v < 0) sort last
+        proposal = Proposal(tok.gather(1, sel), parents, valid, v_sorted[:, :N].float())
         self.sizes.append(N)
         self._last = (proposal, root_pos.clone(), depth.gather(1, sel), None if lookup is None else lookup[:3],
                       None if lookup is None else measured[:, :N])

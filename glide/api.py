@@ -72,10 +72,14 @@ def check_sampling(temperature: float, top_p: float) -> None:
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    """``value``, an integer (not a bool) ``>= minimum``; else ArgumentError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ArgumentError(name, f"must be an integer >= {minimum}, got {value!r}")
-    return value
+    """The drafts' count rule (:func:`glide.speculative.drafts.check_count`), as an
+    ArgumentError naming ``name``."""
+    from glide.speculative.drafts import check_count
+
+    try:
+        return check_count(name, value, minimum)
+    except ValueError as exc:
+        raise ArgumentError(name, str(exc).removeprefix(f"{name} ")) from None
 
 
 def resolve_device(device: str | None) -> torch.device:

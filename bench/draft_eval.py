@@ -5,10 +5,11 @@
                                [--gamma 4] [--prompts bench/prompts/heldout.jsonl] [--limit N]
                                [--calibration] [--out FILE]
 
-A draft spec is ``NAME=PATH[:TREE[,lookup=N]]`` with ``TREE`` one of ``chain`` (default),
-``cape`` (the paper's bins), ``dynamic``, or ``dynamic-always`` (the dynamic tree drafting at
-every step: ``fallback=False``); ``lookup=N`` sets a dynamic tree's prompt-lookup tokens (``0``
-turns them off; default: the tree's own). ``--calibration`` also runs the dynamic tree greedily at batch 1
+A draft spec is ``NAME=PATH[:TREE[,lookup=N][,ngrams=0|1]]`` with ``TREE`` one of ``chain``
+(default), ``cape`` (the paper's bins), ``dynamic``, or ``dynamic-always`` (the dynamic tree
+drafting at every step: ``fallback=False``); ``lookup=N`` sets a dynamic tree's prompt-lookup
+tokens (``0`` turns them off; default: the tree's own); ``ngrams=0`` keeps its lookup off the
+draft's corpus n-gram table (default: on, where the draft ships one). ``--calibration`` also runs the dynamic tree greedily at batch 1
 with a recorder and stores the predicted-against-observed acceptance table, and stores the
 verify-cost curve the dynamic tree sized itself with.
 
@@ -75,17 +76,18 @@ def run(drafts: dict, prompts_path: Path, batch_sizes, temperatures, max_new_tok
             base, base_ids = None, None
             for method, draft in runs:
                 name, (path, tree) = draft if draft else (method, (None, None))
-                tree, lookup = split_tree(tree)
+                tree, lookup, ngrams = split_tree(tree)
                 always = tree == "dynamic-always"
                 start = time.perf_counter()
                 res = api.generate(prompts, method=method, max_new_tokens=max_new_tokens, batch_size=b,
                                    temperature=temp, seed=0, draft=path, gamma=gamma,
                                    tree="dynamic" if always else tree, fallback=not always,
-                                   lookup=lookup, loaded=loaded, dtype=dt)
+                                   lookup=lookup, ngrams=ngrams is not False, loaded=loaded, dtype=dt)
                 wall = time.perf_counter() - start
                 row = aggregate(res, method=name, batch_size=b, max_new_tokens=max_new_tokens,
                                 wall_seconds=wall)
                 row.update(temperature=temp, draft=str(path) if path else None, tree=tree, lookup=_lookup_used(tree, lookup),
+                           ngrams=_ngrams_used(path, tree, lookup, ngrams),
                            gamma=gamma if path and not str(tree).startswith("dynamic") else None)
                 for kind in sorted(set(kinds.get(p.id, "all") for p in prompts)):
                     part = [r for p, r in zip(prompts, res) if kinds.get(p.id, "all") == kind]
@@ -118,28 +120,44 @@ def _lookup_used(tree, lookup):
     return LOOKUP if lookup is None else lookup
 
 
+def _ngrams_used(path, tree, lookup, ngrams):
+    """Whether a run's lookup could fall back on the draft's corpus n-gram table (``None`` for
+    trees without lookup)."""
+    if _lookup_used(tree, lookup) in (None, 0):
+        return None
+    from glide.api import check_draft_applies
+    from glide.speculative.ngrams import NGRAMS
+
+    folder = Path(check_draft_applies("glide", str(path) if path else None))
+    return ngrams is not False and (folder / NGRAMS).is_file()
+
+
 def split_tree(spec):
-    """``(tree, lookup)`` from a spec's ``TREE[,lookup=N]`` part (``lookup`` ``None``: the
-    default); ``(None, None)`` for ``None``.
+    """``(tree, lookup, ngrams)`` from a spec's ``TREE[,lookup=N][,ngrams=0|1]`` part
+    (``lookup`` and ``ngrams`` ``None``: the defaults); ``(None, None, None)`` for ``None``.
 
     Raises
     ------
     ValueError
-        For an unknown tree, another option, or ``lookup`` on a tree that is not dynamic.
+        For an unknown tree, another option, or an option on a tree that is not dynamic.
     """
     if spec is None:
-        return None, None
+        return None, None, None
     tree, *opts = spec.split(",")
     tree = tree or "chain"
     if tree not in TREE_KINDS:
         raise ValueError(f"unknown tree {tree!r}")
-    lookup = None
+    lookup = ngrams = None
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key != "lookup" or not value.isdigit() or not tree.startswith("dynamic"):
-            raise ValueError(f"unknown option {opt!r} for tree {tree!r} (dynamic trees take lookup=N)")
-        lookup = int(value)
-    return tree, lookup
+        if key == "lookup" and value.isdigit() and tree.startswith("dynamic"):
+            lookup = int(value)
+        elif key == "ngrams" and value in ("0", "1") and tree.startswith("dynamic"):
+            ngrams = value == "1"
+        else:
+            raise ValueError(f"unknown option {opt!r} for tree {tree!r} (dynamic trees take lookup=N "
+                             f"and ngrams=0|1)")
+    return tree, lookup, ngrams
 
 
 def calibration_run(loaded, path, prompts_path, max_new_tokens, limit=None, temperature=0.0):
@@ -194,7 +212,7 @@ def main(argv=None) -> int:
         except ValueError as exc:
             p.error(f"argument --drafts: {exc}")
         if not sep:
-            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic|dynamic-always[,lookup=N]], got {item!r}")
+            p.error(f"argument --drafts: expected NAME=PATH[:chain|cape|dynamic|dynamic-always[,lookup=N][,ngrams=0|1]], got {item!r}")
         drafts[name] = (path, tree or "chain")
     prompts = Path(args.prompts) if Path(args.prompts).is_absolute() else harness.REPO_ROOT / args.prompts
     rows, out, meta, loaded = run(drafts, prompts, args.batch_sizes, args.temperatures, args.max_new_tokens,

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -220,14 +221,16 @@ TREES = ("chain", "cape", "dynamic")
 
 
 def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
-               temperature: float = 0.0, fallback: bool = True, lookup: int | None = None):
+               temperature: float = 0.0, fallback: bool = True, lookup: int | None = None,
+               ngrams: bool = True):
     """The draft for ``method``; ``None`` for the target-only methods.
 
     The dynamic tree sizes itself with the calibration the draft folder ships for
     ``temperature`` (``calibration.json``, see :func:`glide.draft.dynamic.load_calibration`),
     or with the draft's raw probabilities when it ships none; ``fallback`` lets it pause
     drafting where drafting does not pay; ``lookup`` (``None``: the tree's default) is the
-    number of prompt-lookup tokens it merges into its candidates.
+    number of prompt-lookup tokens it merges into its candidates; with ``ngrams`` it also
+    reads the corpus n-gram table the draft folder ships (``ngrams.npz``), if any.
 
     Raises
     ------
@@ -250,13 +253,23 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
         tree = tree or ("chain" if method == "glide" else "cape")
         if tree == "dynamic":
             from glide.draft.dynamic import LOOKUP, DynamicTreeDraft, load_calibration
+            from glide.speculative.ngrams import NGRAMS, NgramTable
 
             try:
                 calibration = load_calibration(path, temperature)
             except ValueError as exc:
                 raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback,
-                                    lookup=LOOKUP if lookup is None else lookup)
+            table = None
+            if ngrams and (Path(path) / NGRAMS).is_file():
+                try:
+                    table = NgramTable.load(Path(path) / NGRAMS)
+                except ValueError as exc:
+                    raise ArgumentError("draft", str(exc)) from None
+            try:
+                return DynamicTreeDraft(net, calibration=calibration, fallback=fallback,
+                                        lookup=LOOKUP if lookup is None else lookup, ngrams=table)
+            except ValueError as exc:
+                raise ArgumentError("draft", str(exc)) from None
         if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
@@ -325,6 +338,7 @@ def generate(
     loaded=None,
     fallback: bool = True,
     lookup: int | None = None,
+    ngrams: bool = True,
 ) -> list[dict]:
     """Generate a reply to each prompt with ``method``.
 
@@ -382,6 +396,9 @@ def generate(
         earlier occurrence of the sequence's last tokens) merged into the tree's candidates,
         ranked by their measured acceptance beside the draft's; ``0`` turns it off. ``None``:
         the tree's default (:class:`glide.draft.dynamic.DynamicTreeDraft`).
+    ngrams : bool
+        ``dynamic`` with lookup only: where a sequence's history has no continuation, take one
+        from the corpus n-gram table the draft ships (``ngrams.npz``, if any). ``False``: never.
 
     Returns
     -------
@@ -405,6 +422,8 @@ def generate(
         check_positive_int("lookup", lookup, minimum=0)
         if tree != "dynamic":
             raise ArgumentError("lookup", f"only the dynamic tree merges prompt lookup; got tree {tree!r}")
+    if not isinstance(ngrams, bool):
+        raise ArgumentError("ngrams", f"must be True or False, got {ngrams!r}")
     if bins is not None and (method != "cape" or tree not in (None, "cape")):
         raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape trees")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -439,7 +458,7 @@ def generate(
     if encoded is None or tokenizer is not tok:
         encoded = [encode_chat(tokenizer, p.text) for p in items]
     draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback,
-                                                          lookup)
+                                                          lookup, ngrams)
     # our engine also reserves room for one verification tree past the last token (and a
     # GliDe draft for its own cache's scratch rows)
     from glide.speculative.engine import room

@@ -30,6 +30,7 @@ _FLAGS = {
     "tree": "--tree",
     "fallback": "--no-fallback",
     "lookup": "--lookup",
+    "ngrams": "--no-ngrams",
     "cuda_graphs": "--no-cuda-graphs",
     "device": "--device",
     "dtype": "--dtype",
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic tree: merge up to N prompt-lookup tokens (the continuation of the last "
                         "earlier occurrence of the reply's last tokens) into the tree; 0 turns it off "
                         "(default: the tree's own)")
+    g.add_argument("--no-ngrams", dest="ngrams", action="store_false",
+                   help="dynamic tree: never take lookup tokens from the draft's corpus n-gram table "
+                        "(default: where the reply's history has no match, if the draft ships one)")
     g.add_argument("--device", default=None, metavar="{cpu,cuda}",
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
@@ -137,7 +141,7 @@ def _generate(args) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
             bins=args.bins, tree=args.tree, fallback=args.fallback, lookup=args.lookup,
-            device=args.device, cuda_graphs=args.cuda_graphs,
+            ngrams=args.ngrams, device=args.device, cuda_graphs=args.cuda_graphs,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )
     except BaseException:

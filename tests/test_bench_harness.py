@@ -543,10 +543,12 @@ def test_flex_recompile_limit_is_raised():
 def test_draft_eval_tree_specs_take_a_lookup_option():
     from bench.draft_eval import main, split_tree
 
-    assert split_tree("dynamic,lookup=0") == ("dynamic", 0)
-    assert split_tree("dynamic-always") == ("dynamic-always", None)
-    assert split_tree("") == ("chain", None) and split_tree(None) == (None, None)
-    for bad in ("chain,lookup=2", "dynamic,lookup=-1", "dynamic,depth=3", "bushy"):
+    assert split_tree("dynamic,lookup=0") == ("dynamic", 0, None)
+    assert split_tree("dynamic-always") == ("dynamic-always", None, None)
+    assert split_tree("dynamic,ngrams=0,lookup=4") == ("dynamic", 4, False)
+    assert split_tree("") == ("chain", None, None) and split_tree(None) == (None, None, None)
+    for bad in ("chain,lookup=2", "dynamic,lookup=-1", "dynamic,depth=3", "bushy", "cape,ngrams=1",
+                "dynamic,ngrams=yes"):
         with pytest.raises(ValueError):
             split_tree(bad)
     with pytest.raises(SystemExit):

@@ -24,7 +24,9 @@ Each step:
    cost. Each lookup token's ``v`` is its parent's times the rate at which lookup tokens at its
    depth have matched the target so far; one equal to a candidate under the same parent raises
    that candidate's ``v`` instead of joining twice. Small models repeat themselves (lists,
-   code, loops), where a one-layer draft is unsure and the history is right.
+   code, loops), where a one-layer draft is unsure and the history is right. With ``ngrams``
+   (a corpus n-gram table, :class:`~glide.speculative.ngrams.NgramTable`), a sequence whose
+   history holds no match takes the table's chain instead, rated on its own.
 3. **Size.** Candidates are ranked by ``v`` (children never outrank their parent, so every
    prefix of the ranking is a tree). The tree keeps the ``N`` best, with ``N`` maximising the
    expected tokens per second of the step, ``(1 + sum_i f(v_i)) / (t_draft + t_verify(N + 1))``,
@@ -62,6 +64,7 @@ import torch
 
 from glide.cache import cache_dir
 from glide.speculative.drafts import DraftContext, check_count, lookup_continuation
+from glide.speculative.ngrams import NgramTable
 from glide.speculative.tree import Proposal, ancestor_mask
 
 from .runtime import GlideDraft
@@ -293,6 +296,11 @@ class DynamicTreeDraft(GlideDraft):
         1/2). Lookup chains may reach deeper than ``depth`` (at most ``max_nodes`` tokens); 0: off.
     lookup_ngram : int
         Longest suffix the lookup matches.
+    ngrams : NgramTable, optional
+        Where a sequence's history has no continuation, the lookup chain is this corpus
+        table's (:meth:`NgramTable.continuation`, up to ``lookup`` tokens), with its own
+        rates (the suffix-length-0 row of the rate table). Shipped drafts carry one built from
+        their training corpus (``ngrams.npz``).
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
@@ -301,8 +309,14 @@ class DynamicTreeDraft(GlideDraft):
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
                  growth_check: bool = True, fallback: bool = True, max_skip: int = 64, refresh: int = 32,
-                 lookup: int = LOOKUP, lookup_ngram: int = 3):
+                 lookup: int = LOOKUP, lookup_ngram: int = 3, ngrams: NgramTable | None = None):
         super().__init__(model, gamma=depth)
+        if ngrams is not None and not isinstance(ngrams, NgramTable):
+            raise TypeError(f"ngrams must be an NgramTable or None, got {type(ngrams).__name__}")
+        if ngrams is not None and ngrams.vocab_size != model.config.target.vocab_size:
+            raise ValueError(f"ngrams: the table's vocabulary ({ngrams.vocab_size}) is not the target's "
+                             f"({model.config.target.vocab_size})")
+        self.ngrams = ngrams
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
                             ("max_skip", max_skip), ("refresh", refresh), ("lookup_ngram", lookup_ngram)):
             check_count(name, value)
@@ -472,6 +486,13 @@ class DynamicTreeDraft(GlideDraft):
         B, dev = tok.shape[0], tok.device
         k = self.lookup
         chain, ok, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.lookup_ngram, k)
+        if self.ngrams is not None:  # rows whose history has no continuation take the corpus's
+            miss = ctx.active & ~ok[:, 0]
+            if dev.type != "cpu" or bool(miss.any()):  # a host read, free on the CPU
+                corpus, corpus_ok = self.ngrams.continuation(ctx.tokens, ctx.lengths, miss, k)
+                chain = torch.where(miss[:, None], corpus, chain)
+                ok = torch.where(miss[:, None], corpus_ok, ok)
+                # n is 0 on those rows: the rate table's bucket 0 (no history match) rates the corpus
         if self._lookup_counts is None or self._lookup_counts.device != dev:
             self._lookup_counts = torch.zeros(2, self.lookup_ngram + 1, k, dtype=torch.float64, device=dev)
         seen, matched = self._lookup_counts

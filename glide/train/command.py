@@ -1,9 +1,11 @@
-"""``glide train-draft``: corpus -> features -> training -> an exported draft -> its calibration.
+"""``glide train-draft``: corpus -> features -> training -> an exported draft -> its calibration
+and its n-gram table.
 
 Each stage is resumable; ``calibrate`` decodes prompts of the corpus's last shard in use with the
 dynamic tree and stores the draft's predicted-against-observed acceptance beside it
 (``calibration.json``, greedy and temperature 1), which ``--tree dynamic`` then sizes its
-trees with.
+trees with; ``ngrams`` counts the corpus responses' n-grams into ``ngrams.npz`` beside it
+(:class:`glide.speculative.ngrams.NgramTable`), which the dynamic tree's lookup falls back on.
 
 A run folder holds every stage's output::
 
@@ -31,10 +33,11 @@ FLAGS = {
     "max_steps": "--max-steps", "warmup_steps": "--warmup-steps", "init_from": "--init-from", "save_every": "--save-every", "export": "--export",
     "run_name": "--run-name", "topk": "--topk", "shards": "--shards", "val_shards": "--val-shards",
     "eval_every": "--eval-every", "draft": "--draft", "calibration_prompts": "--calibration-prompts",
-    "calibration_tokens": "--calibration-tokens",
+    "calibration_tokens": "--calibration-tokens", "ngram_context": "--ngram-context",
+    "ngram_min_count": "--ngram-min-count",
 }
 
-STAGES = ("all", "corpus", "features", "train", "calibrate")
+STAGES = ("all", "corpus", "features", "train", "calibrate", "ngrams")
 DEFAULT_PROMPTS = 4096
 
 
@@ -100,6 +103,11 @@ def add_parser(sub) -> None:
                         "temperature 0 and 1 (default: 32)")
     p.add_argument("--calibration-tokens", type=int, default=128,
                    help="new tokens per calibration prompt (default: 128)")
+    p.add_argument("--ngram-context", type=int, default=4,
+                   help="longest context of the ngrams stage's table, in tokens (default: 4)")
+    p.add_argument("--ngram-min-count", type=int, default=3,
+                   help="the ngrams stage keeps a context whose most frequent next token was seen this "
+                        "often (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -150,6 +158,8 @@ def run(args) -> int:
     _positive("max_steps", args.max_steps, allow_none=True)
     _positive("calibration_prompts", args.calibration_prompts)
     _positive("calibration_tokens", args.calibration_tokens)
+    _positive("ngram_context", args.ngram_context)
+    _positive("ngram_min_count", args.ngram_min_count)
     if args.draft is not None and not os.path.isdir(args.draft):
         raise ArgumentError("draft", f"no such draft folder: {args.draft}")
     settings = _settings(args)
@@ -224,6 +234,10 @@ def run(args) -> int:
             if args.stage == "calibrate" or trained:  # after an interrupted run: nothing to calibrate
                 _calibrate(target, tok, draft, corpus_dir, args.shards, args.calibration_prompts,
                            args.calibration_tokens, args.seed, progress)
+        if args.stage in ("all", "ngrams") and int(os.environ.get("RANK", "0")) == 0:
+            draft = args.draft or args.export or out / args.run_name / "draft"
+            if args.stage == "ngrams" or trained:
+                _ngrams(target, draft, corpus_dir, args.shards, args.ngram_context, args.ngram_min_count)
         if world > 1:
             dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
@@ -264,6 +278,28 @@ def _split(corpus_dir, feat_dir, shards, val_shards):
     if val_shards:
         validation = load_corpus(corpus_dir, val), open_shard_features(corpus_dir, feat_dir, val)
     return load_corpus(corpus_dir, train), open_shard_features(corpus_dir, feat_dir, train), validation
+
+
+def _ngrams(target, draft, corpus_dir, shards, max_n, min_count) -> None:
+    """The ``ngrams`` stage: count the responses of the first ``shards`` corpus shards into the
+    draft folder's ``ngrams.npz``."""
+    from glide.api import ArgumentError
+    from glide.speculative.ngrams import NGRAMS, NgramTable
+
+    from .corpus import corpus_shards, load_corpus
+
+    if not corpus_shards(corpus_dir)[:shards]:
+        raise ArgumentError("out", f"no corpus shards in {corpus_dir}; run --stage corpus first")
+    if not os.path.isdir(draft):
+        raise ArgumentError("draft", f"no such draft folder: {draft}")
+    t0 = time.perf_counter()
+    samples = load_corpus(corpus_dir, shards)
+    table = NgramTable.build((s.tokens[s.prompt_len:] for s in samples), target.config.vocab_size,
+                             max_n=max_n, min_count=min_count)
+    path = table.save(Path(draft) / NGRAMS)
+    print(f"[train-draft] n-gram table: {len(table)} contexts of 1-{max_n} tokens (seen >= {min_count} times) "
+          f"from {len(samples)} responses, {path.stat().st_size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - t0:.0f} s; written to {path}")
 
 
 def _calibrate(target, tok, draft, corpus_dir, shards, num_prompts, new_tokens, seed, progress) -> None:

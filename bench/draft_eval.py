@@ -126,9 +126,10 @@ def _ngrams_used(path, tree, lookup, ngrams):
     if _lookup_used(tree, lookup) in (None, 0):
         return None
     from glide.api import check_draft_applies
+    from glide.draft.checkpoint import _folder
     from glide.speculative.ngrams import NGRAMS
 
-    folder = Path(check_draft_applies("glide", str(path) if path else None))
+    folder = _folder(check_draft_applies("glide", str(path) if path else None))
     return ngrams is not False and (folder / NGRAMS).is_file()
 
 

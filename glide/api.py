@@ -18,7 +18,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -220,6 +219,40 @@ def check_draft_applies(method: str, draft_path: str | None) -> str | None:
 TREES = ("chain", "cape", "dynamic")
 
 
+def draft_ngrams(draft_path, vocab_size: int):
+    """The corpus n-gram table a draft folder ships (``ngrams.npz``), or ``None`` without one.
+
+    Parameters
+    ----------
+    draft_path : str or os.PathLike
+        The draft folder, or a file in it.
+    vocab_size : int
+        The target's vocabulary, which the table must use.
+
+    Raises
+    ------
+    ArgumentError
+        Naming ``draft``, for a damaged table or one made for another vocabulary.
+    """
+    from glide.draft.checkpoint import _folder
+    from glide.speculative.ngrams import NGRAMS, NgramTable
+
+    try:
+        path = _folder(draft_path) / NGRAMS
+    except FileNotFoundError as exc:
+        raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
+    if not path.is_file():
+        return None
+    try:
+        table = NgramTable.load(path)
+    except ValueError as exc:
+        raise ArgumentError("draft", str(exc)) from None
+    if table.vocab_size != vocab_size:
+        raise ArgumentError("draft", f"ngrams: {path} is for a vocabulary of {table.vocab_size} tokens, "
+                                     f"the target has {vocab_size}")
+    return table
+
+
 def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
                temperature: float = 0.0, fallback: bool = True, lookup: int | None = None,
                ngrams: bool = True):
@@ -253,23 +286,15 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
         tree = tree or ("chain" if method == "glide" else "cape")
         if tree == "dynamic":
             from glide.draft.dynamic import LOOKUP, DynamicTreeDraft, load_calibration
-            from glide.speculative.ngrams import NGRAMS, NgramTable
 
             try:
                 calibration = load_calibration(path, temperature)
             except ValueError as exc:
                 raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-            table = None
-            if ngrams and (Path(path) / NGRAMS).is_file():
-                try:
-                    table = NgramTable.load(Path(path) / NGRAMS)
-                except ValueError as exc:
-                    raise ArgumentError("draft", str(exc)) from None
-            try:
-                return DynamicTreeDraft(net, calibration=calibration, fallback=fallback,
-                                        lookup=LOOKUP if lookup is None else lookup, ngrams=table)
-            except ValueError as exc:
-                raise ArgumentError("draft", str(exc)) from None
+            lookup = LOOKUP if lookup is None else lookup
+            table = draft_ngrams(path, model.config.vocab_size) if ngrams and lookup else None
+            return DynamicTreeDraft(net, calibration=calibration, fallback=fallback, lookup=lookup,
+                                    ngrams=table)
         if tree == "chain":
             return GlideDraft(net, gamma=gamma)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)

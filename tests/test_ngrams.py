@@ -99,6 +99,23 @@ def test_continuation_walks_agree_with_a_python_rollout():
     assert valid[4].any() and not valid[3].any()  # a live row got a chain; the finished one none
 
 
+def test_walks_agree_on_a_real_vocabulary():
+    """Hashes of 4 tokens of a 49152-token vocabulary pass 2**63: the host walk's signed wrap
+    must find the same keys as the device walk's int64 arithmetic."""
+    g = np.random.default_rng(6)
+    base = g.integers(0, 49152, size=30).tolist()
+    seqs = [base] * 2 + [g.integers(0, 49152, size=30).tolist() for _ in range(20)]
+    tab = NgramTable.build(seqs, 49152, max_n=4, min_count=2)
+    assert (tab.keys[3] < 0).any() and (tab.keys[3] > 0).any()  # both signs among the stored hashes
+    tokens = torch.tensor([base[:10] + [0] * 4, base[3:14] + [0] * 3])
+    lengths = torch.tensor([10, 11])
+    active = torch.ones(2, dtype=torch.bool)
+    host = tab.continuation(tokens, lengths, active, 12, host=True)
+    dev = tab.continuation(tokens, lengths, active, 12, host=False)
+    assert torch.equal(host[0], dev[0]) and torch.equal(host[1], dev[1])
+    assert host[0][0].tolist() == base[10:22] and host[0][1].tolist() == base[14:26]
+
+
 def test_save_load_round_trip_and_bad_files(tmp_path):
     tab = NgramTable.build(_random_sequences(5), 7, max_n=3, min_count=2)
     path = tab.save(tmp_path / "ngrams.npz")
@@ -114,6 +131,31 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     np.savez(other, x=np.arange(3))
     with pytest.raises(ValueError, match="not a glide n-gram table"):
         NgramTable.load(other)
+    cut = tmp_path / "cut.npz"  # a real table, truncated: a damaged zip
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.npz"):
+        NgramTable.load(cut)
+
+
+def test_a_draft_folder_table_is_checked_and_named(tmp_path):
+    from glide.api import ArgumentError, draft_ngrams
+
+    folder = tmp_path / "draft"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert draft_ngrams(folder, 7) is None  # no table: none
+    tab = NgramTable.build(_random_sequences(7), 7, max_n=2, min_count=1)
+    tab.save(folder / "ngrams.npz")
+    assert len(draft_ngrams(folder, 7)) == len(tab)
+    assert len(draft_ngrams(folder / "config.json", 7)) == len(tab)  # a file names its folder
+    with pytest.raises(ArgumentError, match="vocabulary of 7") as e:
+        draft_ngrams(folder, 8)
+    assert e.value.argument == "draft"
+    data = (folder / "ngrams.npz").read_bytes()
+    (folder / "ngrams.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArgumentError, match="ngrams.npz") as e:
+        draft_ngrams(folder, 7)
+    assert e.value.argument == "draft"
 
 
 def test_bad_arguments_are_named():

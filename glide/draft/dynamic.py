@@ -488,7 +488,7 @@ class DynamicTreeDraft(GlideDraft):
         chain, ok, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.lookup_ngram, k)
         if self.ngrams is not None:  # rows whose history has no continuation take the corpus's
             miss = ctx.active & ~ok[:, 0]
-            if dev.type != "cpu" or bool(miss.any()):  # a host read, free on the CPU
+            if bool(miss.any()):  # a host read (the table's walk reads the host anyway)
                 corpus, corpus_ok = self.ngrams.continuation(ctx.tokens, ctx.lengths, miss, k)
                 chain = torch.where(miss[:, None], corpus, chain)
                 ok = torch.where(miss[:, None], corpus_ok, ok)

@@ -288,7 +288,11 @@ def _ngrams(target, draft, corpus_dir, shards, max_n, min_count) -> None:
 
     from .corpus import corpus_shards, load_corpus
 
-    if not corpus_shards(corpus_dir)[:shards]:
+    try:
+        found = corpus_shards(corpus_dir)[:shards]
+    except FileNotFoundError:
+        found = []
+    if not found:
         raise ArgumentError("out", f"no corpus shards in {corpus_dir}; run --stage corpus first")
     if not os.path.isdir(draft):
         raise ArgumentError("draft", f"no such draft folder: {draft}")
@@ -296,7 +300,10 @@ def _ngrams(target, draft, corpus_dir, shards, max_n, min_count) -> None:
     samples = load_corpus(corpus_dir, shards)
     table = NgramTable.build((s.tokens[s.prompt_len:] for s in samples), target.config.vocab_size,
                              max_n=max_n, min_count=min_count)
-    path = table.save(Path(draft) / NGRAMS)
+    try:
+        path = table.save(Path(draft) / NGRAMS)
+    except OSError as exc:
+        raise ArgumentError("draft", f"cannot write the n-gram table into {draft}: {exc}") from None
     print(f"[train-draft] n-gram table: {len(table)} contexts of 1-{max_n} tokens (seen >= {min_count} times) "
           f"from {len(samples)} responses, {path.stat().st_size / 1e6:.1f} MB, "
           f"{time.perf_counter() - t0:.0f} s; written to {path}")

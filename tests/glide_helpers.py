@@ -65,3 +65,17 @@ def trained_pair(tmp_root: str):
     draft = load_draft(f"{tmp_root}/run/draft", target)
     draft.attn_backend = "reference"
     return target, draft, samples
+
+
+def history_context(target, rows, cap=16):
+    """A :class:`DraftContext` over committed ``rows`` (each history ends at its root), every
+    row active, with a fresh target cache."""
+    from glide.speculative.drafts import DraftContext
+
+    B = len(rows)
+    tokens = torch.zeros(B, cap, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r)
+    lengths = torch.tensor([len(r) for r in rows])
+    root = tokens.gather(1, (lengths - 1)[:, None])[:, 0]
+    return DraftContext(target, target.new_cache(B, cap + 40), tokens, lengths, root, torch.ones(B, dtype=torch.bool))

@@ -12,7 +12,7 @@ from glide.draft import GlideDraft, block_cross_mask, load_draft, save_draft
 from glide.speculative.drafts import DraftContext
 from glide.speculative.engine import generate_ids
 
-from glide_helpers import tiny_draft, tiny_target, trained_pair
+from glide_helpers import history_context, tiny_draft, tiny_target, trained_pair
 
 VOCAB = 23
 
@@ -744,15 +744,7 @@ def test_a_paused_tree_through_the_static_graph_path_equals_ar(trained):
 
 
 # ---------------------------------------------------------------- prompt lookup in the dynamic tree
-def _lookup_ctx(t, rows):
-    """A context over committed ``rows`` (history ending at the root), every row active."""
-    B, cap = len(rows), 16
-    tokens = torch.zeros(B, cap, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r)
-    lengths = torch.tensor([len(r) for r in rows])
-    root = tokens.gather(1, (lengths - 1)[:, None])[:, 0]
-    return DraftContext(t, t.new_cache(B, cap + 40), tokens, lengths, root, torch.ones(B, dtype=torch.bool))
+_lookup_ctx = history_context  # a context over committed rows (each history ends at its root)
 
 
 def test_lookup_tokens_merge_into_equal_candidates_and_extend_the_tree(trained):

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from glide.draft.dynamic import DynamicTreeDraft
-from glide.speculative.drafts import DraftContext
 from glide.speculative.engine import generate_ids
 from glide.speculative.ngrams import NgramTable, context_hash
 
-from glide_helpers import trained_pair
+from glide_helpers import history_context, trained_pair
 
 
 def _random_sequences(seed, n=150, vocab=7, max_len=40):
@@ -177,16 +176,6 @@ def trained(tmp_path_factory):
     return trained_pair(str(tmp_path_factory.mktemp("trained")))
 
 
-def _ctx(t, rows):
-    B, cap = len(rows), 24
-    tokens = torch.zeros(B, cap, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r)
-    lengths = torch.tensor([len(r) for r in rows])
-    root = tokens.gather(1, (lengths - 1)[:, None])[:, 0]
-    return DraftContext(t, t.new_cache(B, cap + 40), tokens, lengths, root, torch.ones(B, dtype=torch.bool))
-
-
 def test_the_table_fills_in_where_the_history_has_no_match(trained):
     t, d, _ = trained
     V = t.config.vocab_size
@@ -194,7 +183,7 @@ def test_the_table_fills_in_where_the_history_has_no_match(trained):
     # token (history lookup wins), row 1's does not (the table's chain comes in)
     tab = NgramTable.build([[5, 6, 2, 3]] * 3, V, max_n=2, min_count=3)
     g = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, lookup=3, ngrams=tab)
-    ctx = _ctx(t, [[1, 5, 4, 1, 5], [0, 1, 4, 5]])
+    ctx = history_context(t, [[1, 5, 4, 1, 5], [0, 1, 4, 5]])
     tok = torch.tensor([[3, 7], [2, 4]])
     v = torch.tensor([[0.5, 0.3], [0.6, 0.2]])
     parent = torch.full((2, 2), -1)

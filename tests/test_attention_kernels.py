@@ -464,3 +464,26 @@ def test_tree_attention_autotuned_on_gpu():
     tree_attention(q, k, v, lens, mask, out=out, autotune=True)
     assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask), dtype=torch.float16)
     assert set(attn_mod.autotuned_config()) == {"BLOCK_N", "num_warps", "num_stages"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_the_additive_visibility_mask_gives_the_bool_masks_result(dtype):
+    """The runner's CPU path passes the tree's visibility as an additive mask: the same output,
+    bit for bit, as the bool mask; a row that sees nothing keeps the bool mask (zeros)."""
+    from glide.kernels.reference import _compute_dtype, masked_attention, tree_visibility, visibility_bias
+
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D = 2, 7, 6, 2, 16
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, 40, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, 40, D, generator=g).to(dtype)
+    tm = (torch.rand(B, T, T, generator=g) > 0.5) | torch.eye(T, dtype=torch.bool)
+    allowed = tree_visibility(torch.tensor([9, 0]), tm)  # row 1 has no prefix: the tree alone
+    bias = visibility_bias(allowed, _compute_dtype(dtype))
+    assert bias.dtype == _compute_dtype(dtype) and torch.equal(bias == 0, allowed)
+    assert torch.equal(masked_attention(q, k, v, bias, 0.25), masked_attention(q, k, v, allowed, 0.25))
+    blind = allowed.clone()
+    blind[1, 3] = False  # a node that sees nothing
+    assert visibility_bias(blind, _compute_dtype(dtype)) is None
+    with pytest.raises(ValueError, match="allowed"):
+        masked_attention(q, k, v, bias.half(), 0.25)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 __all__ = [
     "tree_visibility",
     "masked_attention",
+    "visibility_bias",
     "tree_attention_ref",
     "cross_attention_ref",
     "cape_topk_ref",
@@ -48,7 +49,10 @@ def masked_attention(q, k_cache, v_cache, allowed, sm_scale=None):
     q: (B, T, Hq, D); k_cache, v_cache: (B, Hkv, S_max, D); allowed: (B, T, S) bool, from
     :func:`tree_visibility` for tree attention (a runner builds it once for all its layers), or
     an int ``S >= 1`` when every query sees all of the first ``S`` positions (a decode step over
-    sequences of one length: no mask to build, apply or check for empty rows).
+    sequences of one length: no mask to build, apply or check for empty rows), or a (B, T, S)
+    additive mask in the compute dtype (0 where allowed, -inf elsewhere) whose every row
+    allows some key (:func:`visibility_bias`; no empty-row check, and SDPA takes it as is:
+    ~20% faster than the bool mask for a 29-node tree over 400 positions, the same result).
     Query head ``h`` reads KV head ``h // (Hq // Hkv)``. A query row with no allowed key
     returns zeros. This is also the CPU fallback of the runner, hence SDPA (one fused call,
     ~9x faster than einsum + softmax at decode shapes on the 2-core CPU) rather than spelled-out
@@ -58,6 +62,8 @@ def masked_attention(q, k_cache, v_cache, allowed, sm_scale=None):
     dense = isinstance(allowed, torch.Tensor)
     S = allowed.shape[-1] if dense else allowed
     cdt = _compute_dtype(q.dtype)
+    if dense and allowed.dtype != torch.bool and allowed.dtype != cdt:
+        raise ValueError(f"allowed: an additive mask must be {cdt} for {q.dtype} queries, got {allowed.dtype}")
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     k = k_cache[:, :, :S].to(cdt)
     v = v_cache[:, :, :S].to(cdt)
@@ -65,7 +71,7 @@ def masked_attention(q, k_cache, v_cache, allowed, sm_scale=None):
         q.to(cdt).transpose(1, 2), k, v, attn_mask=allowed[:, None] if dense else None,
         scale=scale, enable_gqa=True,
     )  # (B, Hq, T, D)
-    if dense:
+    if dense and allowed.dtype == torch.bool:
         seen = allowed.any(-1)[:, None, :, None]  # SDPA gives NaN for a row with no allowed key
         out = torch.where(seen, out, torch.zeros((), dtype=cdt, device=q.device))
     return out.transpose(1, 2).to(q.dtype)
@@ -92,6 +98,26 @@ def tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale=N
     torch.Tensor, shape (batch, tree_len, num_q_heads, head_dim), dtype of ``q``
     """
     return masked_attention(q, k_cache, v_cache, tree_visibility(cache_seqlens, tree_mask), sm_scale)
+
+
+def visibility_bias(allowed: torch.Tensor, dtype: torch.dtype):
+    """``allowed`` (bool, shape (B, T, S)) as :func:`masked_attention`'s additive mask, or
+    ``None`` when some row allows no key (that row needs the bool mask's zero output).
+
+    Parameters
+    ----------
+    allowed : torch.Tensor, shape (batch, tree_len, S), bool
+    dtype : torch.dtype
+        The attention's compute dtype (float32 for half inputs, see :func:`masked_attention`).
+
+    Returns
+    -------
+    torch.Tensor, shape (batch, tree_len, S), ``dtype``, or None
+        0 where allowed, -inf elsewhere. Reads one flag on the host.
+    """
+    if not bool(allowed.any(-1).all()):
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def tree_visibility(cache_seqlens, tree_mask):

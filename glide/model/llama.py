@@ -107,7 +107,7 @@ def tree_attender(lens, same_len, tree_mask, backend="auto"):
     The Triton launcher, or on the reference path the reference itself with its dense
     visibility mask built once for all layers instead of once per layer (which with the
     launcher's checks cost ~40% of a CPU decode step's non-matmul time; unmeasured
-    elsewhere). When every sequence has the host-known length ``same_len`` and ``tree_mask``
+    elsewhere), as an additive mask when every node sees some key (always, in verification). When every sequence has the host-known length ``same_len`` and ``tree_mask``
     is all true (a decode step), every new token sees the first ``same_len + T`` positions
     and the reference runs with no mask at all. The caller checks the cache's room first:
     the launcher is called without its length sync.
@@ -120,9 +120,17 @@ def tree_attender(lens, same_len, tree_mask, backend="auto"):
             allowed = same_len + tree_mask.shape[-1]
         else:
             allowed = reference.tree_visibility(lens, tree_mask)
+        biases = {}  # compute dtype -> the additive form of `allowed`, built on first use
 
         def attend(q, k, v, sm_scale):
-            return reference.masked_attention(q, k, v, allowed, sm_scale)
+            mask = allowed
+            if isinstance(allowed, torch.Tensor):
+                cdt = reference._compute_dtype(q.dtype)
+                if cdt not in biases:  # None when a row sees nothing (then the bool mask)
+                    biases[cdt] = reference.visibility_bias(allowed, cdt)
+                if biases[cdt] is not None:
+                    mask = biases[cdt]
+            return reference.masked_attention(q, k, v, mask, sm_scale)
     return attend
 
 

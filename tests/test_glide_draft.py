@@ -691,7 +691,8 @@ def test_sampling_with_the_dynamic_tree_has_the_ar_law():
 
 
 def test_verify_cost_key_tells_apart_what_changes_cpu_timings(monkeypatch):
-    """A curve measured under another dtype, batch, thread count or OpenMP wait policy is not reused."""
+    """A curve measured under another dtype, batch, thread count, OpenMP wait policy or forward
+    version is not reused."""
     from glide.draft.dynamic import VerifyCost
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -704,6 +705,13 @@ def test_verify_cost_key_tells_apart_what_changes_cpu_timings(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     assert VerifyCost.key(t32, 1, 256) != base
     monkeypatch.delenv("OMP_WAIT_POLICY")
+    import glide.draft.dynamic as dynamic
+
+    monkeypatch.setattr(dynamic, "FORWARD_VERSION", dynamic.FORWARD_VERSION + 1)  # a faster forward
+    assert VerifyCost.key(t32, 1, 256) != base
+    monkeypatch.undo()
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1 if threads > 1 else 2)

@@ -73,6 +73,11 @@ __all__ = ["VerifyCost", "Calibration", "DynamicTreeDraft", "cache_dir", "record
            "load_calibration", "CALIBRATION"]
 
 
+# Part of a verify-cost curve's cache key: bumped when the runner's forward changes speed, so
+# that curves cached before are measured again. 2: the CPU verify forward's additive mask.
+FORWARD_VERSION = 2
+
+
 @dataclass
 class VerifyCost:
     """Seconds of one target verification forward by tree size ``T`` (slots, root included).
@@ -103,8 +108,8 @@ class VerifyCost:
         c = model.config
         dev = model.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{os.cpu_count()}"
-        raw = json.dumps([name, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
-                          c.vocab_size, str(model.dtype), batch_size, context // 256, torch.get_num_threads(),
+        raw = json.dumps([FORWARD_VERSION, name, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads,
+                          c.head_dim, c.vocab_size, str(model.dtype), batch_size, context // 256, torch.get_num_threads(),
                           # the OpenMP wait policy changes CPU timings by ~40% (glide/threads.py)
                           os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", "")]
                          + (["cuda-graphs"] if graphs else []))

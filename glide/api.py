@@ -449,6 +449,8 @@ def generate(
             raise ArgumentError("lookup", f"only the dynamic tree merges prompt lookup; got tree {tree!r}")
     if not isinstance(ngrams, bool):
         raise ArgumentError("ngrams", f"must be True or False, got {ngrams!r}")
+    if not ngrams and tree != "dynamic":
+        raise ArgumentError("ngrams", f"only the dynamic tree reads the n-gram table; got tree {tree!r}")
     if bins is not None and (method != "cape" or tree not in (None, "cape")):
         raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape trees")
     if isinstance(seed, bool) or not isinstance(seed, int):

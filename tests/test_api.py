@@ -100,7 +100,9 @@ def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
                                      ({"method": "glide", "tree": "dynamic", "fallback": "no"}, "fallback"),
                                      ({"method": "glide", "lookup": 4}, "lookup"),
                                      ({"method": "glide", "tree": "dynamic", "lookup": -1}, "lookup"),
-                                     ({"method": "glide", "tree": "dynamic", "lookup": 2.0}, "lookup")])
+                                     ({"method": "glide", "tree": "dynamic", "lookup": 2.0}, "lookup"),
+                                     ({"method": "glide", "ngrams": False}, "ngrams"),
+                                     ({"method": "glide", "tree": "dynamic", "ngrams": 0}, "ngrams")])
 def test_bad_tree_arguments_name_them(loaded, draft_dir, kw, name):
     with pytest.raises(api.ArgumentError) as info:
         api.generate(PROMPTS, loaded=loaded, draft=draft_dir if kw["method"] != "ar" else None, **kw)

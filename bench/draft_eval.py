@@ -126,11 +126,11 @@ def _ngrams_used(path, tree, lookup, ngrams):
     if _lookup_used(tree, lookup) in (None, 0):
         return None
     from glide.api import check_draft_applies
-    from glide.draft.checkpoint import _folder
-    from glide.speculative.ngrams import NGRAMS
+    from glide.draft.checkpoint import read_draft_config
+    from glide.draft.dynamic import load_ngrams
 
-    folder = _folder(check_draft_applies("glide", str(path) if path else None))
-    return ngrams is not False and (folder / NGRAMS).is_file()
+    folder = check_draft_applies("glide", str(path) if path else None)
+    return ngrams is not False and load_ngrams(folder, read_draft_config(folder)[0].target.vocab_size) is not None
 
 
 def split_tree(spec):

@@ -219,40 +219,6 @@ def check_draft_applies(method: str, draft_path: str | None) -> str | None:
 TREES = ("chain", "cape", "dynamic")
 
 
-def draft_ngrams(draft_path, vocab_size: int):
-    """The corpus n-gram table a draft folder ships (``ngrams.npz``), or ``None`` without one.
-
-    Parameters
-    ----------
-    draft_path : str or os.PathLike
-        The draft folder, or a file in it.
-    vocab_size : int
-        The target's vocabulary, which the table must use.
-
-    Raises
-    ------
-    ArgumentError
-        Naming ``draft``, for a damaged table or one made for another vocabulary.
-    """
-    from glide.draft.checkpoint import _folder
-    from glide.speculative.ngrams import NGRAMS, NgramTable
-
-    try:
-        path = _folder(draft_path) / NGRAMS
-    except FileNotFoundError as exc:
-        raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-    if not path.is_file():
-        return None
-    try:
-        table = NgramTable.load(path)
-    except ValueError as exc:
-        raise ArgumentError("draft", str(exc)) from None
-    if table.vocab_size != vocab_size:
-        raise ArgumentError("draft", f"ngrams: {path} is for a vocabulary of {table.vocab_size} tokens, "
-                                     f"the target has {vocab_size}")
-    return table
-
-
 def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
                temperature: float = 0.0, fallback: bool = True, lookup: int | None = None,
                ngrams: bool = True):
@@ -285,14 +251,14 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
             raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
         tree = tree or ("chain" if method == "glide" else "cape")
         if tree == "dynamic":
-            from glide.draft.dynamic import LOOKUP, DynamicTreeDraft, load_calibration
+            from glide.draft.dynamic import LOOKUP, DynamicTreeDraft, load_calibration, load_ngrams
 
+            lookup = LOOKUP if lookup is None else lookup
             try:
                 calibration = load_calibration(path, temperature)
+                table = load_ngrams(path, model.config.vocab_size) if ngrams and lookup else None
             except ValueError as exc:
                 raise ArgumentError("draft", str(exc).removeprefix("draft: ")) from None
-            lookup = LOOKUP if lookup is None else lookup
-            table = draft_ngrams(path, model.config.vocab_size) if ngrams and lookup else None
             return DynamicTreeDraft(net, calibration=calibration, fallback=fallback, lookup=lookup,
                                     ngrams=table)
         if tree == "chain":

@@ -109,6 +109,20 @@ def test_bad_tree_arguments_name_them(loaded, draft_dir, kw, name):
     assert info.value.argument == name
 
 
+def test_a_damaged_ngram_table_names_the_draft(loaded, draft_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "d"
+    shutil.copytree(draft_dir, folder)
+    (folder / "ngrams.npz").write_bytes(b"PK\x03\x04 cut short")  # a zip header, then nothing
+    with pytest.raises(api.ArgumentError) as info:
+        api.generate(PROMPTS, method="glide", tree="dynamic", loaded=loaded, draft=str(folder), max_new_tokens=4)
+    assert info.value.argument == "draft" and "ngrams.npz" in str(info.value)
+    rows = api.generate(PROMPTS, method="glide", tree="dynamic", loaded=loaded, draft=str(folder),
+                        max_new_tokens=4, ngrams=False)  # never read with the table off
+    assert len(rows) == len(PROMPTS)
+
+
 def test_a_draft_for_another_model_names_the_argument(loaded, draft_dir):
     other = LlamaModel(loaded[0].config, dtype=torch.float64, init_std=0.3)  # same shape, new weights
     with pytest.raises(api.ArgumentError) as info:

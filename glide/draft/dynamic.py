@@ -70,7 +70,7 @@ from glide.speculative.tree import Proposal, ancestor_mask
 from .runtime import GlideDraft
 
 __all__ = ["VerifyCost", "Calibration", "DynamicTreeDraft", "cache_dir", "record_calibration", "save_calibration",
-           "load_calibration", "CALIBRATION"]
+           "load_calibration", "load_ngrams", "CALIBRATION"]
 
 
 # Part of a verify-cost curve's cache key: bumped when the runner's forward changes speed, so
@@ -318,9 +318,8 @@ class DynamicTreeDraft(GlideDraft):
         super().__init__(model, gamma=depth)
         if ngrams is not None and not isinstance(ngrams, NgramTable):
             raise TypeError(f"ngrams must be an NgramTable or None, got {type(ngrams).__name__}")
-        if ngrams is not None and ngrams.vocab_size != model.config.target.vocab_size:
-            raise ValueError(f"ngrams: the table's vocabulary ({ngrams.vocab_size}) is not the target's "
-                             f"({model.config.target.vocab_size})")
+        if ngrams is not None:
+            ngrams.check_vocab(model.config.target.vocab_size)
         self.ngrams = ngrams
         for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
                             ("max_skip", max_skip), ("refresh", refresh), ("lookup_ngram", lookup_ngram)):
@@ -765,6 +764,30 @@ def save_calibration(draft_path, tables: dict, info: dict | None = None) -> Path
             "tables": {k: c.to_dict() for k, c in tables.items()}}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1) + "\n"))
     return path
+
+
+def load_ngrams(draft_path, vocab_size: int) -> NgramTable | None:
+    """The corpus n-gram table a draft folder ships (``ngrams.npz``), or ``None`` when it has none.
+
+    Raises
+    ------
+    ValueError
+        Naming ``draft``, for a damaged table or one built for another vocabulary than
+        ``vocab_size`` (the target's).
+    """
+    from glide.speculative.ngrams import NGRAMS
+
+    from .checkpoint import _folder
+
+    path = _folder(draft_path) / NGRAMS
+    if not path.is_file():
+        return None
+    try:
+        table = NgramTable.load(path)
+        table.check_vocab(vocab_size)
+    except ValueError as exc:
+        raise ValueError(f"draft: {path}: {str(exc).removeprefix('ngrams: ')}") from None
+    return table
 
 
 def load_calibration(draft_path, temperature: float) -> Calibration | None:

@@ -107,8 +107,9 @@ def tree_attender(lens, same_len, tree_mask, backend="auto"):
     The Triton launcher, or on the reference path the reference itself with its dense
     visibility mask built once for all layers instead of once per layer (which with the
     launcher's checks cost ~40% of a CPU decode step's non-matmul time; unmeasured
-    elsewhere), as an additive mask when every node sees some key (always, in verification). When every sequence has the host-known length ``same_len`` and ``tree_mask``
-    is all true (a decode step), every new token sees the first ``same_len + T`` positions
+    elsewhere), as an additive mask when every node sees some key (always, in verification).
+    When every sequence has the host-known length ``same_len`` and ``tree_mask`` is all true
+    (a decode step), every new token sees the first ``same_len + T`` positions
     and the reference runs with no mask at all. The caller checks the cache's room first:
     the launcher is called without its length sync.
     """

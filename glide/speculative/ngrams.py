@@ -19,7 +19,6 @@ folder ships it as ``ngrams.npz``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ def context_hash(windows):
     Parameters
     ----------
     windows : numpy.ndarray or torch.Tensor, shape (..., n), int64
-        Tokens ``>= 0``.
+        Tokens ``>= 0``; leading ``-1`` entries add nothing, so a window left-padded with
+        ``-1`` hashes as its unpadded suffix.
 
     Returns
     -------
@@ -76,7 +76,6 @@ class NgramTable:
         self.vocab_size = int(vocab_size)
         self.keys = [np.ascontiguousarray(k, dtype=np.int64) for k in keys]
         self.next_tokens = [np.ascontiguousarray(t, dtype=np.int64) for t in next_tokens]
-        self._device = {}  # device -> (keys, tokens) as torch tensors
 
     @property
     def max_n(self) -> int:
@@ -141,15 +140,18 @@ class NgramTable:
 
     def save(self, path) -> Path:
         """Write the table to ``path`` (npz, atomically). Returns the path."""
+        from glide.train.corpus import atomic_write
+
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         arrays = {"format": np.array(_FORMAT), "vocab_size": np.array(self.vocab_size)}
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32
         for n, (k, t) in enumerate(zip(self.keys, self.next_tokens), 1):
             arrays[f"keys_{n}"], arrays[f"tokens_{n}"] = k, t.astype(dtype)
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+                np.savez_compressed(f, **arrays)
+        atomic_write(path, write)
         return path
 
     @classmethod
@@ -176,61 +178,28 @@ class NgramTable:
         except Exception as exc:  # a damaged file (zip, zlib, key or shape errors): say which
             raise ValueError(f"ngrams: cannot read {path}: {exc}") from None
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` unless the table was built for a ``vocab_size``-token vocabulary."""
+        if self.vocab_size != vocab_size:
+            raise ValueError(f"ngrams: the table's vocabulary ({self.vocab_size}) is not the target's ({vocab_size})")
+
     # ------------------------------------------------------------------ lookup
-    def _tables(self, device):
-        dev = torch.device(device)
-        if dev not in self._device:
-            self._device[dev] = [(torch.from_numpy(k).to(dev), torch.from_numpy(t).to(dev))
-                                 for k, t in zip(self.keys, self.next_tokens)]
-        return self._device[dev]
-
-    def next_token(self, windows: torch.Tensor, valid_len: torch.Tensor) -> torch.Tensor:
-        """The table's next token after each row's context, backing off to shorter ones.
-
-        Parameters
-        ----------
-        windows : torch.Tensor, shape (rows, max_n), int64
-            The last ``max_n`` tokens of each row's context, oldest first.
-        valid_len : torch.Tensor, shape (rows,), int64
-            How many of the last entries of each row are real tokens (a short history).
-
-        Returns
-        -------
-        torch.Tensor, shape (rows,), int64
-            The next token after the longest context (of at most ``valid_len`` tokens) that the
-            table holds, or ``-1`` where it holds none.
-        """
-        R, dev = windows.shape[0], windows.device
-        out = torch.full((R,), -1, dtype=torch.int64, device=dev)
-        decided = torch.zeros(R, dtype=torch.bool, device=dev)
-        for n in range(self.max_n, 0, -1):
-            keys, toks = self._tables(dev)[n - 1]
-            if keys.numel() == 0:
-                continue
-            h = context_hash(windows[:, self.max_n - n:])
-            i = torch.searchsorted(keys, h).clamp(max=keys.numel() - 1)
-            hit = (keys[i] == h) & (valid_len >= n) & ~decided
-            out = torch.where(hit, toks[i], out)
-            decided = decided | hit
-        return out
-
     def continuation(self, tokens: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor,
-                     num_tokens: int, host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Roll the table forward ``num_tokens`` steps from each sequence's committed history.
+
+        The walk runs on the host, row by row, after one copy of every row's last ``max_n``
+        tokens (on the 2-core CPU it beats the ~50 small torch ops a token that a batched
+        device walk takes; on a GPU those would be as many launches).
 
         Parameters
         ----------
         tokens : torch.Tensor, shape (batch, capacity), int64
-            Committed tokens; entries at ``>= lengths`` are ignored.
         lengths : torch.Tensor, shape (batch,), int64
         active : torch.Tensor, shape (batch,), bool
-            Finished sequences get no continuation.
+            The committed history and the live rows, as
+            :func:`~glide.speculative.drafts.lookup_continuation` takes them.
         num_tokens : int
-        host : bool
-            Walk the rows in Python over numpy after one copy of their last ``max_n`` tokens to
-            the host (the default: on the 2-core CPU it beats the ~50 small torch ops a token
-            of the device walk, and on a GPU those would be as many kernel launches), or walk
-            on the device with no host read. Both give the same result.
 
         Returns
         -------
@@ -240,57 +209,38 @@ class NgramTable:
             A prefix of each row: the chain stops at the first context the table lacks.
         """
         B, cap = tokens.shape
-        dev = tokens.device
-        m = self.max_n
-        j = torch.arange(m, device=dev)
-        idx = lengths[:, None] - m + j  # the last m committed positions
-        win = torch.where(idx >= 0, tokens.gather(1, idx.clamp(0, cap - 1)), 0)
-        have = lengths.clamp(max=m)
-        if host:
-            return self._continuation_host(win, have, active, num_tokens)
-        chain, valid = [], []
-        alive = active.clone()
-        for _ in range(num_tokens):
-            nxt = self.next_token(win, have)
-            alive = alive & (nxt >= 0)
-            chain.append(torch.where(alive, nxt, 0))
-            valid.append(alive)
-            win = torch.cat([win[:, 1:], nxt.clamp(min=0)[:, None]], 1)
-            have = (have + 1).clamp(max=m)
-        if not chain:
-            return tokens.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.bool, device=dev)
-        return torch.stack(chain, 1), torch.stack(valid, 1)
-
-    def _continuation_host(self, windows, have, active, num_tokens):
-        """:meth:`continuation`'s walk, row by row in Python over the rows' last ``max_n``
-        tokens ``windows`` (batch, max_n), of which the last ``have`` are real."""
-        B, dev = windows.shape[0], windows.device
-        m, mask = self.max_n, (1 << 64) - 1
+        m, dev = self.max_n, tokens.device
+        idx = lengths[:, None] - m + torch.arange(m, device=dev)  # the last m committed positions
+        win = torch.where(idx >= 0, tokens.gather(1, idx.clamp(0, cap - 1)), -1)  # -1: before the start
+        rows = torch.cat([win, active[:, None].long()], 1).tolist()  # the one host read
         chain = torch.zeros(B, num_tokens, dtype=torch.int64)
         valid = torch.zeros(B, num_tokens, dtype=torch.bool)
-        # one host read for the whole batch
-        rows = torch.cat([windows, have[:, None], active[:, None].long()], 1).tolist()
         for b, row in enumerate(rows):
-            if not row[m + 1]:
-                continue
-            win = row[m - row[m]: m]
-            out = []
-            for _ in range(num_tokens):
-                nxt = -1
-                for n in range(len(win), 0, -1):  # the longest stored context decides
-                    h = 0
-                    for t in win[len(win) - n:]:
-                        h = (h * _MULT + t + 1) & mask
-                    h = h - (1 << 64) if h >> 63 else h
-                    keys = self.keys[n - 1]
-                    i = int(np.searchsorted(keys, h))
-                    if i < keys.size and keys[i] == h:
-                        nxt = int(self.next_tokens[n - 1][i])
-                        break
-                if nxt < 0:
-                    break
-                out.append(nxt)
-                win = (win + [nxt])[-m:]
+            out = self._walk(row[:m], num_tokens) if row[m] else []
             chain[b, :len(out)] = torch.tensor(out, dtype=torch.int64)
             valid[b, :len(out)] = True
         return chain.to(dev), valid.to(dev)
+
+    def _walk(self, window: list, num_tokens: int) -> list:
+        """Up to ``num_tokens`` next tokens after ``window`` (the last ``max_n`` tokens, -1 before
+        the history's start), each from the longest stored context."""
+        m = self.max_n
+        # row n - 1: the last n tokens, left-padded with -1 (which the hash ignores)
+        pad = np.tril(np.ones((m, m), dtype=bool))[:, ::-1]
+        out, win = [], np.asarray(window, dtype=np.int64)
+        for _ in range(num_tokens):
+            hashes = context_hash(np.where(pad, win, -1))
+            nxt = -1
+            for n in range(m, 0, -1):  # the longest stored context decides
+                if win[m - n] < 0:  # the history is shorter than n
+                    continue
+                keys = self.keys[n - 1]
+                i = int(np.searchsorted(keys, hashes[n - 1]))
+                if i < keys.size and keys[i] == hashes[n - 1]:
+                    nxt = int(self.next_tokens[n - 1][i])
+                    break
+            if nxt < 0:
+                break
+            out.append(nxt)
+            win = np.append(win[1:], nxt)
+        return out

@@ -553,3 +553,48 @@ def test_draft_eval_tree_specs_take_a_lookup_option():
             split_tree(bad)
     with pytest.raises(SystemExit):
         main(["--drafts", "x=some/path:dynamic,lookup=two"])
+
+
+def test_ab_configs_parse():
+    from bench.ab import parse_config
+
+    ar = parse_config("ar")
+    assert (ar["name"], ar["method"], ar["tree"], ar["attrs"]) == ("ar", "ar", None, {})
+    cfg = parse_config("d=glide:dynamic,lookup=4,ngrams=0,depth=3,min_expand=0.1")
+    assert (cfg["tree"], cfg["lookup"], cfg["ngrams"], cfg["fallback"]) == ("dynamic", 4, False, True)
+    assert cfg["attrs"] == {"depth": 3, "min_expand": 0.1}
+    always = parse_config("a=cape@runs/x/draft:dynamic-always")
+    assert (always["method"], always["draft"], always["tree"], always["fallback"]) == \
+        ("cape", "runs/x/draft", "dynamic", False)
+    assert parse_config("c=glide")["tree"] is None
+    for bad in ("x=foo", "x=ar:dynamic", "lookup:chain", "x=glide:bushy", "x=glide:dynamic,depth",
+                "x=glide:dynamic,depth=three", "=glide", "x=glide:chain,lookup=2", "x=glide:dynamic,lookup=-1"):
+        with pytest.raises(ValueError, match="config"):
+            parse_config(bad)
+
+
+def test_ab_rows_by_hand():
+    from bench.ab import _rows
+
+    totals = {"ar": dict(tokens=100, forwards=100, seconds=4.0, same=0, prompts=2),
+              "d": dict(tokens=90, forwards=30, seconds=2.0, same=1, prompts=2)}
+    ar, d = _rows(totals, "ar")
+    assert ar["ratio"] == 1.0 and ar["identical_to_first"] is None and ar["mean_accepted"] == 1.0
+    assert d["mean_accepted"] == 3.0 and d["tokens_per_s"] == 45.0 and d["ratio"] == 45.0 / 25.0
+    assert d["identical_to_first"] == 1
+
+
+def test_ab_sets_existing_draft_attributes_only(tmp_path):
+    from bench.ab import _make, main, parse_config
+    from glide.draft.dynamic import DynamicTreeDraft
+    from glide_helpers import trained_pair
+
+    target, _, _ = trained_pair(str(tmp_path))
+    path = tmp_path / "run" / "draft"
+    draft = _make(parse_config(f"d=glide@{path}:dynamic,depth=3,growth_check=0,lookup=2"), target, 0.0)
+    assert isinstance(draft, DynamicTreeDraft)
+    assert (draft.depth, draft.growth_check, draft.lookup) == (3, False, 2)
+    with pytest.raises(ValueError, match="no attribute 'bushiness'"):
+        _make(parse_config(f"d=glide@{path}:dynamic,bushiness=3"), target, 0.0)
+    with pytest.raises(SystemExit):
+        main(["ar", "ar"])  # two configurations of one name

@@ -1,0 +1,204 @@
+"""Interleaved A/B of decoding configurations, prompt by prompt, at batch 1.
+
+    python -m bench.ab ar dyn=glide:dynamic dyn-plain=glide:dynamic,ngrams=0 \\
+        [--prompts bench/prompts/heldout.jsonl] [--limit N] [--max-new-tokens 128] \\
+        [--temperature 0] [--name ab] [--out FILE]
+
+A configuration is ``ar``, ``lookup``, or ``NAME=METHOD[:TREE[,OPTION=VALUE...]]`` with
+``METHOD`` ``glide`` or ``cape`` (the shipped draft, or ``@PATH`` after the method:
+``glide@runs/x/draft:dynamic``) and ``TREE`` as in :mod:`bench.draft_eval`
+(``dynamic,lookup=6,ngrams=0``). Further options set attributes of the draft object that
+exist already (``dynamic,growth_sees_lookup=0``), so that a policy can be compared without
+a command-line switch of its own; values are parsed as Python literals.
+
+Each prompt goes through every configuration in turn, on one loaded target, before the next
+prompt: slow phases of a shared machine hit all configurations alike, which a sweep that runs
+each configuration over all prompts (:mod:`bench.draft_eval`) cannot promise. Each prompt
+starts a fresh draft (what the pause policy learnt does not carry over). The JSON under
+``profiles/<device>/<name>.json`` is rewritten after every prompt: per configuration, the
+tokens, target forwards, decode seconds, MAT, tokens/s, the ratio to the first configuration,
+and (greedy) how many outputs equal the first configuration's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import harness
+from .draft_eval import DEFAULT_PROMPTS, TREE_KINDS
+
+__all__ = ["parse_config", "run", "main"]
+
+
+def parse_config(spec: str) -> dict:
+    """One configuration from its spec (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``name``, ``method``, ``draft`` (path or ``None``), ``tree``, ``fallback``, ``lookup``,
+        ``ngrams``, ``attrs`` (draft attributes to set).
+
+    Raises
+    ------
+    ValueError
+        Naming the spec, for an unknown method, tree or option value.
+    """
+    name, eq, rest = spec.partition("=")
+    if not eq:
+        name, rest = spec, spec
+    if not name:
+        raise ValueError(f"config {spec!r}: empty name")
+    head, _, opts = rest.partition(":")
+    method, _, path = head.partition("@")
+    if method not in ("ar", "lookup", "glide", "cape"):
+        raise ValueError(f"config {spec!r}: method must be ar, lookup, glide or cape, got {method!r}")
+    cfg = dict(name=name, method=method, draft=path or None, tree=None, fallback=True, lookup=None,
+               ngrams=True, attrs={})
+    if not opts:
+        return cfg
+    if method in ("ar", "lookup"):
+        raise ValueError(f"config {spec!r}: {method} takes no tree")
+    tree, *options = opts.split(",")
+    if tree not in TREE_KINDS:
+        raise ValueError(f"config {spec!r}: unknown tree {tree!r}, expected one of {', '.join(TREE_KINDS)}")
+    cfg["tree"] = "dynamic" if tree == "dynamic-always" else tree
+    cfg["fallback"] = tree != "dynamic-always"
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        try:
+            parsed = ast.literal_eval(value) if eq else None
+        except (ValueError, SyntaxError):
+            parsed = None
+        if parsed is None or not key:
+            raise ValueError(f"config {spec!r}: option {opt!r} must be KEY=LITERAL")
+        if key in ("lookup", "ngrams") and not tree.startswith("dynamic"):
+            raise ValueError(f"config {spec!r}: {key} is an option of the dynamic trees")
+        if key == "lookup":
+            if not isinstance(parsed, int) or parsed < 0:
+                raise ValueError(f"config {spec!r}: lookup must be an int >= 0, got {value!r}")
+            cfg["lookup"] = parsed
+        elif key == "ngrams":
+            cfg["ngrams"] = bool(parsed)
+        else:
+            cfg["attrs"][key] = parsed
+    return cfg
+
+
+def _make(cfg, target, temperature):
+    from glide import api
+
+    draft = api.make_draft(cfg["method"], cfg["draft"], target, tree=cfg["tree"], temperature=temperature,
+                           fallback=cfg["fallback"], lookup=cfg["lookup"], ngrams=cfg["ngrams"])
+    for key, value in cfg["attrs"].items():
+        if draft is None or not hasattr(draft, key):
+            raise ValueError(f"config {cfg['name']!r}: the draft has no attribute {key!r}")
+        setattr(draft, key, type(getattr(draft, key))(value) if getattr(draft, key) is not None else value)
+    return draft
+
+
+def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, temperature=0.0, dtype="bfloat16",
+        device="cpu", out=None, name="ab", progress=True):
+    """Decode every prompt with every configuration in turn; returns ``(totals, path)``."""
+    from tqdm.auto import tqdm
+
+    from glide import api
+    from glide.speculative.engine import generate_ids
+
+    dev = torch.device(device)
+    dt = api.resolve_dtype(dtype, dev)
+    env = harness.environment(dev, name)
+    prompts = api.read_prompts(prompts_path)[:limit]
+    target, tokenizer = api.load("ar", None, dev, dt)
+    eos = api.eos_ids(target.config, tokenizer)
+    for cfg in configs:  # bad options fail before the long run
+        _make(cfg, target, temperature)
+    warm = api.encode_chat(tokenizer, prompts[0].text)
+    for cfg in configs:  # first calls run cold (and a dynamic tree may measure its verify cost)
+        generate_ids(target, [warm], _make(cfg, target, temperature), max_new_tokens=8, eos_token_ids=eos)
+    totals = {c["name"]: dict(tokens=0, forwards=0, seconds=0.0, same=0, prompts=0) for c in configs}
+    meta = dict(env, prompts=str(prompts_path), dtype=str(dt), max_new_tokens=max_new_tokens,
+                temperature=temperature, configs=configs,
+                what="each prompt decoded by every configuration in turn, batch 1, one process")
+    out = Path(out) if out else harness.results_path(env["device_slug"], name)
+    first = configs[0]["name"]
+    bar = tqdm(prompts, desc="ab", unit="prompt", disable=not progress)
+    for p in bar:
+        ids = api.encode_chat(tokenizer, p.text)
+        base = None
+        for cfg in configs:
+            draft = _make(cfg, target, temperature)
+            res = generate_ids(target, [ids], draft, max_new_tokens=max_new_tokens, temperature=temperature,
+                               eos_token_ids=eos, seed=0)[0]
+            t = totals[cfg["name"]]
+            new = len(res.output_ids) - 1  # decode tokens: the first comes from the prefill
+            t["tokens"] += new
+            t["forwards"] += int(res.target_forwards)
+            t["seconds"] += float(res.seconds)
+            t["prompts"] += 1
+            if base is None:
+                base = list(res.output_ids)
+            elif temperature == 0.0:
+                t["same"] += list(res.output_ids) == base
+        rows = _rows(totals, first)
+        harness.write_results(out, rows, meta)
+        bar.set_postfix_str(" ".join(f"{r['config']} {r['mean_accepted']:.2f}/{r['ratio']:.2f}x" for r in rows))
+    bar.close()
+    return _rows(totals, first), out
+
+
+def _rows(totals, first):
+    base = totals[first]
+    rate0 = base["tokens"] / base["seconds"] if base["seconds"] else None
+    rows = []
+    for name, t in totals.items():
+        rate = t["tokens"] / t["seconds"] if t["seconds"] else 0.0
+        rows.append(dict(config=name, prompts=t["prompts"], tokens=t["tokens"], target_forwards=t["forwards"],
+                         decode_seconds=t["seconds"], mean_accepted=t["tokens"] / max(t["forwards"], 1),
+                         tokens_per_s=rate, ratio=rate / rate0 if rate0 else 0.0,
+                         identical_to_first=t["same"] if name != first else None))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
+    ap.add_argument("configs", nargs="+", help="configurations; the first is the baseline of the ratios")
+    ap.add_argument("--prompts", default=DEFAULT_PROMPTS)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--name", default="ab", help="the result file's stem (default: ab)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        configs = [parse_config(s) for s in args.configs]
+    except ValueError as exc:
+        ap.error(f"configs: {exc}")
+    names = [c["name"] for c in configs]
+    if len(set(names)) != len(names):
+        ap.error(f"configs: names must differ, got {names}")
+    try:
+        rows, out = run(configs, Path(args.prompts), args.limit, args.max_new_tokens, args.temperature, args.dtype,
+                        args.device, args.out, args.name, not args.no_progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in rows:
+        same = "" if r["identical_to_first"] is None else f", {r['identical_to_first']}/{r['prompts']} identical"
+        print(f"{r['config']:>16}: MAT {r['mean_accepted']:.2f}, {r['tokens_per_s']:.1f} tok/s, "
+              f"{r['ratio']:.2f}x{same}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

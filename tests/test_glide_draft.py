@@ -683,6 +683,31 @@ def test_verify_cost_is_measured_and_cached(tmp_path):
     assert VerifyCost([1, 3], [1.0, 2.0])(np.array([2, 5])).tolist() == [1.5, 3.0]
 
 
+def test_verify_cost_reads_a_non_decreasing_lower_envelope():
+    # a spike at 24 and at 48 (a size measured while the machine was busy), unsorted sizes
+    c = VerifyCost([1, 8, 32, 24, 16, 48, 64], [1.0, 1.2, 1.5, 3.0, 1.3, 4.0, 2.0])
+    x, y = c.envelope()
+    assert x.tolist() == [1, 8, 16, 24, 32, 48, 64]
+    assert y.tolist() == [1.0, 1.2, 1.3, 1.5, 1.5, 2.0, 2.0]
+    assert c(np.array([24, 40, 96])).tolist() == [1.5, 1.75, 2.0]  # flat last segment: flat beyond
+    clean = VerifyCost([1, 2, 4], [1.0, 1.5, 3.0])
+    assert clean.envelope()[1].tolist() == [1.0, 1.5, 3.0]  # a rising curve is left alone
+
+
+def test_verify_cost_is_measured_in_rounds_over_the_sizes(monkeypatch):
+    t = tiny_target(dtype=torch.float32)
+    seen = []
+    forward = type(t).forward
+
+    def spy(self, ids, *a, **k):
+        seen.append(ids.shape[1])
+        return forward(self, ids, *a, **k)
+    monkeypatch.setattr(type(t), "forward", spy)
+    c = VerifyCost.measure(t, 1, 16, sizes=(1, 4, 8), reps=2)
+    assert seen == [1, 4, 8] * 3  # a warm-up round, then two
+    assert c.sizes == [1, 4, 8] and len(c.seconds) == 3
+
+
 def test_sampling_with_the_dynamic_tree_has_the_ar_law():
     tv, first = _sampled_tv(1.0, 1.0, lambda m: _glide_on(m, DynamicTreeDraft, depth=2, top_k=3, beam=2,
                                                         fixed_size=6))

@@ -7,9 +7,10 @@
 A configuration is ``ar``, ``lookup``, or ``NAME=METHOD[:TREE[,OPTION=VALUE...]]`` with
 ``METHOD`` ``glide`` or ``cape`` (the shipped draft, or ``@PATH`` after the method:
 ``glide@runs/x/draft:dynamic``) and ``TREE`` as in :mod:`bench.draft_eval`
-(``dynamic,lookup=6,ngrams=0``). Further options set attributes of the draft object that
-exist already (``dynamic,growth_sees_lookup=0``), so that a policy can be compared without
-a command-line switch of its own; values are parsed as Python literals.
+(``dynamic,lookup=6,ngrams=0``). Further options are constructor arguments of the draft's
+class (``dynamic,depth=4,min_expand=0.1`` for :class:`~glide.draft.dynamic.DynamicTreeDraft`),
+so that a setting can be compared without a command-line switch of its own; values are
+parsed as Python literals.
 
 Each prompt goes through every configuration in turn, on one loaded target, before the next
 prompt: slow phases of a shared machine hit all configurations alike, which a sweep that runs
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -92,15 +94,35 @@ def parse_config(spec: str) -> dict:
 
 
 def _make(cfg, target, temperature):
+    """The configuration's draft: :func:`glide.api.make_draft`'s, rebuilt with ``attrs`` as
+    constructor arguments (the others as the first one holds them), so that whatever the
+    constructor derives from them (a tree's scratch reach, clamped sizes) follows."""
     from glide import api
 
     draft = api.make_draft(cfg["method"], cfg["draft"], target, tree=cfg["tree"], temperature=temperature,
                            fallback=cfg["fallback"], lookup=cfg["lookup"], ngrams=cfg["ngrams"])
-    for key, value in cfg["attrs"].items():
-        if draft is None or not hasattr(draft, key):
-            raise ValueError(f"config {cfg['name']!r}: the draft has no attribute {key!r}")
-        setattr(draft, key, type(getattr(draft, key))(value) if getattr(draft, key) is not None else value)
-    return draft
+    if not cfg["attrs"]:
+        return draft
+    params = inspect.signature(type(draft).__init__).parameters
+    unknown = sorted(set(cfg["attrs"]) - set(params) - {"self"})
+    if unknown:
+        known = ", ".join(k for k in params if k not in ("self", "model"))
+        raise ValueError(f"config {cfg['name']!r}: {type(draft).__name__} takes no argument {unknown[0]!r} "
+                         f"(it takes {known})")
+    kwargs = {}
+    for name, par in params.items():
+        if name == "self" or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
+            continue
+        if name in cfg["attrs"]:
+            kwargs[name] = cfg["attrs"][name]
+        elif hasattr(draft, name):
+            kwargs[name] = getattr(draft, name)
+        elif par.default is par.empty:
+            raise ValueError(f"config {cfg['name']!r}: cannot rebuild {type(draft).__name__} (no {name!r})")
+    try:
+        return type(draft)(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config {cfg['name']!r}: {exc}") from None
 
 
 def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, temperature=0.0, dtype="bfloat16",

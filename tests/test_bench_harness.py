@@ -584,17 +584,22 @@ def test_ab_rows_by_hand():
     assert d["identical_to_first"] == 1
 
 
-def test_ab_sets_existing_draft_attributes_only(tmp_path):
+def test_ab_options_rebuild_the_draft_with_constructor_arguments(tmp_path):
     from bench.ab import _make, main, parse_config
     from glide.draft.dynamic import DynamicTreeDraft
     from glide_helpers import trained_pair
 
     target, _, _ = trained_pair(str(tmp_path))
     path = tmp_path / "run" / "draft"
-    draft = _make(parse_config(f"d=glide@{path}:dynamic,depth=3,growth_check=0,lookup=2"), target, 0.0)
+    plain = _make(parse_config(f"d=glide@{path}:dynamic,lookup=2"), target, 0.0)
+    draft = _make(parse_config(f"d=glide@{path}:dynamic,depth=9,growth_check=False,lookup=2"), target, 0.0)
     assert isinstance(draft, DynamicTreeDraft)
-    assert (draft.depth, draft.growth_check, draft.lookup) == (3, False, 2)
-    with pytest.raises(ValueError, match="no attribute 'bushiness'"):
+    assert (draft.depth, draft.growth_check, draft.lookup) == (9, False, 2)
+    assert (plain.depth, plain.growth_check, plain._reach, draft._reach) == (6, True, 6, 9)  # derived anew
+    assert draft.calibration is plain.calibration and draft.fallback == plain.fallback
+    with pytest.raises(ValueError, match="no argument 'bushiness'"):
         _make(parse_config(f"d=glide@{path}:dynamic,bushiness=3"), target, 0.0)
+    with pytest.raises(ValueError, match="depth"):
+        _make(parse_config(f"d=glide@{path}:dynamic,depth=0"), target, 0.0)
     with pytest.raises(SystemExit):
         main(["ar", "ar"])  # two configurations of one name

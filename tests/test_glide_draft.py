@@ -911,6 +911,9 @@ def test_lookup_sizes_are_checked(trained):
         DynamicTreeDraft(d, lookup=-1)
     with pytest.raises(ValueError, match="lookup_ngram"):
         DynamicTreeDraft(d, lookup=2, lookup_ngram=0)
+    for name in ("depth", "top_k", "beam", "max_nodes"):  # each error names the argument given
+        with pytest.raises(ValueError, match=f"^{name} must"):
+            DynamicTreeDraft(d, **{name: 0})
     deep = DynamicTreeDraft(d, depth=3, beam=2, max_nodes=8, lookup=9)
     assert deep.lookup == 8  # a chain fits the tree's nodes
     assert deep.cache_extra() == max(8, 2 * 2) + 8 + 2  # the catch-up window reaches as deep

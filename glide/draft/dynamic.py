@@ -331,6 +331,7 @@ class DynamicTreeDraft(GlideDraft):
                  record: Calibration | None = None, fixed_size: int | None = None, min_expand: float = 0.05,
                  growth_check: bool = True, fallback: bool = True, max_skip: int = 64, refresh: int = 32,
                  lookup: int = LOOKUP, lookup_ngram: int = 3, ngrams: NgramTable | None = None):
+        check_count("depth", depth)  # before the chain's own check, which would name gamma
         super().__init__(model, gamma=depth)
         if ngrams is not None and not isinstance(ngrams, NgramTable):
             raise TypeError(f"ngrams must be an NgramTable or None, got {type(ngrams).__name__}")

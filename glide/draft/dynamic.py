@@ -102,15 +102,18 @@ class VerifyCost:
     seconds: list
     meta: dict = field(default_factory=dict)
 
-    def envelope(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(sizes, seconds)`` sorted by size, the seconds made non-decreasing from below."""
+    def __post_init__(self):
+        # the envelope, once: the tree sizing reads the curve a few times a decode step
         x, y = np.asarray(self.sizes, float), np.asarray(self.seconds, float)
         order = np.argsort(x, kind="stable")
-        x, y = x[order], y[order]
-        return x, np.minimum.accumulate(y[::-1])[::-1]
+        self._envelope = x[order], np.minimum.accumulate(y[order][::-1])[::-1]
+
+    def envelope(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sizes, seconds)`` sorted by size, the seconds made non-decreasing from below."""
+        return self._envelope
 
     def __call__(self, T):
-        x, y = self.envelope()
+        x, y = self._envelope
         T = np.asarray(T, float)
         out = np.interp(T, x, y)
         if len(x) >= 2:
@@ -338,7 +341,7 @@ class DynamicTreeDraft(GlideDraft):
         if ngrams is not None:
             ngrams.check_vocab(model.config.target.vocab_size)
         self.ngrams = ngrams
-        for name, value in (("depth", depth), ("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
+        for name, value in (("top_k", top_k), ("beam", beam), ("max_nodes", max_nodes),
                             ("max_skip", max_skip), ("refresh", refresh), ("lookup_ngram", lookup_ngram)):
             check_count(name, value)
         check_count("lookup", lookup, 0)
@@ -508,12 +511,12 @@ class DynamicTreeDraft(GlideDraft):
         k = self.lookup
         chain, ok, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.lookup_ngram, k)
         if self.ngrams is not None:  # rows whose history has no continuation take the corpus's
+            # the walk's one host read also carries which rows missed (it walks only those)
             miss = ctx.active & ~ok[:, 0]
-            if bool(miss.any()):  # a host read (the table's walk reads the host anyway)
-                corpus, corpus_ok = self.ngrams.continuation(ctx.tokens, ctx.lengths, miss, k)
-                chain = torch.where(miss[:, None], corpus, chain)
-                ok = torch.where(miss[:, None], corpus_ok, ok)
-                # n is 0 on those rows: the rate table's bucket 0 (no history match) rates the corpus
+            corpus, corpus_ok = self.ngrams.continuation(ctx.tokens, ctx.lengths, miss, k)
+            chain = torch.where(miss[:, None], corpus, chain)
+            ok = torch.where(miss[:, None], corpus_ok, ok)
+            # n is 0 on those rows: the rate table's bucket 0 (no history match) rates the corpus
         if self._lookup_counts is None or self._lookup_counts.device != dev:
             self._lookup_counts = torch.zeros(2, self.lookup_ngram + 1, k, dtype=torch.float64, device=dev)
         seen, matched = self._lookup_counts

@@ -76,6 +76,9 @@ class NgramTable:
         self.vocab_size = int(vocab_size)
         self.keys = [np.ascontiguousarray(k, dtype=np.int64) for k in keys]
         self.next_tokens = [np.ascontiguousarray(t, dtype=np.int64) for t in next_tokens]
+        # row n - 1 keeps a window's last n tokens; the rest become -1, which the hash ignores
+        m = len(keys)
+        self._pad = np.tril(np.ones((m, m), dtype=bool))[:, ::-1]
 
     @property
     def max_n(self) -> int:
@@ -225,11 +228,9 @@ class NgramTable:
         """Up to ``num_tokens`` next tokens after ``window`` (the last ``max_n`` tokens, -1 before
         the history's start), each from the longest stored context."""
         m = self.max_n
-        # row n - 1: the last n tokens, left-padded with -1 (which the hash ignores)
-        pad = np.tril(np.ones((m, m), dtype=bool))[:, ::-1]
         out, win = [], np.asarray(window, dtype=np.int64)
         for _ in range(num_tokens):
-            hashes = context_hash(np.where(pad, win, -1))
+            hashes = context_hash(np.where(self._pad, win, -1))
             nxt = -1
             for n in range(m, 0, -1):  # the longest stored context decides
                 if win[m - n] < 0:  # the history is shorter than n

@@ -45,7 +45,7 @@ def parse_config(spec: str) -> dict:
     -------
     dict
         ``name``, ``method``, ``draft`` (path or ``None``), ``tree``, ``fallback``, ``lookup``,
-        ``ngrams``, ``attrs`` (draft attributes to set).
+        ``ngrams``, ``attrs`` (further constructor arguments of the draft's class).
 
     Raises
     ------
@@ -93,21 +93,32 @@ def parse_config(spec: str) -> dict:
     return cfg
 
 
-def _make(cfg, target, temperature):
-    """The configuration's draft: :func:`glide.api.make_draft`'s, rebuilt with ``attrs`` as
-    constructor arguments (the others as the first one holds them), so that whatever the
-    constructor derives from them (a tree's scratch reach, clamped sizes) follows."""
+def _factory(cfg, target, temperature):
+    """A zero-argument callable giving a fresh draft of the configuration (``None`` for ``ar``).
+
+    The draft is :func:`glide.api.make_draft`'s, built once (loading the weights, calibration
+    and n-gram table once); each call constructs a new object of its class from the same
+    constructor arguments, with ``attrs`` in place of theirs, so that whatever the constructor
+    derives from them (a tree's scratch reach, clamped sizes) follows and no state of one
+    generation reaches the next.
+
+    Raises
+    ------
+    ValueError
+        Naming the configuration, for an argument the class does not take or a bad value.
+    """
     from glide import api
 
     draft = api.make_draft(cfg["method"], cfg["draft"], target, tree=cfg["tree"], temperature=temperature,
                            fallback=cfg["fallback"], lookup=cfg["lookup"], ngrams=cfg["ngrams"])
-    if not cfg["attrs"]:
-        return draft
-    params = inspect.signature(type(draft).__init__).parameters
+    if draft is None:
+        return lambda: None
+    cls = type(draft)
+    params = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(cfg["attrs"]) - set(params) - {"self"})
     if unknown:
         known = ", ".join(k for k in params if k not in ("self", "model"))
-        raise ValueError(f"config {cfg['name']!r}: {type(draft).__name__} takes no argument {unknown[0]!r} "
+        raise ValueError(f"config {cfg['name']!r}: {cls.__name__} takes no argument {unknown[0]!r} "
                          f"(it takes {known})")
     kwargs = {}
     for name, par in params.items():
@@ -118,16 +129,21 @@ def _make(cfg, target, temperature):
         elif hasattr(draft, name):
             kwargs[name] = getattr(draft, name)
         elif par.default is par.empty:
-            raise ValueError(f"config {cfg['name']!r}: cannot rebuild {type(draft).__name__} (no {name!r})")
-    try:
-        return type(draft)(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"config {cfg['name']!r}: {exc}") from None
+            raise ValueError(f"config {cfg['name']!r}: cannot rebuild {cls.__name__} (no {name!r})")
+
+    def make():
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config {cfg['name']!r}: {exc}") from None
+    make()  # bad values fail here, before any decoding
+    return make
 
 
 def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, temperature=0.0, dtype="bfloat16",
         device="cpu", out=None, name="ab", progress=True):
-    """Decode every prompt with every configuration in turn; returns ``(totals, path)``."""
+    """Decode every prompt with every configuration in turn; returns ``(rows, path)`` (the
+    rows as written to the results file)."""
     from tqdm.auto import tqdm
 
     from glide import api
@@ -139,11 +155,10 @@ def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, tempe
     prompts = api.read_prompts(prompts_path)[:limit]
     target, tokenizer = api.load("ar", None, dev, dt)
     eos = api.eos_ids(target.config, tokenizer)
-    for cfg in configs:  # bad options fail before the long run
-        _make(cfg, target, temperature)
+    makers = {c["name"]: _factory(c, target, temperature) for c in configs}  # bad options fail here
     warm = api.encode_chat(tokenizer, prompts[0].text)
     for cfg in configs:  # first calls run cold (and a dynamic tree may measure its verify cost)
-        generate_ids(target, [warm], _make(cfg, target, temperature), max_new_tokens=8, eos_token_ids=eos)
+        generate_ids(target, [warm], makers[cfg["name"]](), max_new_tokens=8, eos_token_ids=eos)
     totals = {c["name"]: dict(tokens=0, forwards=0, seconds=0.0, same=0, prompts=0) for c in configs}
     meta = dict(env, prompts=str(prompts_path), dtype=str(dt), max_new_tokens=max_new_tokens,
                 temperature=temperature, configs=configs,
@@ -155,7 +170,7 @@ def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, tempe
         ids = api.encode_chat(tokenizer, p.text)
         base = None
         for cfg in configs:
-            draft = _make(cfg, target, temperature)
+            draft = makers[cfg["name"]]()  # a fresh draft: nothing learnt carries over
             res = generate_ids(target, [ids], draft, max_new_tokens=max_new_tokens, temperature=temperature,
                                eos_token_ids=eos, seed=0)[0]
             t = totals[cfg["name"]]

@@ -122,15 +122,16 @@ def _lookup_used(tree, lookup):
 
 def _ngrams_used(path, tree, lookup, ngrams):
     """Whether a run's lookup could fall back on the draft's corpus n-gram table (``None`` for
-    trees without lookup)."""
+    trees without lookup). The run itself loaded and checked the table; this only asks
+    whether the folder ships one."""
     if _lookup_used(tree, lookup) in (None, 0):
         return None
     from glide.api import check_draft_applies
-    from glide.draft.checkpoint import read_draft_config
-    from glide.draft.dynamic import load_ngrams
+    from glide.draft.checkpoint import _folder
+    from glide.speculative.ngrams import NGRAMS
 
     folder = check_draft_applies("glide", str(path) if path else None)
-    return ngrams is not False and load_ngrams(folder, read_draft_config(folder)[0].target.vocab_size) is not None
+    return ngrams is not False and (_folder(folder) / NGRAMS).is_file()
 
 
 def split_tree(spec):

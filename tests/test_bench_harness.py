@@ -555,6 +555,21 @@ def test_draft_eval_tree_specs_take_a_lookup_option():
         main(["--drafts", "x=some/path:dynamic,lookup=two"])
 
 
+def test_draft_eval_reports_whether_the_n_gram_table_was_in_reach(tmp_path):
+    import shutil
+
+    from bench.draft_eval import _ngrams_used
+    from glide.api import check_draft_applies
+
+    shipped = check_draft_applies("glide", None)
+    assert _ngrams_used(None, "dynamic", None, None) is True
+    assert _ngrams_used(None, "dynamic", None, False) is False
+    assert _ngrams_used(None, "dynamic", 0, None) is None and _ngrams_used(None, "chain", None, None) is None
+    bare = tmp_path / "bare"
+    shutil.copytree(shipped, bare, ignore=shutil.ignore_patterns("ngrams.npz"))
+    assert _ngrams_used(bare, "dynamic-always", None, None) is False
+
+
 def test_ab_configs_parse():
     from bench.ab import parse_config
 
@@ -585,21 +600,25 @@ def test_ab_rows_by_hand():
 
 
 def test_ab_options_rebuild_the_draft_with_constructor_arguments(tmp_path):
-    from bench.ab import _make, main, parse_config
+    from bench.ab import _factory, main, parse_config
     from glide.draft.dynamic import DynamicTreeDraft
     from glide_helpers import trained_pair
 
     target, _, _ = trained_pair(str(tmp_path))
     path = tmp_path / "run" / "draft"
-    plain = _make(parse_config(f"d=glide@{path}:dynamic,lookup=2"), target, 0.0)
-    draft = _make(parse_config(f"d=glide@{path}:dynamic,depth=9,growth_check=False,lookup=2"), target, 0.0)
-    assert isinstance(draft, DynamicTreeDraft)
+    plain = _factory(parse_config(f"d=glide@{path}:dynamic,lookup=2"), target, 0.0)()
+    make = _factory(parse_config(f"d=glide@{path}:dynamic,depth=9,growth_check=False,lookup=2"), target, 0.0)
+    draft, again = make(), make()
+    assert isinstance(draft, DynamicTreeDraft) and again is not draft  # a fresh draft each call
+    assert again.model is draft.model  # built from weights loaded once
     assert (draft.depth, draft.growth_check, draft.lookup) == (9, False, 2)
     assert (plain.depth, plain.growth_check, plain._reach, draft._reach) == (6, True, 6, 9)  # derived anew
-    assert draft.calibration is plain.calibration and draft.fallback == plain.fallback
+    assert draft.fallback == plain.fallback and draft.calibration == plain.calibration
+    assert again.calibration is draft.calibration and again.ngrams is draft.ngrams  # loaded once
+    assert _factory(parse_config("ar"), target, 0.0)() is None
     with pytest.raises(ValueError, match="no argument 'bushiness'"):
-        _make(parse_config(f"d=glide@{path}:dynamic,bushiness=3"), target, 0.0)
+        _factory(parse_config(f"d=glide@{path}:dynamic,bushiness=3"), target, 0.0)
     with pytest.raises(ValueError, match="depth"):
-        _make(parse_config(f"d=glide@{path}:dynamic,depth=0"), target, 0.0)
+        _factory(parse_config(f"d=glide@{path}:dynamic,depth=0"), target, 0.0)
     with pytest.raises(SystemExit):
         main(["ar", "ar"])  # two configurations of one name

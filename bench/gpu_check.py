@@ -19,8 +19,8 @@ a run stopped at a time limit keeps what it finished):
   128-token prompts. Every speculative row says whether its tokens equal ``ar``'s.
 - ``tree``: tree attention GPU time (a CUDA graph over input copies that overflow L2) by tree
   size T at ctx 8k and 32k, Llama-8B heads (group 4) and SmolLM2 heads (group 3), plus groups
-  1-8 at T = 64; the launcher's default KV splits against the pre-fix policy and, past 64
-  query rows per KV head, against 128-row tiles (``max_block_m=128``), in GB/s.
+  1-8 at T = 64; the launcher's defaults against the pre-fix split policy (64-row tiles)
+  and, past 64 query rows per KV head, against 64- and 128-row tiles (``max_block_m``), in GB/s.
 - ``launch``: host time per eager launcher call (what an eager decoder pays) with and without
   the length check, and through the ``torch.ops.glide`` custom op when it exists; and the
   engine's own work per AR step with the forward stubbed (:mod:`bench.engine_overhead`).
@@ -380,9 +380,9 @@ def step_tree(rec, dev, dtype, copy_gbps, smoke):
         old = _old_splits(cfg, B, T, Hq, Hkv, ctx + T, num_sms)
         row = dict(heads=name, ctx=ctx, T=T, group=Hq // Hkv, bytes=nbytes, copies=copies,
                    config=cfg.as_dict(), old_splits=old)
-        variants = [("default", None, 64), ("old", old, 64)]
-        if T * (Hq // Hkv) > 64:  # the 128-row tile candidate (attention_config's max_block_m)
-            variants.append(("bm128", None, 128))
+        variants = [("default", None, None), ("old", old, 64)]
+        if T * (Hq // Hkv) > 64:  # both tile heights past one 64-row tile (attention_config)
+            variants += [("bm64", None, 64), ("bm128", None, 128)]
         for key, splits, max_bm in variants:
             if key == "old" and old == cfg.num_splits:
                 row["old_us"], row["old_gbps"] = row.get("default_us"), row.get("default_gbps")
@@ -508,7 +508,7 @@ def _summary(rec):
                 extra += ", TOKENS DIFFER FROM AR"
             print(f"e2e {r['shape']} b{r['batch']} {r['method']}/{r['mode']}: {r['tok_s_wall']:.0f} tok/s{extra}")
         elif s == "tree":
-            bm = f", 128-row tiles {r['bm128_gbps']:.0f}" if "bm128_gbps" in r else ""
+            bm = "".join(f", {n}-row tiles {r[f'bm{n}_gbps']:.0f}" for n in (64, 128) if f"bm{n}_gbps" in r)
             print(f"tree {r['heads']} ctx{r['ctx']} T{r['T']}: {r['default_us']:.1f} us "
                   f"{r['default_gbps']:.0f} GB/s (old splits {r.get('old_gbps') or 0:.0f}{bm})")
         elif s == "launch":
@@ -527,6 +527,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="seconds the whole run may take; late steps shrink or skip to fit")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (tests this script)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="model dtype (default bfloat16 on CUDA, float32 on the CPU); float32 tells "
+                         "bf16 rounding apart from a logic error when speculative tokens differ from ar's")
     args = ap.parse_args(argv)
     if args.budget_s <= 0:
         ap.error("--budget-s must be positive")
@@ -538,7 +541,8 @@ def main(argv=None) -> int:
     from bench.harness import environment
 
     rec = Recorder(out_dir / "gpu-check.json", environment(dev, "gpu-check"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    rec.meta["dtype"] = str(dtype).removeprefix("torch.")
     copy_gbps = None
     for step in args.steps:
         left = args.budget_s - rec.elapsed()

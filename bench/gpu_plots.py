@@ -38,11 +38,12 @@ def plot_tree(data: dict, out: Path) -> Path | None:
     for ax, (heads, ctx) in zip(axes[0], panels):
         sel = sorted((r for r in rows if (r["heads"], r["ctx"]) == (heads, ctx)), key=lambda r: r["T"])
         Ts = [r["T"] for r in sel]
-        ax.plot(Ts, [r["default_gbps"] for r in sel], "o-", label="KV splits now")
+        ax.plot(Ts, [r["default_gbps"] for r in sel], "o-", label="launcher default")
         ax.plot(Ts, [r.get("old_gbps") or r["default_gbps"] for r in sel], "s--", label="splits before")
-        big = [r for r in sel if "bm128_gbps" in r]
-        if big:
-            ax.plot([r["T"] for r in big], [r["bm128_gbps"] for r in big], "^:", label="128-row tiles")
+        for n, style in ((64, "v:"), (128, "^:")):
+            big = [r for r in sel if f"bm{n}_gbps" in r]
+            if big:
+                ax.plot([r["T"] for r in big], [r[f"bm{n}_gbps"] for r in big], style, label=f"{n}-row tiles")
         if copy:
             ax.axhline(copy, color="gray", lw=1, label=f"copy {copy:.0f} GB/s")
             ax.axhline(0.7 * copy, color="gray", lw=1, ls=":", label="70% of copy")

@@ -44,7 +44,7 @@ _DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Plain data, so that pytest can parametrise on them without importing the kernels.
 
 # (name, kind, dtype, batch, q_len, num_q_heads, num_kv_heads, head_dim, max_seq)
-# Chosen so that every BLOCK_M (16, 32, 64) meets every head_dim (64; 80, padded to a 128 block
+# Chosen so that every BLOCK_M (16, 32, 64; 128 at head_dim 128) meets every head_dim (64; 80, padded to a 128 block
 # and masked; 128), BLOCK_N 128 and 64 both occur, and in bfloat16 and float32 each pairing of
 # tree / no tree with one split / several (plus the merge kernel) occurs. The caches are full
 # (check_lens=False), so only a batch * num_kv_heads of at least 132 (H100 SMs) keeps one split.
@@ -57,6 +57,7 @@ _ATTN = [
     ("tree_t7_d128_g8", "tree", 8, 7, 64, 8, 128, 4096),         # M64 (56 rows)
     ("tree_t64_d64_g1", "tree", 16, 64, 16, 16, 64, 4096),       # M64, T*G > BLOCK_M, one split
     ("tree_t64_d128_g1_long", "tree", 1, 64, 8, 8, 128, 32768),  # M64, splits
+    ("tree_t32_d128_g4_long", "tree", 1, 32, 32, 8, 128, 32768),  # M128 (128 rows), splits
     ("cross_t7_d128_g8_long", "cross", 1, 7, 64, 8, 128, 32768),  # no tree, splits
     ("cross_t1_d64_g3", "cross", 32, 1, 24, 8, 64, 512),         # no tree, one split
 ]

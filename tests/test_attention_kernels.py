@@ -363,6 +363,22 @@ def test_tree_attention_with_128_row_tiles(dtype):
         assert_close(out, tree_attention_ref(*f64(q, k, v), lens, mask), dtype=dtype, name="tree_attention")
 
 
+def test_default_block_m_follows_the_measured_rule():
+    """By default (``max_block_m=None``), 16-bit launches past 64 query rows per KV head take
+    128-row tiles at a 128 head-dim block (80 pads to it), 64-row tiles at head_dim 64; up to
+    64 rows nothing changes; float32 keeps its own cap."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for T, group, D, want in [(17, 4, 128, 128), (64, 2, 128, 128), (16, 4, 128, 64),
+                                  (24, 4, 80, 128), (24, 3, 64, 64), (64, 8, 128, 128),
+                                  (8, 4, 128, 32)]:
+            cfg = attention_config(1, T, 8 * group, 8, D, 32768, dtype=dtype)
+            assert cfg.block_m == want, (dtype, T, group, D, cfg)
+            # an explicit cap still wins
+            assert attention_config(1, T, 8 * group, 8, D, 32768, dtype=dtype,
+                                    max_block_m=64).block_m == min(want, 64)
+    assert attention_config(1, 64, 32, 8, 128, 32768, dtype=torch.float32).block_m == 16
+
+
 def test_max_block_m_is_checked():
     q, k, v, lens, mask = _small()
     for bad in (48, 256, True, "64"):

@@ -78,18 +78,20 @@ def attention_config(
     dtype: torch.dtype = torch.bfloat16,
     num_splits: int | None = None,
     device: torch.device | None = None,
-    max_block_m: int = 64,
+    max_block_m: int | None = None,
 ) -> AttentionConfig:
     """Block sizes, warps and KV splits for one attention launch (the heuristic).
 
     The tile sizes are set from compile-time facts only: ``ptxas -v`` for sm_90 on every
     config the launchers choose (``python -m bench.aot_report`` -> profiles/compile-sm90.json).
     The rule is no register spills and, for 16-bit inputs, at most ~113 KiB of shared memory
-    so that two programs share an H100 SM (228 KiB, 1 KiB reserved per block). No GPU has
-    timed any of them: runtime speed is unmeasured and an H100 sweep should replace them.
+    so that two programs share an H100 SM (228 KiB, 1 KiB reserved per block). Only two
+    choices rest on GPU timings (the splits on an H100, 128-row tiles on an H200); the others
+    are untimed, and a sweep should replace them.
 
     - ``BLOCK_M``: the ``q_len * group`` query rows of a KV head, rounded up to a power of two,
-      clamped to [16, 64] (``tl.dot`` needs 16 rows). float32 caps it at 32 (16 above
+      clamped to [16, 64] (``tl.dot`` needs 16 rows), or to [16, 128] past 64 rows at a
+      128 head-dim block (``max_block_m`` below). float32 caps it at 32 (16 above
       head_dim 64): its ``ieee`` dots run on FMA units, whose operands take far more
       registers than the 16-bit tensor-core path. Before this cap, float32 at BLOCK_M 32-64
       spilled 27-30 KB of stores per thread (3.5 KB at BLOCK_M 64, head_dim 64), and no
@@ -128,11 +130,15 @@ def attention_config(
         same ones. Defaults to bfloat16, the models' dtype.
     num_splits : int, optional
         Force this many KV splits (tests, benchmarks); ``None`` applies the heuristic.
-    max_block_m : {16, 32, 64, 128}
-        The largest ``BLOCK_M`` for 16-bit inputs (float32 keeps its own cap). 64 by default;
-        128 puts up to 128 query rows of a KV head in one tile, so a tree of ``T * group`` in
-        65..128 rows reads the K/V once instead of twice (8 warps, 2 stages). A candidate for
-        the T > 16 cliff at group 4, not yet timed on a GPU: benchmarks pass it explicitly.
+    max_block_m : {None, 16, 32, 64, 128}
+        The largest ``BLOCK_M`` for 16-bit inputs (float32 keeps its own cap). ``None`` (the
+        default) picks 128 when ``head_dim`` pads to a 128 block and a KV head has more than
+        64 query rows, else 64. A 128-row tile reads the K/V once for up to 128 rows (8 warps,
+        2 stages) where 64-row tiles read it twice. H200, bf16, batch 1, CUDA-graph replay
+        (``profiles/nvidia-h200/gpu-check.json``): Llama-8B heads (group 4) at 32k,
+        T=17 144 -> 86 us, T=32 143 -> 87 us, T=64 258 -> 156 us; at 8k, T=17 44 -> 28 us;
+        groups 2 and 8 at T=64, 8k: 44 -> 30 and 145 -> 95 us. At head_dim 64 (SmolLM2,
+        group 3, 44 splits) 128-row tiles were slower (32k, T=24: 20 -> 26 us), so they keep 64.
     device : torch.device, optional
         Its SM count replaces the H100's 132 when it is a CUDA device.
 
@@ -153,6 +159,8 @@ def _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype, 
     group = num_q_heads // num_kv_heads
     rows = q_len * group
     block_d = max(16, next_power_of_2(head_dim))
+    if max_block_m is None:  # measured on an H200 (attention_config's docstring)
+        max_block_m = 128 if block_d == 128 and rows > 64 else 64
     block_m = min(max_block_m if dtype != torch.float32 else 64, max(16, next_power_of_2(rows)))
     if dtype == torch.float32:
         # sm_90 ptxas, float32 (see the docstring): M16 N64 w4 80-91 registers, 40-76 KiB;
@@ -345,7 +353,7 @@ def tree_attention(
     autotune=False,
     check_lens=True,
     backend="auto",
-    max_block_m=64,
+    max_block_m=None,
 ):
     """Tree-masked attention for verification, prefill (causal tree) and decode (``T = 1``).
 
@@ -379,8 +387,8 @@ def tree_attention(
         then assumes every sequence fills ``max_seq``, and out-of-range lengths read garbage.
     backend : {"auto", "triton", "reference"}
         See :func:`glide.kernels.use_triton`.
-    max_block_m : {16, 32, 64, 128}
-        See :func:`attention_config` (benchmarks of larger tiles).
+    max_block_m : {None, 16, 32, 64, 128}
+        See :func:`attention_config`; ``None`` applies its measured rule.
 
     Returns
     -------
@@ -427,7 +435,7 @@ def cross_attention(
     autotune=False,
     check_lens=True,
     backend="auto",
-    max_block_m=64,
+    max_block_m=None,
 ):
     """GliDe cross attention: draft queries over the target's KV cache, read in place.
 
@@ -457,8 +465,8 @@ def cross_attention(
         ``False`` in a decode loop when the caller guarantees the range: the split heuristic
         then assumes every sequence fills ``max_seq``, and out-of-range lengths read garbage.
     backend : {"auto", "triton", "reference"}
-    max_block_m : {16, 32, 64, 128}
-        See :func:`attention_config`.
+    max_block_m : {None, 16, 32, 64, 128}
+        See :func:`attention_config`; ``None`` applies its measured rule.
 
     Returns
     -------
@@ -490,5 +498,5 @@ def _check_num_splits(num_splits):
 
 
 def _check_max_block_m(max_block_m):
-    if max_block_m not in (16, 32, 64, 128):  # True == 1 is not among them
-        raise ValueError(f"max_block_m must be one of 16, 32, 64, 128, got {max_block_m!r}")
+    if max_block_m is not None and max_block_m not in (16, 32, 64, 128):  # True == 1 is not among them
+        raise ValueError(f"max_block_m must be None or one of 16, 32, 64, 128, got {max_block_m!r}")

@@ -23,13 +23,21 @@ def test_smoke_run_writes_rows_and_plots(tmp_path):
         if r["step"] == "tree":
             assert r["default_us"] > 0 and r["default_gbps"] > 0 and r["old_splits"] >= 1
             # past 64 query rows per KV head the 128-row tile is timed too (llama8b T=17: 68 rows)
-            assert ("bm128_us" in r) == (r["T"] * r["group"] > 64)
+            assert ("bm128_us" in r) == ("bm64_us" in r) == (r["T"] * r["group"] > 64)
     engine = {(r["call"], r["batch_size"]): r["wall_us"] for r in data["rows"]
               if r["step"] == "launch" and r["call"].startswith("engine_ar_step_")}
     assert set(engine) == {(f"engine_ar_step_{e}", b) for e in ("emit", "emit_one") for b in (1, 8)}
     assert all(v > 0 for v in engine.values())
     names = {p.name for p in out.glob("*.png")}
     assert names == {"gpu-tree-attention.png", "gpu-forward.png"}  # no e2e rows, no e2e plot
+
+
+def test_gpu_tests_first_names_existing_files():
+    """The test step runs these files first; a renamed file must not drop out unnoticed."""
+    root = gpu_check.ROOT
+    missing = [f for f in gpu_check.GPU_TESTS_FIRST if not (root / f).is_file()]
+    assert not missing, missing
+    assert len(set(gpu_check.GPU_TESTS_FIRST)) == len(gpu_check.GPU_TESTS_FIRST)
 
 
 def test_smoke_e2e_rows_keep_ar_tokens_and_count_paused_steps(tmp_path, capsys):

@@ -386,3 +386,37 @@ def test_emit_one_matches_emit_of_one_token():
             finished_on_eos |= bool(((new[:, 0] == 3) | (new[:, 0] == 7)).any())
         assert not b.active.any() and bool((b.num_new <= max_new).all())
     assert finished_on_eos
+
+
+@pytest.mark.parametrize("max_new,eos", [(MAX_NEW, False), (MAX_NEW, True), (2, False), (1, False)])
+def test_lagged_ar_loop_gives_the_plain_loops_results(model, ar, eos_id, monkeypatch, max_new, eos):
+    """On CUDA the AR loop reads each step's tokens one step late (its forward overlaps the
+    host's bookkeeping). Forced on here: the same tokens, counts and stream as the plain
+    loop, one extra forward (after the last sequence finished; it emits nothing), and the
+    cache never outgrows its capacity."""
+    eos_ids = [eos_id] if eos else []
+
+    def run(lagged):
+        monkeypatch.setattr(engine_module, "_lagged_ar", lambda device: lagged)
+        calls, streamed = [], []
+        real = model.decode
+
+        def decode(tokens, cache, *a, **kw):
+            calls.append(int(cache.lens.max()))
+            assert int(cache.lens.max()) + 1 <= cache.max_seq
+            return real(tokens, cache, *a, **kw)
+
+        monkeypatch.setattr(model, "decode", decode)
+        out = generate_ids(model, PROMPTS, max_new_tokens=max_new, eos_token_ids=eos_ids,
+                           on_tokens=lambda b, ids: streamed.append((b, list(ids))))
+        monkeypatch.setattr(model, "decode", real)
+        return out, calls, streamed
+
+    plain, plain_calls, plain_stream = run(False)
+    lagged, lagged_calls, lagged_stream = run(True)
+    assert [o.output_ids for o in plain] == [_truncate(a[:max_new], eos_id) if eos else a[:max_new] for a in ar]
+    for p, q in zip(plain, lagged):
+        assert (q.output_ids, q.accepted, q.target_forwards) == (p.output_ids, p.accepted, p.target_forwards)
+        assert q.seconds > 0
+    assert lagged_stream == plain_stream
+    assert len(lagged_calls) == len(plain_calls) + (1 if plain_calls else 0)

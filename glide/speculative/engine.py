@@ -207,7 +207,9 @@ def generate_ids(model, prompts, draft: Draft | None = None, *, max_new_tokens: 
         whole input; ``range(batch)`` by default. Equal ids with equal prompts give equal
         samples.
     on_tokens : callable, optional
-        ``on_tokens(seq_index, new_token_ids)`` after every step that emitted tokens.
+        ``on_tokens(seq_index, new_token_ids)`` after every step that emitted tokens (on
+        CUDA without a draft, one step later: the AR loop reads its tokens a step behind,
+        see :func:`_ar_steps_lagged`).
     cuda_graphs : bool or CudaGraphs, optional
         Replay the target's decode and verification forwards from CUDA graphs
         (:mod:`glide.model.graphs`). ``None`` (the default) turns them on for a model on
@@ -284,6 +286,8 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
             torch.cuda.synchronize(dev)
         # the draft's prefill (and its graph capture) is set-up, like the target's prefill
         start += time.perf_counter() - t0
+    if draft is None and ctx.live and _lagged_ar(dev):
+        _ar_steps_lagged(target, cache, state, ctx, outputs, pick, start, on_tokens)
     while ctx.live:
         was_active = state.active.clone()
         if draft is None:  # AR: the tree is just the root, so commit it without compaction
@@ -295,6 +299,39 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
                                     model.config.vocab_size)
         ctx.emitted += emitted
     return outputs
+
+
+def _lagged_ar(device: torch.device) -> bool:
+    """Whether the AR loop reads each step's tokens one step late: on CUDA, where the forward
+    runs asynchronously (from a CUDA graph by default), so the host's work of one step can
+    overlap the next step's forward. On the CPU every op runs as it is issued: nothing to gain."""
+    return device.type == "cuda"
+
+
+def _ar_steps_lagged(target, cache, state, ctx, outputs, pick, start, on_tokens):
+    """The AR loop with its one host read a step behind.
+
+    A step's next input is ``state.root``, a device tensor, so step ``k + 1``'s forward, pick
+    and emit are queued before the host reads step ``k``'s tokens (:func:`_report`). The host
+    then waits for step ``k`` only, while the GPU already runs step ``k + 1``: the per-step
+    host work (pick, emit, report) hides behind the forward instead of adding to it.
+
+    The tokens and counts equal the plain loop's. The differences: ``on_tokens`` and each
+    sequence's ``seconds`` come one step later, and one extra step runs after the last
+    sequence finished. That step emits nothing (every sequence is inactive, so its writes go
+    to the sink column) and its cache commit stays within the cache's spare slot.
+    """
+    pending = None
+    while True:
+        was_active = state.active.clone()
+        new = pick(target.decode(state.root, cache))[:, None]
+        step = (state.emit_one(new), new, state.active.clone(), was_active)
+        if pending is not None:
+            emitted, ctx.live = _report(outputs, *pending, start, on_tokens)
+            ctx.emitted += emitted
+            if not ctx.live:  # so the step just queued found no active sequence
+                return
+        pending = step
 
 
 def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):

@@ -312,26 +312,45 @@ def _ar_steps_lagged(target, cache, state, ctx, outputs, pick, start, on_tokens)
     """The AR loop with its one host read a step behind.
 
     A step's next input is ``state.root``, a device tensor, so step ``k + 1``'s forward, pick
-    and emit are queued before the host reads step ``k``'s tokens (:func:`_report`). The host
-    then waits for step ``k`` only, while the GPU already runs step ``k + 1``: the per-step
-    host work (pick, emit, report) hides behind the forward instead of adding to it.
+    and emit are queued before the host reads step ``k``'s tokens (:func:`_hand_out`). That
+    read must not wait for the whole stream (``tolist`` would, and so would wait for step
+    ``k + 1``'s forward): step ``k``'s packed tokens go to a pinned host buffer by an
+    asynchronous copy queued right after its emit, and the host waits on that copy's event.
+    So the host hands out step ``k`` and queues step ``k + 2`` while the GPU runs step
+    ``k + 1``: the per-step host work hides behind the forward instead of adding to it.
 
     The tokens and counts equal the plain loop's. The differences: ``on_tokens`` and each
     sequence's ``seconds`` come one step later, and one extra step runs after the last
     sequence finished. That step emits nothing (every sequence is inactive, so its writes go
     to the sink column) and its cache commit stays within the cache's spare slot.
     """
+    B, dev = state.rows.shape[0], state.rows.device
+    cuda = dev.type == "cuda"
+    # Two pinned host buffers, alternating: step k's tokens land in one while the host still
+    # reads step k - 1's from the other. The copy is queued right after step k's emit and
+    # waited on through its own event, so the wait ends before step k + 1's forward does.
+    bufs = [torch.empty((B, 4), dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
     pending = None
+    k = 0
     while True:
         was_active = state.active.clone()
         new = pick(target.decode(state.root, cache))[:, None]
-        step = (state.emit_one(new), new, state.active.clone(), was_active)
+        packed = _pack(state.emit_one(new), new, state.active, was_active)
+        buf = bufs[k % 2]
+        buf.copy_(packed, non_blocking=cuda)
+        done = torch.cuda.Event() if cuda else None
+        if done is not None:
+            done.record()
+        step = (buf, done)
         if pending is not None:
-            emitted, ctx.live = _report(outputs, *pending, start, on_tokens)
+            if pending[1] is not None:
+                pending[1].synchronize()
+            emitted, ctx.live = _hand_out(outputs, pending[0].flatten().tolist(), 4, False, start, on_tokens)
             ctx.emitted += emitted
             if not ctx.live:  # so the step just queued found no active sequence
                 return
         pending = step
+        k += 1
 
 
 def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
@@ -393,17 +412,27 @@ def _report(outputs, count, new, active, was_active, start, on_tokens, problems=
     """The step's one host sync: hand out the emitted tokens, note who finished, and return
     the tokens emitted (all sequences) and the sequences still active. ``was_active`` is
     ``None`` for the prefill's token."""
-    B = len(outputs)
-    forward = was_active if was_active is not None else torch.zeros_like(active)
-    packed = torch.cat([count[:, None], active[:, None].long(), forward[:, None].long(), new], 1)
+    packed = _pack(count, new, active, was_active)
     flat = packed.flatten()
     if problems is not None:  # the draft's validity checks ride on the same transfer
         flat = torch.cat([flat, problems.long()])
     flat = flat.tolist()
     if problems is not None:
         raise_problems(flat[packed.numel():], vocab)
+    return _hand_out(outputs, flat, packed.shape[1], was_active is None, start, on_tokens)
+
+
+def _pack(count, new, active, was_active) -> torch.Tensor:
+    """One (B, 3 + A) int64 tensor of what :func:`_hand_out` reads: per sequence the kept count,
+    whether it is still active, whether this step ran a forward for it, and the tokens."""
+    forward = was_active if was_active is not None else torch.zeros_like(active)
+    return torch.cat([count[:, None], active[:, None].long(), forward[:, None].long(), new], 1)
+
+
+def _hand_out(outputs, flat, width, prefill, start, on_tokens) -> tuple[int, int]:
+    """:func:`_report`'s host side, on the rows of :func:`_pack` read as one flat list."""
     now = time.perf_counter()
-    width = packed.shape[1]
+    B = len(outputs)
     for b in range(B):
         n, still, counted = flat[b * width: b * width + 3]
         out = outputs[b]
@@ -415,6 +444,6 @@ def _report(outputs, count, new, active, was_active, start, on_tokens, problems=
             out.output_ids.extend(ids)
             if on_tokens is not None:
                 on_tokens(b, ids)
-        if (counted or was_active is None) and not still:
+        if (counted or prefill) and not still:
             out.seconds = now - start
     return sum(flat[b * width] for b in range(B)), sum(flat[b * width + 1] for b in range(B))

@@ -420,3 +420,41 @@ def test_lagged_ar_loop_gives_the_plain_loops_results(model, ar, eos_id, monkeyp
         assert q.seconds > 0
     assert lagged_stream == plain_stream
     assert len(lagged_calls) == len(plain_calls) + (1 if plain_calls else 0)
+
+
+class _PausedDraft(engine_module.Draft):
+    """Proposes nothing, every step: the engine decodes each step as a plain one."""
+
+    max_nodes = 2
+
+    def propose(self, ctx):
+        from glide.speculative.tree import Proposal
+
+        empty = ctx.root.new_zeros(ctx.root.shape[0], 0)
+        return Proposal(empty, empty.clone(), empty.bool(), empty.float())
+
+
+def test_paused_steps_equal_ar_and_keep_the_length_bound_on_the_host(model, monkeypatch):
+    """Steps with an empty proposal give the AR tokens. While every row is active they commit
+    with an int, so the cache's host-side length bound survives (a tensor commit would drop it
+    and cost the next graphed forward a device read); once a row finishes they commit per row."""
+    prompts = [[1, 2, 3], [4, 5, 6]]  # equal lengths: the cache knows one common length
+    want = [o.output_ids for o in generate_ids(model, prompts, max_new_tokens=10)]
+    eos = want[0][4]
+    assert eos not in want[0][:4]
+    known, real = [], model.decode
+
+    def decode(tokens, cache, *a, **kw):
+        known.append(cache.uniform_length() is not None)
+        return real(tokens, cache, *a, **kw)
+
+    monkeypatch.setattr(model, "decode", decode)
+    out = generate_ids(model, prompts, _PausedDraft(), max_new_tokens=10)
+    assert [o.output_ids for o in out] == want and all(o.mean_accepted == 1.0 for o in out)
+    # the first step's commit measures the lengths the prefill set (one read); then no more
+    assert len(known) == 9 and all(known[1:]), known
+    known.clear()
+    out = generate_ids(model, prompts, _PausedDraft(), max_new_tokens=10, eos_token_ids=[eos])
+    assert out[0].output_ids == want[0][:5]
+    assert out[1].output_ids == _truncate(want[1], eos)
+    assert all(known[1:4]) and not any(known[5:]), known  # row 0 finished at the 4th step

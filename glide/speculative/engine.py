@@ -367,7 +367,11 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
     if proposal.tokens.shape[1] == 0:
-        logits = target.decode(state.root, cache, commit=state.active.long(), return_hidden=want_hidden)
+        # every row still active (the host's count says so): an int commit keeps the cache's
+        # host-side length bound, which a tensor commit drops (the next graphed forward would
+        # then read the lengths back, one more device sync a step)
+        commit = 1 if ctx.live == state.rows.shape[0] else state.active.long()
+        logits = target.decode(state.root, cache, commit=commit, return_hidden=want_hidden)
         if want_hidden:
             logits, step_hidden = logits
             state.keep_hidden(step_hidden[:, None], state.rows[:, None] * 0, state.active.long())

@@ -319,7 +319,8 @@ def step_e2e(rec, dev, dtype, smoke):
                 rec.add("e2e", shape=shape, batch=B, method="glide-random-dynamic", mode=label,
                         tok_s_wall=tps_wall, tok_s_decode=tps_decode, mean_accepted=mat,
                         same_tokens_as_ar=[o.output_ids for o in outs4] == refs, new_tokens=new,
-                        prompt_len=plen, steps=len(dyn.sizes), paused_steps=dyn.skipped)
+                        prompt_len=plen, steps=len(dyn.sizes), paused_steps=dyn.skipped,
+                        **_step_ms(dyn))
             if hf_error is None:
                 try:
                     hf = hf or _hf_model(shape, dev, dtype)
@@ -337,6 +338,14 @@ def step_e2e(rec, dev, dtype, smoke):
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _step_ms(dyn) -> dict:
+    """Median wall ms of the dynamic tree's measured drafted and paused steps (None if none)."""
+    import statistics
+
+    return {f"{kind}_step_ms": (statistics.median(dyn.step_seconds[k]) * 1e3 if dyn.step_seconds[k] else None)
+            for kind, k in (("drafted", True), ("paused", False))}
 
 
 def _old_splits(cfg, B, T, Hq, Hkv, max_keys, num_sms):
@@ -515,6 +524,8 @@ def _summary(rec):
             extra = f" MAT {r['mean_accepted']:.2f}" if "mean_accepted" in r else ""
             if "paused_steps" in r:
                 extra += f", paused {r['paused_steps']}/{r['steps']} steps"
+                ms = [f"{k} {r[k + '_step_ms']:.2f} ms" for k in ("drafted", "paused") if r.get(k + "_step_ms")]
+                extra += f" (median step: {', '.join(ms)})" if ms else ""
             if r.get("same_tokens_as_ar") is False:
                 extra += ", TOKENS DIFFER FROM AR"
             print(f"e2e {r['shape']} b{r['batch']} {r['method']}/{r['mode']}: {r['tok_s_wall']:.0f} tok/s{extra}")

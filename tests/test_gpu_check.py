@@ -53,6 +53,9 @@ def test_smoke_e2e_rows_keep_ar_tokens_and_count_paused_steps(tmp_path, capsys):
     dyn = [r for r in rows if r["method"] == "glide-random-dynamic"]
     assert {(r["batch"], r["mode"]) for r in dyn} == {(b, m) for b in (1, 8) for m in ("eager", "graphed")}
     assert all(0 <= r["paused_steps"] < r["steps"] and r["tok_s_wall"] > 0 for r in dyn)
+    # the median step times by kind: drafted steps were measured (the first ones always draft)
+    assert all(r["drafted_step_ms"] > 0 for r in dyn)
+    assert all((r["paused_step_ms"] is None) or r["paused_step_ms"] > 0 for r in dyn)
     assert "glide-random-dynamic/graphed" in capsys.readouterr().out  # the summary's rows
 
 

@@ -362,6 +362,9 @@ class DynamicTreeDraft(GlideDraft):
         self._clock = time.perf_counter  # times the steps (tests replace it)
         self.sizes = []  # chosen tree sizes, for reports
         self.skipped = 0  # steps decoded without drafting, for reports
+        # wall seconds of the measured steps by kind (True: drafted, False: plain), for reports:
+        # the time from one propose to the next, the host's read of the step included
+        self.step_seconds = {True: [], False: []}
         # what the pause policy learnt, kept across generations: batch size -> (rates, backoff,
         # since_plain) of the sizes not in use
         self._memory, self._batch = {}, None
@@ -572,6 +575,7 @@ class DynamicTreeDraft(GlideDraft):
             elif live > 0:
                 # tokens a row still decoding: a step's time hardly shrinks as rows finish
                 self._account(drafted, (committed - before) / live, now - then)
+                self.step_seconds[drafted].append(now - then)
         draft = self._decide()
         self._prev = (draft, now, committed, rows)
         return draft

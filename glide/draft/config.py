@@ -93,7 +93,7 @@ class DraftConfig:
 
 def _row_stats(w: torch.Tensor) -> list[float]:
     rows = w[:_PROBE_ROWS].double()
-    return [float(x) for x in torch.cat([rows.mean(-1), rows.std(-1)])]
+    return torch.cat([rows.mean(-1), rows.std(-1)]).tolist()  # one device read, not one a value
 
 
 def target_fingerprint(model) -> dict:

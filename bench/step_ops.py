@@ -17,8 +17,10 @@ Configurations as in :mod:`bench.ab`. Each prompt is decoded at batch 1 under a
 
 Why count: on a GPU every op costs the host several microseconds to issue, whatever its size,
 and the forwards replayed from CUDA graphs cost one call each; what is left between two graph
-replays is these ops. The count is the same on any machine (no timing, no noise), so a change
-to the host path can be judged on this CPU. ``kernel_ops`` leaves out views (``is_view``),
+replays is these ops. A phase's count per call does not depend on the machine's speed, so a
+change to the host path can be judged on this CPU. Per step it can: the dynamic tree decides
+from its own timings how many levels to grow (and, unless it drafts always, when to pause),
+so its draft phases vary between runs; compare those per call, or in one run. ``kernel_ops`` leaves out views (``is_view``),
 which launch nothing; ``item_reads`` counts ``_local_scalar_dense`` calls, each a device sync
 on a GPU. The target's and the draft's forwards are counted too, but on CUDA they replay from
 graphs (the chain draft's steps; the dynamic tree's steps still run eagerly).

@@ -65,6 +65,46 @@ def test_lookup_continuation_reports_the_suffix_length_it_matched():
     assert chain[:2].tolist() == [[4, 6], [0, 7]]
 
 
+def _lookup_by_suffix_length(tokens, lengths, active, ngram, num_tokens):
+    """lookup_continuation as it was first written: one pass over the history per suffix
+    length, longest first (the reference for the one-pass version)."""
+    B, cap = tokens.shape
+    start = torch.full((B,), -1, dtype=torch.int64)
+    matched = torch.zeros(B, dtype=torch.int64)
+    for n in range(min(ngram, cap - 1), 0, -1):
+        windows = tokens.unfold(1, n, 1)
+        key = tokens.gather(1, (lengths[:, None] - n + torch.arange(n)).clamp(min=0))
+        s = torch.arange(windows.shape[1])
+        hit = (windows == key[:, None, :]).all(-1) & (s[None, :] + n < lengths[:, None]) & (lengths[:, None] > n)
+        last = torch.where(hit, s, -1).amax(-1)
+        first = (start < 0) & (last >= 0)
+        matched = torch.where(first, n, matched)
+        start = torch.where(first, last + n, start)
+    idx = start[:, None] + torch.arange(num_tokens)
+    valid = (start[:, None] >= 0) & (idx < lengths[:, None]) & active[:, None]
+    matched = torch.where(valid[:, 0], matched, 0)
+    return torch.where(valid, tokens.gather(1, idx.clamp(0, cap - 1)), 0), valid, matched
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lookup_continuation_equals_the_loop_over_suffix_lengths(seed):
+    """Random histories over a small alphabet (many repeats), ragged lengths, garbage past
+    them, finished rows, ngram up to past the capacity: the one-pass search returns what the
+    loop over suffix lengths returns."""
+    g = torch.Generator().manual_seed(seed)
+    B, cap = 16, 3 + seed * 5
+    tokens = torch.randint(0, 2 + seed % 3, (B, cap), generator=g)
+    lengths = torch.randint(1, cap + 1, (B,), generator=g)
+    tokens[torch.arange(cap)[None, :] >= lengths[:, None]] = 9  # garbage past the lengths
+    active = torch.rand(B, generator=g) > 0.2
+    for ngram in (1, 3, cap + 2):
+        for k in (1, 4):
+            got = lookup_continuation(tokens, lengths, active, ngram, k)
+            want = _lookup_by_suffix_length(tokens, lengths, active, ngram, k)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), (seed, ngram, k)
+
+
 def test_prompt_lookup_skips_finished_sequences():
     p = PromptLookupDraft(2, 2).propose(_ctx([[1, 2, 1], [1, 2, 1]], active=[True, False]))
     assert _chain(p, 0) == [2, 1] and _chain(p, 1) == []

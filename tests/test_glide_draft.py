@@ -805,6 +805,50 @@ def test_lookup_tokens_merge_into_equal_candidates_and_extend_the_tree(trained):
     # its own v and stays the draft's; nothing follows it
     assert v[1].tolist() == pytest.approx([0.6, 0.55, 0.3, 0.1, -1, -1, -1])
     assert parent[1].tolist() == [-1, -1, 0, 0, -1, 1, 5] and not touched[1].any()
+    # told that the candidates are at most 2 deep (what propose knows), the walk up the
+    # ancestors is shorter and the merge the same
+    tok0 = torch.tensor([[3, 7, 6, 5], [2, 4, 5, 1]])
+    v0 = torch.tensor([[0.5, 0.3, 0.45, 0.05], [0.6, 0.55, 0.3, 0.1]])
+    par0 = torch.tensor([[-1, -1, 0, 0], [-1, -1, 0, 0]])
+    dep0 = torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2]])
+    again = g._merge_lookup(ctx, tok0, v0, par0, dep0, deepest=2)
+    for a, b in zip(again[:4] + again[4], (tok, v, parent, depth, chain, ok, n, touched)):
+        assert torch.equal(a, b)
+
+
+def _chain_estimates_by_loop(rate, own, found, ok):
+    """chain_estimates as it was first written, one chain token at a time (the reference)."""
+    cur = torch.ones(rate.shape[0], dtype=torch.float64)
+    est, wants = [], []
+    for j in range(rate.shape[1]):
+        want = cur * rate[:, j].double()
+        cur = torch.where(found[:, j], torch.maximum(own[:, j].double(), want),
+                          torch.where(ok[:, j] & (cur >= 0), want, -1.0))
+        est.append(cur)
+        wants.append(want)
+    return torch.stack(est, 1), torch.stack(wants, 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_chain_estimates_equal_the_loop_down_the_chain(seed):
+    """Random rates (down to 1e-5, whose products leave float32's range), own values, found
+    tokens inside a valid prefix: the cumulative form gives the loop's estimates, and the
+    loop's ``want`` wherever the token is valid."""
+    from glide.draft.dynamic import chain_estimates
+
+    g = torch.Generator().manual_seed(seed)
+    B, k = 64, 12
+    rate = torch.exp(-torch.rand(B, k, generator=g) * (11.5 if seed % 2 else 2.0))
+    own = torch.rand(B, k, generator=g)
+    valid_len = torch.randint(0, k + 1, (B,), generator=g)
+    ok = torch.arange(k)[None, :] < valid_len[:, None]
+    found = ok & (torch.rand(B, k, generator=g) < 0.4)
+    est, want = chain_estimates(rate, own, found, ok)
+    ref_est, ref_want = _chain_estimates_by_loop(rate, own, found, ok)
+    assert est.dtype == rate.dtype and torch.isfinite(est).all()
+    torch.testing.assert_close(est.double(), ref_est, rtol=1e-6, atol=0)
+    torch.testing.assert_close(want.double()[ok], ref_want[ok], rtol=1e-6, atol=0)
+    assert (est[~ok] == -1).all()
 
 
 def test_lookup_estimates_are_not_calibrated_as_the_drafts(trained):

@@ -452,6 +452,7 @@ class DynamicTreeDraft(GlideDraft):
         depth = torch.ones(B, K, dtype=torch.int64, device=dev)
         run_cand = torch.zeros(B, 0, dtype=torch.int64, device=dev)  # expanded candidates, in run order
         level_lo = 0
+        deepest = 1  # the candidates' depth, known on the host
         # Asked once, before the first level (asking before each one measured as a loss). The
         # root's candidates come sorted from topk: its best `beam` are the first. A level's cost
         # is guessed at the last one measured (the catch-up forward, wider, until there is one).
@@ -482,9 +483,10 @@ class DynamicTreeDraft(GlideDraft):
             parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             self._t_level = time.perf_counter() - t_start
+            deepest += 1
         lookup = None
         if self.lookup:
-            tok, v, parent, depth, lookup = self._merge_lookup(ctx, tok, v, parent, depth)
+            tok, v, parent, depth, lookup = self._merge_lookup(ctx, tok, v, parent, depth, deepest)
         # 3. size: keep the N best, N by expected tokens per second
         order = torch.sort(-v, dim=1, stable=True).indices  # parents first (never outranked)
         v_sorted = v.gather(1, order)
@@ -504,12 +506,14 @@ class DynamicTreeDraft(GlideDraft):
                       None if lookup is None else measured[:, :N])
         return proposal
 
-    def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth):
+    def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth, deepest: int | None = None):
         """Merge the prompt-lookup chain into the candidates ``(tok, v, parent, depth)``, each
         (batch, C): returns them extended by ``lookup`` columns (a column not offered, or
         merged into an equal candidate, gets ``v = -1``), and ``(chain, valid, n, touched)``:
         the lookup tokens, their validity, the suffix length matched, and which candidates
-        carry lookup's estimate (created, or raised above the draft's own ``v``)."""
+        carry lookup's estimate (created, or raised above the draft's own ``v``).
+        ``deepest``, when the caller knows it, bounds the candidates' depth (``self.depth``
+        otherwise): the walk up their ancestors takes that many steps, no more."""
         B, dev = tok.shape[0], tok.device
         k = self.lookup
         chain, ok, n = lookup_continuation(ctx.tokens, ctx.lengths, ctx.active, self.lookup_ngram, k)
@@ -529,7 +533,7 @@ class DynamicTreeDraft(GlideDraft):
         # depth and so are their ancestors' (draft candidates are at most `depth` deep)
         at = (depth - 1).clamp(max=k - 1)
         spell = (depth <= k) & (tok == chain.gather(1, at)) & ok.gather(1, at)
-        for _ in range(min(self.depth, k) - 1):
+        for _ in range(min(self.depth if deepest is None else deepest, k) - 1):
             spell = spell & torch.where(parent >= 0, spell.gather(1, parent.clamp(min=0)), True)
         levels = torch.arange(1, k + 1, device=dev)
         hit = spell[:, :, None] & (depth[:, :, None] == levels)  # (B, C, k): siblings are distinct
@@ -537,22 +541,7 @@ class DynamicTreeDraft(GlideDraft):
         # each chain token's column: the equal candidate, or a new one after the candidates
         node = torch.where(found, hit.int().argmax(1), C + levels - 1)
         own = v.gather(1, node.clamp(max=C - 1))
-        # estimates down the chain: a found token keeps the larger of its own v and lookup's
-        # (its parent's times the rate); below the draft's deepest level nothing is found
-        top = min(self.depth, k)
-        cur = torch.ones(B, dtype=v.dtype, device=dev)
-        est, wants = [], []
-        for j in range(top):
-            want = cur * rate[:, j]
-            cur = torch.where(found[:, j], torch.maximum(own[:, j], want),
-                              torch.where(ok[:, j] & (cur >= 0), want, -1.0))
-            est.append(cur)
-            wants.append(want)
-        est, want = torch.stack(est, 1), torch.stack(wants, 1)
-        if k > top:
-            tail = cur[:, None] * rate[:, top:].cumprod(1)
-            tail = torch.where(ok[:, top:] & (cur >= 0)[:, None], tail, -1.0)
-            est, want = torch.cat([est, tail], 1), torch.cat([want, tail], 1)
+        est, want = chain_estimates(rate, own, found, ok)
         raised = found & (want > own)  # the candidate now carries lookup's estimate
         mine = raised | (~found & (est >= 0))  # raised, or new
         v = torch.cat([v, v.new_full((B, k), -1.0)], 1).scatter(1, node, est)
@@ -729,6 +718,40 @@ class DynamicTreeDraft(GlideDraft):
 
 # ---------------------------------------------------------------------------- shipped calibration
 CALIBRATION = "calibration.json"
+
+
+def chain_estimates(rate: torch.Tensor, own: torch.Tensor, found: torch.Tensor, ok: torch.Tensor):
+    """Lookup's estimates down a chain of ``k`` tokens.
+
+    Chain token ``j`` gets ``x_j = max(a_j, x_{j-1} * rate_j)`` with ``x_{-1} = 1``: ``a_j`` is
+    the own ``v`` of the draft candidate equal to it (``found``), else 0 (a new node gets the
+    product alone). A token past the valid prefix gets -1 (``ok`` is a prefix of each row, and
+    ``found`` implies ``ok``). With ``P_j = rate_0 * ... * rate_j`` the recurrence unrolls to
+    ``P_j * max(1, max_{i <= j} a_i / P_i)``: one cumulative product and one cumulative max,
+    not a loop down the chain (a dozen small ops per token on the host). In float64, with P
+    kept above 0: at a rate of 1e-4 a token, P_11 is 1e-48, which float32 rounds to 0.
+
+    Parameters
+    ----------
+    rate : torch.Tensor, shape (batch, k), floating
+        Measured acceptance rate of each chain position, in (0, 1].
+    own : torch.Tensor, shape (batch, k), floating, >= 0 where ``found``
+    found, ok : torch.Tensor, shape (batch, k), bool
+
+    Returns
+    -------
+    est : torch.Tensor, shape (batch, k), dtype of ``rate``
+        ``x_j``, or -1 past the valid prefix.
+    want : torch.Tensor, shape (batch, k), dtype of ``rate``
+        ``x_{j-1} * rate_j``: lookup's own estimate, before the max with ``a_j`` (meaningful
+        where ``ok``).
+    """
+    r64 = rate.double()
+    P = r64.cumprod(1).clamp(min=1e-300)
+    a = torch.where(found, own.double(), 0.0)
+    x = P * torch.cummax(a / P, 1).values.clamp(min=1.0)
+    want = torch.cat([r64[:, :1], x[:, :-1] * r64[:, 1:]], 1)
+    return torch.where(ok, x, -1.0).to(rate.dtype), want.to(rate.dtype)
 
 
 def record_calibration(target, net, prompts, max_new_tokens: int = 128, temperature: float = 0.0,

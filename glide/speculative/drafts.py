@@ -170,18 +170,21 @@ def lookup_continuation(tokens: torch.Tensor, lengths: torch.Tensor, active: tor
     """
     B, cap = tokens.shape
     dev = tokens.device
-    start = torch.full((B,), -1, dtype=torch.int64, device=dev)  # continuation start
-    matched = torch.zeros(B, dtype=torch.int64, device=dev)
-    for n in range(min(ngram, cap - 1), 0, -1):
-        windows = tokens.unfold(1, n, 1)  # (B, cap - n + 1, n): window starting at s
-        key = tokens.gather(1, (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0))
-        s = torch.arange(windows.shape[1], device=dev)
-        # an earlier occurrence whose continuation starts inside the committed history
-        hit = (windows == key[:, None, :]).all(-1) & (s[None, :] + n < lengths[:, None]) & (lengths[:, None] > n)
-        last = torch.where(hit, s, -1).amax(-1)
-        first = (start < 0) & (last >= 0)
-        matched = torch.where(first, n, matched)
-        start = torch.where(first, last + n, start)
+    g = max(0, min(ngram, cap - 1))
+    # For every end position e, how many tokens ending at e equal the sequence's last ones
+    # (up to g): an n-gram match ends at e iff that count is >= n. One pass for every n.
+    e = torch.arange(cap, device=dev)
+    i = torch.arange(g, device=dev)
+    back = tokens.gather(1, (e[:, None] - i).clamp(min=0).reshape(1, -1).expand(B, -1)).view(B, cap, g)
+    key = tokens.gather(1, (lengths[:, None] - 1 - i).clamp(min=0))  # (B, g): last token first
+    same = (back == key[:, None, :]) & (i <= e[:, None])  # never before position 0
+    run = same.int().cumprod(-1).sum(-1)  # (B, cap)
+    # the suffix itself is at most lengths - 1 long, and the continuation (from e + 1) must
+    # start inside the committed history
+    run = torch.minimum(run, lengths[:, None] - 1).masked_fill(e[None, :] + 1 >= lengths[:, None], 0)
+    matched = run.amax(-1)  # the longest suffix with an earlier match ...
+    last = torch.where((run >= matched[:, None]) & (matched[:, None] > 0), e, -1).amax(-1)  # ... latest
+    start = torch.where(last >= 0, last + 1, -1)
     idx = start[:, None] + torch.arange(num_tokens, device=dev)
     valid = (start[:, None] >= 0) & (idx < lengths[:, None]) & active[:, None]
     matched = torch.where(valid[:, 0], matched, 0)

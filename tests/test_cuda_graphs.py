@@ -312,8 +312,9 @@ def test_verify_cost_can_be_timed_through_graphs(tmp_path):
 @pytest.mark.parametrize("kind", ["glide", "cape", "dynamic"])
 def test_draft_chain_is_captured_in_begin(glide_pair, monkeypatch, kind):
     """With capture on, GliDe and CaPE capture their chain in begin() (set-up, outside the timed
-    steps), once a generation; the dynamic tree captures none. Capture is faked on the CPU: a
-    CapturedCall that runs its function eagerly and counts its constructions."""
+    steps), once a generation; the dynamic tree captures there the forwards of its grown
+    levels, one per run width. Capture is faked on the CPU: a CapturedCall that runs its
+    function eagerly and counts its constructions."""
     import glide.model.graphs as graphs_mod
     from glide.draft.cape import CapeDraft
     from glide.draft.dynamic import DynamicTreeDraft
@@ -350,5 +351,6 @@ def test_draft_chain_is_captured_in_begin(glide_pair, monkeypatch, kind):
     monkeypatch.setattr(type(draft), "use_cuda_graphs", lambda self, capture: setattr(self, "_graph_mode", capture))
     got = generate_ids(target, prompts, draft, max_new_tokens=12, cuda_graphs=graphs)
     assert [o.output_ids for o in got] == [o.output_ids for o in want]
-    expect = {"glide": [False], "cape": [True], "dynamic": []}[kind]
+    # the dynamic tree (depth 6, beam 4): one graph per run width of its grown levels
+    expect = {"glide": [False], "cape": [True], "dynamic": [("level", 4 * d) for d in range(1, 6)]}[kind]
     assert list(began[0]) == expect and list(draft._graphs) == expect

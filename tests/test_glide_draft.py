@@ -776,6 +776,93 @@ def test_a_paused_tree_through_the_static_graph_path_equals_ar(trained):
     assert slow.skipped >= 5  # pauses of 1, 2, 4 ... after the warm-up
 
 
+class _CheckedLevels(DynamicTreeDraft):
+    """Runs every grown level through the static-buffer path and, beside it, eagerly with the
+    same inputs (both write the same draft K/V rows): the two must agree exactly."""
+
+    def _level_step(self, ctx, ids, pos, mask, cross, glimpse):
+        want = self.model.step(ids, pos, mask, self.cache, cross, last_rows=self.beam, glimpse=glimpse)
+        got = super()._level_step(ctx, ids, pos, mask, cross, glimpse)
+        assert torch.equal(got, want)
+        self.levels_checked = getattr(self, "levels_checked", 0) + 1
+        return got
+
+
+def test_the_dynamic_trees_levels_through_static_buffers_equal_eager_ones(trained):
+    """With CUDA graphs asked for (capture off on the CPU), each level's forward runs from
+    static copies of its inputs, one set per run width and generation: every level gives the
+    eager logits, the output equals AR's, and the widths met each have their buffers."""
+    from glide.model.graphs import CudaGraphs
+
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    g = _CheckedLevels(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0, fallback=False)
+    out = generate_ids(t, PROMPTS_SMALL, g, max_new_tokens=40, cuda_graphs=CudaGraphs(t, capture=False))
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    assert g.levels_checked >= 10
+    widths = sorted(k[1] for k in g._graphs if isinstance(k, tuple) and k[0] == "level")
+    assert widths and set(widths) <= {2, 4, 6}  # beam 2: 2, 4 or 6 run rows at depths 2-4
+    # eagerly (no graphs asked for), no buffers at all
+    e = DynamicTreeDraft(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0, fallback=False)
+    generate_ids(t, PROMPTS_SMALL, e, max_new_tokens=40)
+    assert not any(isinstance(k, tuple) for k in e._graphs)
+
+
+def test_a_refused_level_capture_falls_back_to_eager_levels_with_a_warning(trained, monkeypatch):
+    """Where the CUDA runtime refuses a level's capture, the tree warns once and drafts its
+    levels eagerly for the rest of the generation; the output stays AR's."""
+    from glide.model import graphs
+
+    class _Capturing(DynamicTreeDraft):
+        def use_cuda_graphs(self, capture):
+            self._graph_mode = True  # as on CUDA; the patched run below refuses to capture
+
+    calls = []
+
+    def refuse(self):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs.CapturedCall, "run", refuse)
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=40)
+    g = _Capturing(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0, fallback=False)
+    with pytest.warns(RuntimeWarning, match="level forwards run eagerly"):
+        out = generate_ids(t, PROMPTS_SMALL, g, max_new_tokens=40)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    assert len(calls) == 1 and g._level_graphs_failed  # one refusal, then eager
+
+
+def test_capturing_the_levels_in_begin_leaves_the_committed_draft_cache_alone(trained, monkeypatch):
+    """begin() runs every level width once on placeholders (to capture it on CUDA; here the
+    capture is faked, the function runs eagerly). Those writes must stay in rows the first
+    catch-up rewrites: the prompt's draft K/V below each root are the same as without them."""
+    from glide.model import graphs
+
+    monkeypatch.setattr(graphs.CapturedCall, "run", lambda self: self.fn())
+    snapshots = {}
+
+    class _Snap(DynamicTreeDraft):
+        def use_cuda_graphs(self, capture):
+            self._graph_mode = True
+
+        def _capture_levels(self, ctx):
+            before = self.cache.kv.clone()
+            super()._capture_levels(ctx)
+            snapshots["rows"] = (ctx.lengths - 1).tolist()
+            snapshots["before"], snapshots["after"] = before, self.cache.kv.clone()
+
+    t, d, _ = trained
+    ar = generate_ids(t, PROMPTS_SMALL, None, max_new_tokens=20)
+    g = _Snap(d, depth=4, top_k=3, beam=2, cost=_flat_cost(0.0), min_expand=0.0, fallback=False)
+    out = generate_ids(t, PROMPTS_SMALL, g, max_new_tokens=20)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ar]
+    before, after = snapshots["before"], snapshots["after"]
+    for b, root in enumerate(snapshots["rows"]):
+        assert torch.equal(after[:, :, b, :, :root], before[:, :, b, :, :root]), b
+        assert not torch.equal(after[:, :, b, :, root:root + 6], before[:, :, b, :, root:root + 6])  # written
+
+
 # ---------------------------------------------------------------- prompt lookup in the dynamic tree
 _lookup_ctx = history_context  # a context over committed rows (each history ends at its root)
 

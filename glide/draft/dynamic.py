@@ -328,6 +328,7 @@ class DynamicTreeDraft(GlideDraft):
     """
 
     _chain_graph = None  # its steps are its own, not the chain's
+    _level_graphs_failed = False  # set when a level's capture failed (see _level_step)
 
     def __init__(self, model, depth: int = 6, top_k: int = 8, beam: int = 4, max_nodes: int = 48,
                  cost: VerifyCost | None = None, calibration: Calibration | None = None,
@@ -398,6 +399,7 @@ class DynamicTreeDraft(GlideDraft):
 
     def begin(self, ctx: DraftContext) -> None:
         super().begin(ctx)
+        self._level_graphs_failed = False
         self.trusted = (ctx.lengths - 1).clone()  # positions whose draft K/V are right
         self._last = None
         self._t_level = None  # seconds of the last grown level's draft forward
@@ -406,6 +408,25 @@ class DynamicTreeDraft(GlideDraft):
             # the verify forwards run as the engine runs them: replayed graphs when it said so
             self.cost = VerifyCost.cached(ctx.model, ctx.lengths.shape[0], int(ctx.lengths.max()),
                                           graphs=self._graph_mode is True)
+        if self._graph_mode is True:
+            self._capture_levels(ctx)
+
+    def _capture_levels(self, ctx: DraftContext) -> None:
+        """Capture the graph of every level width now, in the set-up (as the chain drafts do):
+        ``beam`` to ``beam * (depth - 1)`` run rows, on placeholder inputs. Their draft K/V
+        land in rows from the root's position on, which the first catch-up rewrites."""
+        B = ctx.root.shape[0]
+        root_pos = ctx.lengths - 1
+        self.cache.lens.copy_(root_pos)
+        cross = self._cross(ctx)
+        glimpse = self._glimpse_rows(ctx, root_pos[:, None])
+        glimpse = None if glimpse is None else glimpse[:, 0]
+        for level in range(1, self.depth):
+            R = self.beam * level
+            ids = ctx.root[:, None].expand(B, R).contiguous()
+            pos = (root_pos[:, None] + 1).expand(B, R).contiguous()
+            mask = torch.eye(R, dtype=torch.bool, device=ids.device).expand(B, R, R).contiguous()
+            self._level_step(ctx, ids, pos, mask, cross, glimpse)
 
     # ------------------------------------------------------------------ one step
     def propose(self, ctx: DraftContext) -> Proposal:
@@ -474,8 +495,7 @@ class DynamicTreeDraft(GlideDraft):
             par = parent.gather(1, run_cand)
             run_par = torch.where(par >= 0, cand_run.gather(1, par.clamp(min=0)), -1)
             mask = ancestor_mask(run_par)
-            out = m.step(run_tok, root_pos[:, None] + run_depth, mask, cache, cross, last_rows=beam,
-                         glimpse=glimpse)
+            out = self._level_step(ctx, run_tok, root_pos[:, None] + run_depth, mask, cross, glimpse)
             cp, ccol = torch.softmax(out, -1).topk(K, -1)  # (B, beam, K)
             level_lo = v.shape[1]
             tok = torch.cat([tok, m.vocab_ids[ccol].reshape(B, -1)], 1)
@@ -505,6 +525,49 @@ class DynamicTreeDraft(GlideDraft):
         self._last = (proposal, root_pos.clone(), depth.gather(1, sel), None if lookup is None else lookup[:3],
                       None if lookup is None else measured[:, :N])
         return proposal
+
+    def _level_step(self, ctx: DraftContext, ids, pos, mask, cross, glimpse):
+        """One grown level's draft forward over the run so far, ``(batch, R)`` rows: the logits
+        of its last ``beam`` rows. Eager without CUDA graphs; with them (``use_cuda_graphs``),
+        replayed from one graph per run width ``R`` and generation, its inputs copied into
+        static buffers (``capture=False``, the CPU tests' mode, runs the same path eagerly). A
+        capture that fails turns the graphs off for the rest of the generation, with a
+        warning: the level then runs eagerly, as it did before graphs."""
+        m, beam = self.model, self.beam
+        if self._graph_mode is None or self._level_graphs_failed:
+            return m.step(ids, pos, mask, self.cache, cross, last_rows=beam, glimpse=glimpse)
+        from glide.model.graphs import CapturedCall
+
+        if ctx is not self._graph_ctx:  # the graphs hold this context's tensors
+            self._graphs, self._graph_ctx = {}, ctx
+        key = ("level", ids.shape[1])
+        entry = self._graphs.get(key)
+        if entry is None:
+            # the inputs' static copies, and the step's cross-attention: a captured graph keeps
+            # the first (on CUDA it reads the target's lengths on the device); an eager run
+            # (capture=False) takes each step's own
+            static = [ids.clone(), pos.clone(), mask.clone(), None if glimpse is None else glimpse.clone(), cross]
+            cache = self.cache
+
+            def body(s=static):
+                return m.step(s[0], s[1], s[2], cache, s[4], last_rows=beam, checked=False, glimpse=s[3])
+            entry = self._graphs[key] = (static, CapturedCall(body, self._graph_mode, ids.device))
+        static, call = entry
+        for dst, src in zip(static, (ids, pos, mask, glimpse)):
+            if dst is not None:
+                dst.copy_(src)
+        static[4] = cross
+        try:
+            return call.run()
+        except RuntimeError as exc:  # a capture the CUDA runtime refused: stay eager
+            if call.graph is not None or not self._graph_mode:
+                raise
+            import warnings
+
+            warnings.warn(f"draft: the dynamic tree's level forwards run eagerly, a CUDA graph "
+                          f"capture failed: {exc}", RuntimeWarning, stacklevel=2)
+            self._level_graphs_failed = True
+            return m.step(ids, pos, mask, self.cache, cross, last_rows=beam, glimpse=glimpse)
 
     def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth, deepest: int | None = None):
         """Merge the prompt-lookup chain into the candidates ``(tok, v, parent, depth)``, each

@@ -386,14 +386,16 @@ def step_tree(rec, dev, dtype, copy_gbps, smoke):
             sets.append((q, k, v, lens, mask, out))
         nbytes = kv_bytes + 2 * q.numel() * q.element_size() + mask.numel()
         cfg = attention_config(B, T, Hq, Hkv, D, ctx + T, dtype=dtype, device=dev)
-        old = _old_splits(cfg, B, T, Hq, Hkv, ctx + T, num_sms)
+        # the pre-fix split policy ran 64-row tiles: its split count and timing use those
+        cfg64 = attention_config(B, T, Hq, Hkv, D, ctx + T, dtype=dtype, device=dev, max_block_m=64)
+        old = _old_splits(cfg64, B, T, Hq, Hkv, ctx + T, num_sms)
         row = dict(heads=name, ctx=ctx, T=T, group=Hq // Hkv, bytes=nbytes, copies=copies,
                    config=cfg.as_dict(), old_splits=old)
         variants = [("default", None, None), ("old", old, 64)]
         if T * (Hq // Hkv) > 64:  # both tile heights past one 64-row tile (attention_config)
             variants += [("bm64", None, 64), ("bm128", None, 128)]
         for key, splits, max_bm in variants:
-            if key == "old" and old == cfg.num_splits:
+            if key == "old" and old == cfg.num_splits and cfg64 == cfg:  # the same launch
                 row["old_us"], row["old_gbps"] = row.get("default_us"), row.get("default_gbps")
                 continue
             fns = [lambda s=s, sp=splits, bm=max_bm: tree_attention(

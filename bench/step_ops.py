@@ -22,8 +22,9 @@ change to the host path can be judged on this CPU. Per step it can: the dynamic 
 from its own timings how many levels to grow (and, unless it drafts always, when to pause),
 so its draft phases vary between runs; compare those per call, or in one run. ``kernel_ops`` leaves out views (``is_view``),
 which launch nothing; ``item_reads`` counts ``_local_scalar_dense`` calls, each a device sync
-on a GPU. The target's and the draft's forwards are counted too, but on CUDA they replay from
-graphs (the chain draft's steps; the dynamic tree's steps still run eagerly).
+on a GPU. The target's and the draft's forwards are counted too, but on CUDA most replay from
+graphs: the target's, the chain draft's and the dynamic tree's grown levels (its catch-up
+forward runs eagerly).
 
 Rows (``profiles/<device>/<name>.json``): per configuration and phase, ops, kernel ops and
 item reads per decode step (a step: one target forward after the prefill), with the

@@ -379,6 +379,21 @@ def test_default_block_m_follows_the_measured_rule():
     assert attention_config(1, 64, 32, 8, 128, 32768, dtype=torch.float32).block_m == 16
 
 
+def test_128_row_tiles_only_where_the_device_holds_them(monkeypatch):
+    """The 128-row tile needs 104 KiB of shared memory a block: a CUDA device with less (sm_86,
+    sm_89: 99 KiB) keeps 64-row tiles by default; an explicit max_block_m is left alone.
+    The device's properties are faked (no GPU here)."""
+    from glide.kernels import attention as attn
+
+    monkeypatch.setattr(attn, "_cuda_num_sms", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    for fits, want in ((True, 128), (False, 64)):
+        monkeypatch.setattr(attn, "_cuda_fits_big_tiles", lambda index, fits=fits: fits)
+        assert attention_config(1, 17, 32, 8, 128, 32768, device=dev).block_m == want
+        assert attention_config(1, 17, 32, 8, 128, 32768, device=dev, max_block_m=128).block_m == 128
+        assert attn._auto_block_m(None, torch.device("cpu")) is None  # the CPU: the rule itself
+
+
 def test_max_block_m_is_checked():
     q, k, v, lens, mask = _small()
     for bad in (48, 256, True, "64"):

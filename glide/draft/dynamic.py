@@ -502,6 +502,8 @@ class DynamicTreeDraft(GlideDraft):
             v = torch.cat([v, (v.gather(1, pick)[:, :, None] * cp).reshape(B, -1)], 1)
             parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
+            if dev.type == "cuda":  # the level's GPU time too, not only its queuing (a replay
+                torch.cuda.current_stream(dev).synchronize()  # queues in microseconds)
             self._t_level = time.perf_counter() - t_start
             deepest += 1
         lookup = None
@@ -557,11 +559,16 @@ class DynamicTreeDraft(GlideDraft):
             if dst is not None:
                 dst.copy_(src)
         static[4] = cross
+        stream = torch.cuda.current_stream(ids.device) if ids.device.type == "cuda" else None
         try:
             return call.run()
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as exc:  # a capture the CUDA runtime refused: stay eager
             if call.graph is not None or not self._graph_mode:
                 raise
+            if stream is not None:  # a failed capture can leave its own stream current
+                torch.cuda.set_stream(stream)
             import warnings
 
             warnings.warn(f"draft: the dynamic tree's level forwards run eagerly, a CUDA graph "

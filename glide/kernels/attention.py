@@ -67,6 +67,28 @@ def _num_sms(device: torch.device | None) -> int:
     return _DEFAULT_NUM_SMS
 
 
+# The 128-row tile (head_dim 128, 2 stages) needs 104 KiB of shared memory (sm_90 ptxas,
+# profiles/compile-sm90.json) plus 1 KiB reserved: sm_80 and sm_90 give a block up to 163 and
+# 227 KiB, but sm_86 and sm_89 (RTX 30/40, A10, L4, L40S) only 99 KiB.
+_BIG_TILE_SHARED = 110 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fits_big_tiles(index: int) -> bool:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", _BIG_TILE_SHARED) >= _BIG_TILE_SHARED
+
+
+def _auto_block_m(max_block_m: int | None, device: torch.device | None) -> int | None:
+    """``max_block_m`` as given, or 64 in place of ``None`` (the measured rule's 128-row tiles)
+    on a CUDA device whose blocks cannot hold them."""
+    if max_block_m is None and device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not _cuda_fits_big_tiles(index):
+            return 64
+    return max_block_m
+
+
 def attention_config(
     batch: int,
     q_len: int,
@@ -139,6 +161,9 @@ def attention_config(
         T=17 144 -> 86 us, T=32 143 -> 87 us, T=64 258 -> 156 us; at 8k, T=17 44 -> 28 us;
         groups 2 and 8 at T=64, 8k: 44 -> 30 and 145 -> 95 us. At head_dim 64 (SmolLM2,
         group 3, 44 splits) 128-row tiles were slower (32k, T=24: 20 -> 26 us), so they keep 64.
+        A CUDA device whose blocks get less than 110 KiB of shared memory (sm_86, sm_89) keeps
+        64 too: the 128-row tile needs 104 KiB. Prefill (thousands of rows) also takes 128-row
+        tiles at head_dim 128; only trees up to T = 64 were timed.
     device : torch.device, optional
         Its SM count replaces the H100's 132 when it is a CUDA device.
 
@@ -148,7 +173,7 @@ def attention_config(
     """
     _check_max_block_m(max_block_m)
     return _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype,
-                   num_splits, _num_sms(device), max_block_m)
+                   num_splits, _num_sms(device), _auto_block_m(max_block_m, device))
 
 
 # The launchers ask for a config on every call, mostly with the same arguments (with
@@ -288,7 +313,8 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
     if q.numel() == 0:
         return out
     # the public launchers checked every argument: straight to the cached config
-    cfg = _config(B, T, Hq, Hkv, D, max_keys, q.dtype, num_splits, _num_sms(q.device), max_block_m)
+    cfg = _config(B, T, Hq, Hkv, D, max_keys, q.dtype, num_splits, _num_sms(q.device),
+                  _auto_block_m(max_block_m, q.device))
     has_tree = tree_mask is not None
     if has_tree:
         mask = tree_mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1

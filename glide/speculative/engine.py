@@ -319,9 +319,10 @@ def _ar_steps_lagged(target, cache, state, ctx, outputs, pick, start, on_tokens)
     So the host hands out step ``k`` and queues step ``k + 2`` while the GPU runs step
     ``k + 1``: the per-step host work hides behind the forward instead of adding to it.
 
-    The tokens and counts equal the plain loop's. The differences: ``on_tokens`` and each
-    sequence's ``seconds`` come one step later, and one extra step runs after the last
-    sequence finished. That step emits nothing (every sequence is inactive, so its writes go
+    The tokens and counts equal the plain loop's. The differences: ``on_tokens`` is called
+    one step later (each sequence's ``seconds`` is stamped once its last step's tokens have
+    reached the host, as in the plain loop), and one extra step runs after the last sequence
+    finished. That step emits nothing (every sequence is inactive, so its writes go
     to the sink column) and its cache commit stays within the cache's spare slot.
     """
     B, dev = state.rows.shape[0], state.rows.device
@@ -340,7 +341,7 @@ def _ar_steps_lagged(target, cache, state, ctx, outputs, pick, start, on_tokens)
         buf.copy_(packed, non_blocking=cuda)
         done = torch.cuda.Event() if cuda else None
         if done is not None:
-            done.record()
+            done.record(torch.cuda.current_stream(dev))
         step = (buf, done)
         if pending is not None:
             if pending[1] is not None:

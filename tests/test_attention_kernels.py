@@ -391,7 +391,7 @@ def test_128_row_tiles_only_where_the_device_holds_them(monkeypatch):
         monkeypatch.setattr(attn, "_cuda_fits_big_tiles", lambda index, fits=fits: fits)
         assert attention_config(1, 17, 32, 8, 128, 32768, device=dev).block_m == want
         assert attention_config(1, 17, 32, 8, 128, 32768, device=dev, max_block_m=128).block_m == 128
-        assert attn._auto_block_m(None, torch.device("cpu")) is None  # the CPU: the rule itself
+    assert attn._device_facts(torch.device("cpu")) == (attn._DEFAULT_NUM_SMS, True)  # the CPU: the rule itself
 
 
 def test_max_block_m_is_checked():

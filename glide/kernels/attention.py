@@ -60,13 +60,6 @@ def _cuda_num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_sms(device: torch.device | None) -> int:
-    if device is not None and device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_num_sms(index)
-    return _DEFAULT_NUM_SMS
-
-
 # The 128-row tile (head_dim 128, 2 stages) needs 104 KiB of shared memory (sm_90 ptxas,
 # profiles/compile-sm90.json) plus 1 KiB reserved: sm_80 and sm_90 give a block up to 163 and
 # 227 KiB, but sm_86 and sm_89 (RTX 30/40, A10, L4, L40S) only 99 KiB.
@@ -79,14 +72,13 @@ def _cuda_fits_big_tiles(index: int) -> bool:
     return getattr(props, "shared_memory_per_block_optin", _BIG_TILE_SHARED) >= _BIG_TILE_SHARED
 
 
-def _auto_block_m(max_block_m: int | None, device: torch.device | None) -> int | None:
-    """``max_block_m`` as given, or 64 in place of ``None`` (the measured rule's 128-row tiles)
-    on a CUDA device whose blocks cannot hold them."""
-    if max_block_m is None and device is not None and device.type == "cuda":
+def _device_facts(device: torch.device | None) -> tuple[int, bool]:
+    """``(SM count, whether a block can hold a 128-row tile)`` of a CUDA device; an H100's
+    for anything else (the interpreter, ahead-of-time compiles)."""
+    if device is not None and device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if not _cuda_fits_big_tiles(index):
-            return 64
-    return max_block_m
+        return _cuda_num_sms(index), _cuda_fits_big_tiles(index)
+    return _DEFAULT_NUM_SMS, True
 
 
 def attention_config(
@@ -173,19 +165,19 @@ def attention_config(
     """
     _check_max_block_m(max_block_m)
     return _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype,
-                   num_splits, _num_sms(device), _auto_block_m(max_block_m, device))
+                   num_splits, *_device_facts(device), max_block_m)
 
 
 # The launchers ask for a config on every call, mostly with the same arguments (with
 # check_lens=False max_keys is fixed too): cached, it costs a dict lookup.
 @functools.lru_cache(maxsize=1024)
 def _config(batch, q_len, num_q_heads, num_kv_heads, head_dim, max_keys, dtype, num_splits,
-            num_sms, max_block_m) -> AttentionConfig:
+            num_sms, big_tiles, max_block_m) -> AttentionConfig:
     group = num_q_heads // num_kv_heads
     rows = q_len * group
     block_d = max(16, next_power_of_2(head_dim))
     if max_block_m is None:  # measured on an H200 (attention_config's docstring)
-        max_block_m = 128 if block_d == 128 and rows > 64 else 64
+        max_block_m = 128 if big_tiles and block_d == 128 and rows > 64 else 64
     block_m = min(max_block_m if dtype != torch.float32 else 64, max(16, next_power_of_2(rows)))
     if dtype == torch.float32:
         # sm_90 ptxas, float32 (see the docstring): M16 N64 w4 80-91 registers, 40-76 KiB;
@@ -313,8 +305,7 @@ def _launch(q, k_cache, v_cache, lens, tree_mask, out, sm_scale, max_keys, num_s
     if q.numel() == 0:
         return out
     # the public launchers checked every argument: straight to the cached config
-    cfg = _config(B, T, Hq, Hkv, D, max_keys, q.dtype, num_splits, _num_sms(q.device),
-                  _auto_block_m(max_block_m, q.device))
+    cfg = _config(B, T, Hq, Hkv, D, max_keys, q.dtype, num_splits, *_device_facts(q.device), max_block_m)
     has_tree = tree_mask is not None
     if has_tree:
         mask = tree_mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1

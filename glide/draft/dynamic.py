@@ -536,8 +536,11 @@ class DynamicTreeDraft(GlideDraft):
         capture that fails turns the graphs off for the rest of the generation, with a
         warning: the level then runs eagerly, as it did before graphs."""
         m, beam = self.model, self.beam
-        if self._graph_mode is None or self._level_graphs_failed:
+
+        def eager():
             return m.step(ids, pos, mask, self.cache, cross, last_rows=beam, glimpse=glimpse)
+        if self._graph_mode is None or self._level_graphs_failed:
+            return eager()
         from glide.model.graphs import CapturedCall
 
         if ctx is not self._graph_ctx:  # the graphs hold this context's tensors
@@ -559,7 +562,6 @@ class DynamicTreeDraft(GlideDraft):
             if dst is not None:
                 dst.copy_(src)
         static[4] = cross
-        stream = torch.cuda.current_stream(ids.device) if ids.device.type == "cuda" else None
         try:
             return call.run()
         except torch.cuda.OutOfMemoryError:
@@ -567,14 +569,12 @@ class DynamicTreeDraft(GlideDraft):
         except RuntimeError as exc:  # a capture the CUDA runtime refused: stay eager
             if call.graph is not None or not self._graph_mode:
                 raise
-            if stream is not None:  # a failed capture can leave its own stream current
-                torch.cuda.set_stream(stream)
             import warnings
 
             warnings.warn(f"draft: the dynamic tree's level forwards run eagerly, a CUDA graph "
                           f"capture failed: {exc}", RuntimeWarning, stacklevel=2)
             self._level_graphs_failed = True
-            return m.step(ids, pos, mask, self.cache, cross, last_rows=beam, glimpse=glimpse)
+            return eager()
 
     def _merge_lookup(self, ctx: DraftContext, tok, v, parent, depth, deepest: int | None = None):
         """Merge the prompt-lookup chain into the candidates ``(tok, v, parent, depth)``, each

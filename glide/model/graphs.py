@@ -55,7 +55,8 @@ class CapturedCall:
     The first :meth:`run` calls it once eagerly on a side stream (Triton compiles, the
     allocator warms up; ``fn`` must tolerate running twice), captures it, and replays it;
     later calls replay. Returns what the captured call returned: static tensors, overwritten
-    by the next replay. With ``capture=False`` every :meth:`run` calls ``fn`` eagerly (CPU
+    by the next replay. A capture that fails raises, with the caller's stream current again
+    and nothing captured (the next :meth:`run` tries again). With ``capture=False`` every :meth:`run` calls ``fn`` eagerly (CPU
     tests of the static-buffer logic).
 
     Parameters
@@ -85,9 +86,17 @@ class CapturedCall:
             with torch.cuda.stream(side):
                 self.fn()
             torch.cuda.current_stream(self.device).wait_stream(side)
+            stream = torch.cuda.current_stream(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.out = self.fn()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.out = self.fn()
+            except BaseException:
+                # a capture the runtime invalidated can fail on exit before the capture
+                # stream is swapped back: leave the caller on its own stream
+                torch.cuda.set_stream(stream)
+                self.out = None
+                raise
             self.graph = graph
         self.graph.replay()
         return self.out

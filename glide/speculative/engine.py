@@ -325,33 +325,33 @@ def _ar_steps_lagged(target, cache, state, ctx, outputs, pick, start, on_tokens)
     finished. That step emits nothing (every sequence is inactive, so its writes go
     to the sink column) and its cache commit stays within the cache's spare slot.
     """
-    B, dev = state.rows.shape[0], state.rows.device
+    dev = state.rows.device
     cuda = dev.type == "cuda"
-    # Two pinned host buffers, alternating: step k's tokens land in one while the host still
-    # reads step k - 1's from the other. The copy is queued right after step k's emit and
-    # waited on through its own event, so the wait ends before step k + 1's forward does.
-    bufs = [torch.empty((B, 4), dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
-    pending = None
-    k = 0
+    # Two (pinned host buffer, event) slots, alternating: step k's tokens land in one while the
+    # host still reads step k - 1's from the other. The copy is queued right after step k's
+    # emit and waited on through its event, so the wait ends before step k + 1's forward does.
+    slots, pending = [], None
     while True:
         was_active = state.active.clone()
         new = pick(target.decode(state.root, cache))[:, None]
         packed = _pack(state.emit_one(new), new, state.active, was_active)
-        buf = bufs[k % 2]
+        if not slots:  # made once, shaped like the packed rows
+            slots = [(torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda),
+                      torch.cuda.Event() if cuda else None) for _ in range(2)]
+        buf, done = slots[0]
         buf.copy_(packed, non_blocking=cuda)
-        done = torch.cuda.Event() if cuda else None
         if done is not None:
             done.record(torch.cuda.current_stream(dev))
-        step = (buf, done)
         if pending is not None:
             if pending[1] is not None:
                 pending[1].synchronize()
-            emitted, ctx.live = _hand_out(outputs, pending[0].flatten().tolist(), 4, False, start, on_tokens)
+            emitted, ctx.live = _hand_out(outputs, pending[0].flatten().tolist(), packed.shape[1], False, start,
+                                          on_tokens)
             ctx.emitted += emitted
             if not ctx.live:  # so the step just queued found no active sequence
                 return
-        pending = step
-        k += 1
+        pending = slots[0]
+        slots.reverse()
 
 
 def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):

@@ -436,16 +436,19 @@ class _PausedDraft(engine_module.Draft):
 
 def test_paused_steps_equal_ar_and_keep_the_length_bound_on_the_host(model, monkeypatch):
     """Steps with an empty proposal give the AR tokens. While every row is active they commit
-    with an int, so the cache's host-side length bound survives (a tensor commit would drop it
-    and cost the next graphed forward a device read); once a row finishes they commit per row."""
+    with an int, so the cache keeps its common length; once a row finishes they commit per row,
+    telling the cache that no row keeps more than one token. Either way the cache's host-side
+    length bound survives (a plain tensor commit would drop it and cost the next graphed
+    forward a device read of the lengths)."""
     prompts = [[1, 2, 3], [4, 5, 6]]  # equal lengths: the cache knows one common length
     want = [o.output_ids for o in generate_ids(model, prompts, max_new_tokens=10)]
     eos = want[0][4]
     assert eos not in want[0][:4]
-    known, real = [], model.decode
+    known, bound, real = [], [], model.decode
 
     def decode(tokens, cache, *a, **kw):
         known.append(cache.uniform_length() is not None)
+        bound.append(cache._bound_key == cache._lens_key())  # answered without a device read
         return real(tokens, cache, *a, **kw)
 
     monkeypatch.setattr(model, "decode", decode)
@@ -453,8 +456,11 @@ def test_paused_steps_equal_ar_and_keep_the_length_bound_on_the_host(model, monk
     assert [o.output_ids for o in out] == want and all(o.mean_accepted == 1.0 for o in out)
     # the first step's commit measures the lengths the prefill set (one read); then no more
     assert len(known) == 9 and all(known[1:]), known
+    assert all(bound[1:]), bound
     known.clear()
+    bound.clear()
     out = generate_ids(model, prompts, _PausedDraft(), max_new_tokens=10, eos_token_ids=[eos])
     assert out[0].output_ids == want[0][:5]
     assert out[1].output_ids == _truncate(want[1], eos)
     assert all(known[1:4]) and not any(known[5:]), known  # row 0 finished at the 4th step
+    assert len(bound) == 9 and all(bound[1:]), bound  # the bound is never measured again

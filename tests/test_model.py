@@ -286,6 +286,22 @@ def test_cache_layout_views_and_lengths():
     assert cache.lens.tolist() == [0, 0] and cache.max_len_bound() == 0
 
 
+def test_a_tensor_commit_with_a_known_most_keeps_the_host_bound():
+    """commit(tensor, most=m): the host bound grows by m and stays known (ahead of the truth
+    where a row kept less); without most, or from an unknown bound, it is measured again."""
+    cache = KVCache(1, 3, 1, 16, 4, dtype=torch.float64)
+    cache.commit(5)
+    cache.commit(torch.tensor([1, 0, 1]), most=1)
+    assert cache._bound_key == cache._lens_key() and cache._bound == 6  # no device read needed
+    assert cache.uniform_length() is None  # the rows may differ now
+    assert cache.lens.tolist() == [6, 5, 6] and cache.max_len_bound(exact=True) == 6
+    cache.commit(torch.tensor([0, 2, 0]))  # no most: forgotten, then measured
+    assert cache._bound_key != cache._lens_key() and cache.max_len_bound() == 7
+    cache.lens[1] += 1  # an outside write: the bound is unknown, so most cannot build on it
+    cache.commit(torch.tensor([1, 1, 1]), most=1)
+    assert cache._bound_key != cache._lens_key() and cache.max_len_bound() == 9
+
+
 def test_cache_compact_moves_every_layer():
     L, B, H, S, D = 2, 2, 3, 12, 4
     cache = KVCache(L, B, H, S, D, dtype=torch.float64)

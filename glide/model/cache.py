@@ -105,18 +105,26 @@ class KVCache:
         return self.kv[-1, 0], self.kv[-1, 1]
 
     # ------------------------------------------------------------------ lengths
-    def commit(self, n) -> None:
+    def commit(self, n, most: int | None = None) -> None:
         """Advance every sequence's length by ``n``.
 
         Parameters
         ----------
         n : int or torch.Tensor, shape (batch,), integer
             Number of freshly written tokens to keep, per sequence.
+        most : int, optional
+            For a tensor ``n``, a bound on its values that the caller knows: the host-side
+            length bound then grows by it and stays known (it may run ahead of the lengths, as
+            after :meth:`compact`) instead of being measured again with a device sync.
         """
         if isinstance(n, torch.Tensor):
             self._check_lengths("n", n)
+            known = self._bound_key == self._lens_key()
             self.lens += n.to(self.lens.device)
-            self._forget_bound()
+            if most is not None and known:
+                self._set_bound(self._bound + int(most), same=False)
+            else:
+                self._forget_bound()
         elif isinstance(n, int) and not isinstance(n, bool):
             if n < 0:
                 raise ValueError(f"n must be non-negative, got {n}")

@@ -368,11 +368,14 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     if proposal.num_nodes > draft.max_nodes:
         raise ValueError(f"draft proposed {proposal.num_nodes} nodes, more than its max_nodes {draft.max_nodes}")
     if proposal.tokens.shape[1] == 0:
-        # every row still active (the host's count says so): an int commit keeps the cache's
-        # host-side length bound, which a tensor commit drops (the next graphed forward would
-        # then read the lengths back, one more device sync a step)
-        commit = 1 if ctx.live == state.rows.shape[0] else state.active.long()
-        logits = target.decode(state.root, cache, commit=commit, return_hidden=want_hidden)
+        # Every row still active (the host's count says so): commit 1, which keeps the cache's
+        # common length too. Else only the active rows keep their token, and the cache is told
+        # that no row keeps more than one: its host-side length bound stays known, so the next
+        # graphed forward needs no device read of the lengths.
+        all_live = ctx.live == state.rows.shape[0]
+        logits = target.decode(state.root, cache, commit=1 if all_live else 0, return_hidden=want_hidden)
+        if not all_live:
+            cache.commit(state.active.long(), most=1)
         if want_hidden:
             logits, step_hidden = logits
             state.keep_hidden(step_hidden[:, None], state.rows[:, None] * 0, state.active.long())

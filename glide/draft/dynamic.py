@@ -480,9 +480,13 @@ class DynamicTreeDraft(GlideDraft):
         guess = self._t_level if self._t_level is not None else time.perf_counter() - t0
         grow = self._level_pays(v, v[:, :beam], time.perf_counter() - t0, guess, ctx.active,
                                 levels=self.depth - 1)
+        t_start = None  # when the last grown level began
         for _ in range(2, self.depth + 1 if grow else 2):
             level = torch.arange(level_lo, v.shape[1], device=dev)
-            if float(v[:, level].max()) < self.min_expand:  # a host read (free on the CPU)
+            best = float(v[:, level].max())  # a host read (free on the CPU): after the last level
+            if t_start is not None:  # so its time includes its GPU work (a replay queues in µs)
+                self._t_level = time.perf_counter() - t_start
+            if best < self.min_expand:
                 break
             pick = v[:, level].topk(beam, -1).indices + level_lo  # (B, beam) best of the last level
             t_start = time.perf_counter()
@@ -502,10 +506,7 @@ class DynamicTreeDraft(GlideDraft):
             v = torch.cat([v, (v.gather(1, pick)[:, :, None] * cp).reshape(B, -1)], 1)
             parent = torch.cat([parent, pick[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
             depth = torch.cat([depth, (depth.gather(1, pick) + 1)[:, :, None].expand(B, beam, K).reshape(B, -1)], 1)
-            if dev.type == "cuda":  # the level's GPU time too, not only its queuing (a replay
-                torch.cuda.current_stream(dev).synchronize()  # queues in microseconds)
-            self._t_level = time.perf_counter() - t_start
-            deepest += 1
+            deepest += 1  # (a last level at the depth limit stays untimed: no read follows it here)
         lookup = None
         if self.lookup:
             tok, v, parent, depth, lookup = self._merge_lookup(ctx, tok, v, parent, depth, deepest)

@@ -176,8 +176,8 @@ class KVCache:
     def max_len_bound(self, exact: bool = False) -> int:
         """A host-side upper bound on ``lens.max()``.
 
-        Kept on the host through :meth:`reset`, ``commit(int)`` and :meth:`compact` (which adds
-        ``max_path``, so it may run ahead of the truth); measured with one device sync after any
+        Kept on the host through :meth:`reset`, ``commit(int)``, ``commit(tensor, most=m)`` and
+        :meth:`compact` (the last two add ``m`` and ``max_path``, so it may run ahead of the truth); measured with one device sync after any
         other change to ``lens``, or when ``exact`` is true.
         """
         if exact or self._bound_key != self._lens_key():

@@ -1,12 +1,14 @@
-"""PyTorch ops a decode step issues, by phase: the host's share of a step, counted exactly.
+"""PyTorch ops a decode step issues, by phase: the host's share of a step, counted exactly;
+or, with ``--time``, the wall time each phase takes a step.
 
     python -m bench.step_ops ar glide=glide dyn=glide:dynamic [--limit 4] [--max-new-tokens 64] \\
-        [--name step-ops] [--out FILE]
+        [--time] [--name step-ops] [--out FILE]
 
 Configurations as in :mod:`bench.ab`. Each prompt is decoded at batch 1 under a
 ``TorchDispatchMode`` that counts every ATen op and charges it to the innermost phase running:
 
-- ``target``: the target's forwards (prefill, decode, verification);
+- ``target``: the target's forwards after the prompt (decode, verification);
+- ``target.prefill``: the prompt's forward;
 - ``draft.forward``: the draft network's forwards (its ``step``);
 - ``draft.lookup`` and ``draft.ngrams``: the dynamic tree's prompt-lookup merge and its corpus
   n-gram walk;
@@ -29,6 +31,14 @@ forward runs eagerly).
 Rows (``profiles/<device>/<name>.json``): per configuration and phase, ops, kernel ops and
 item reads per decode step (a step: one target forward after the prefill), with the
 configuration's steps and mean acceptance.
+
+``--time`` runs the same phases without the dispatch mode (which would slow every op) and
+charges wall time instead, each phase its own time less the phases nested in it (a draft
+forward is ``draft.forward``, not ``draft``); ``other`` is what the generation's wall time has
+beyond them. Rows: milliseconds and calls per step by phase (default ``--name step-time``).
+Timings move with the machine's load, so compare phases within one run; the split answers
+where a step's time goes, e.g. how much of a speculative step is the verification forward
+against one decode step of ``ar``.
 """
 
 from __future__ import annotations
@@ -46,16 +56,22 @@ from . import harness
 from .ab import _factory, parse_config
 from .draft_eval import DEFAULT_PROMPTS
 
-__all__ = ["PhaseCounter", "count_steps", "main"]
+__all__ = ["PhaseCounter", "PhaseTimer", "count_steps", "main"]
 
-PHASES = ("target", "draft.forward", "draft.lookup", "draft.ngrams", "draft", "engine.tree", "engine.verify",
+PHASES = ("target", "target.prefill", "draft.forward", "draft.lookup", "draft.ngrams", "draft", "engine.tree", "engine.verify",
           "engine.emit", "engine.compact", "engine.report", "other")
+
+
+def _inner(current: str, name: str) -> str:
+    """The phase a call wrapped as ``name`` runs in, inside a call of phase ``current``."""
+    return current if current.startswith(name + ".") else name
 
 
 class PhaseCounter(TorchDispatchMode):
     """Counts ATen ops by phase: ``ops``, ``kernel_ops`` (views left out) and ``item_reads``,
     each a ``Counter`` keyed by phase name. :meth:`phase` wraps a callable so that the ops it
-    issues are charged to a phase (the innermost wrapped call wins)."""
+    issues are charged to a phase (the innermost wrapped call wins, except that a call of phase
+    ``X`` inside one of a sub-phase ``X.y`` stays ``X.y``: the prefill's forward is the prefill's)."""
 
     def __init__(self):
         super().__init__()
@@ -75,12 +91,57 @@ class PhaseCounter(TorchDispatchMode):
 
     def phase(self, name: str, fn):
         def wrapped(*args, **kwargs):
-            self._stack.append(name)
+            self._stack.append(_inner(self._stack[-1], name))
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._stack.pop()
         return wrapped
+
+
+class PhaseTimer:
+    """Wall time by phase, with :class:`PhaseCounter`'s :meth:`phase` wrapper: ``seconds`` (a
+    ``Counter``) charges each wrapped call its time less that of the wrapped calls inside it,
+    and ``calls`` counts them (a call inside one of its own phase or sub-phase, as in
+    :class:`PhaseCounter`, is part of that call, not a call of its own: a decode step's
+    forward, the prefill's forward). Used as a context manager, it charges ``other`` with the time
+    inside the ``with`` that no phase took. ``clock`` is ``time.perf_counter`` unless given."""
+
+    def __init__(self, clock=None):
+        import time
+
+        self.clock = clock or time.perf_counter
+        self.seconds = collections.Counter()
+        self.calls = collections.Counter()
+        self._nested = [0.0]  # per open call (and the ``with`` at the bottom): time of its nested calls
+        self._stack = ["other"]
+        self._start = None
+
+    def phase(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            if _inner(self._stack[-1], name) != name or self._stack[-1] == name:
+                return fn(*args, **kwargs)  # inside its own phase or sub-phase: that call's time
+            self._stack.append(name)
+            self._nested.append(0.0)
+            t0 = self.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = self.clock() - t0
+                self._stack.pop()
+                self.seconds[name] += took - self._nested.pop()
+                self.calls[name] += 1
+                self._nested[-1] += took
+        return wrapped
+
+    def __enter__(self):
+        self._nested = [0.0]
+        self._start = self.clock()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds["other"] += (self.clock() - self._start) - self._nested[0]
+        return False
 
 
 @contextmanager
@@ -100,8 +161,9 @@ def _patched(counter: PhaseCounter, target, draft):
         setattr(obj, attr, counter.phase(name, getattr(obj, attr)))
         undo.append((obj, attr, own, old))
 
-    for attr in ("forward", "decode", "prefill"):
+    for attr in ("forward", "decode"):
         patch(target, attr, "target")
+    patch(target, "prefill", "target.prefill")
     if draft is not None:
         for attr in ("begin", "propose", "observe"):
             patch(draft, attr, "draft")
@@ -128,14 +190,16 @@ def _patched(counter: PhaseCounter, target, draft):
                 delattr(obj, attr)
 
 
-def count_steps(target, prompts, make_draft, max_new_tokens: int, eos=()) -> dict:
+def count_steps(target, prompts, make_draft, max_new_tokens: int, eos=(), timer: bool = False,
+                into: dict | None = None) -> dict:
     """Decode each prompt (token ids) at batch 1 with a fresh draft from ``make_draft`` under a
-    :class:`PhaseCounter`; returns ``{"steps", "tokens", "counter"}`` (steps: target forwards
-    after the prefill, summed)."""
+    :class:`PhaseCounter` (a :class:`PhaseTimer` with ``timer``); returns ``{"steps", "tokens",
+    "counter"}`` (steps: target forwards after the prefill, summed). ``into``, such a result,
+    is added to and returned instead (its counter keeps counting)."""
     from glide.speculative.engine import generate_ids
 
-    counter = PhaseCounter()
-    steps = tokens = 0
+    counter = into["counter"] if into is not None else PhaseTimer() if timer else PhaseCounter()
+    steps, tokens = (into["steps"], into["tokens"]) if into is not None else (0, 0)
     for ids in prompts:
         draft = make_draft()
         with _patched(counter, target, draft), counter:
@@ -143,7 +207,9 @@ def count_steps(target, prompts, make_draft, max_new_tokens: int, eos=()) -> dic
                                cuda_graphs=False)[0]
         steps += int(out.target_forwards)
         tokens += len(out.output_ids) - 1
-    return dict(steps=steps, tokens=tokens, counter=counter)
+    res = into if into is not None else {}
+    res.update(steps=steps, tokens=tokens, counter=counter)
+    return res
 
 
 def _rows(name, res):
@@ -160,13 +226,25 @@ def _rows(name, res):
     return rows
 
 
+def _time_rows(name, res):
+    t, steps = res["counter"], max(res["steps"], 1)
+    rows = []
+    for phase in PHASES + ("total",):
+        sec = sum(t.seconds.values()) if phase == "total" else t.seconds[phase]
+        calls = sum(t.calls.values()) if phase == "total" else t.calls[phase]
+        rows.append(dict(config=name, phase=phase, ms_per_step=1e3 * sec / steps, calls_per_step=calls / steps,
+                         steps=res["steps"], mean_accepted=res["tokens"] / steps))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.step_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="+", help="as in bench.ab: ar, lookup, NAME=METHOD[@PATH][:TREE,opts]")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     p.add_argument("--limit", type=int, default=4, help="prompts (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--name", default="step-ops")
+    p.add_argument("--time", action="store_true", help="wall time by phase instead of op counts")
+    p.add_argument("--name", default=None, help="results file stem (default step-ops, or step-time with --time)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default profiles/<device>/<name>.json)")
     a = p.parse_args(argv)
     if a.limit < 1 or a.max_new_tokens < 2:
@@ -175,6 +253,8 @@ def main(argv=None) -> int:
         configs = [parse_config(s) for s in a.configs]
     except ValueError as exc:
         p.error(str(exc))
+    from tqdm.auto import tqdm
+
     from glide import api
 
     dev = torch.device("cpu")
@@ -182,19 +262,34 @@ def main(argv=None) -> int:
     eos = api.eos_ids(target.config, tokenizer)
     prompts = [api.encode_chat(tokenizer, q.text) for q in api.read_prompts(a.prompts)[:a.limit]]
     rows = []
+    a.name = a.name or ("step-time" if a.time else "step-ops")
     env = harness.environment(dev, a.name)
     out = a.out or harness.results_path(env["device_slug"], a.name)
     meta = dict(env, prompts=str(a.prompts), limit=a.limit, max_new_tokens=a.max_new_tokens, dtype="bfloat16",
                 configs=configs, how=__doc__.split("\n\n", 2)[2])
+    makers = {}
     for cfg in configs:
         try:
-            make = _factory(cfg, target, 0.0)
+            makers[cfg["name"]] = make = _factory(cfg, target, 0.0)
         except ValueError as exc:
             p.error(str(exc))
-        count_steps(target, prompts[:1], make, 8, eos)  # warm-up: first calls take other paths
-        res = count_steps(target, prompts, make, a.max_new_tokens, eos)
-        rows += _rows(cfg["name"], res)
+        count_steps(target, prompts[:1], make, 8, eos, a.time)  # warm-up: first calls take other paths
+    # prompt by prompt, every configuration in turn (as bench.ab): a slow spell of a shared
+    # machine then hits all of them alike, which matters for --time
+    results = {}
+    for ids in tqdm(prompts, desc="step_ops", unit="prompt"):
+        for cfg in configs:
+            name = cfg["name"]
+            results[name] = count_steps(target, [ids], makers[name], a.max_new_tokens, eos, a.time, results.get(name))
+        rows = [r for cfg in configs for r in (_time_rows if a.time else _rows)(cfg["name"], results[cfg["name"]])]
         harness.write_results(out, rows, meta)
+    if a.time:
+        print(f"{'config':12s} {'phase':15s} {'ms':>8s} {'calls':>6s}   (per step)")
+        for r in rows:
+            if r["ms_per_step"] or r["phase"] == "total":
+                print(f"{r['config']:12s} {r['phase']:15s} {r['ms_per_step']:8.2f} {r['calls_per_step']:6.2f}")
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     print(f"{'config':12s} {'phase':15s} {'ops':>8s} {'kernel':>8s} {'reads':>6s}   (per step)")
     for r in rows:
         if r["ops_per_step"] or r["phase"] == "total":

@@ -70,3 +70,93 @@ def test_item_reads_are_counted():
         x.sum().item()
     assert counter.item_reads == collections.Counter({"draft": 1, "other": 1})
     assert counter.ops["draft"] == 2 and counter.kernel_ops["draft"] == 2  # max, then the read
+
+
+def test_timer_charges_each_phase_its_own_time_and_the_rest_to_other():
+    now = [0.0]
+
+    def tick(dt):
+        now[0] += dt
+
+    timer = step_ops.PhaseTimer(clock=lambda: now[0])
+
+    def inner():
+        tick(2.0)
+
+    def outer():
+        tick(1.0)
+        timer.phase("draft.forward", inner)()
+        tick(3.0)
+        return "done"
+
+    with timer:
+        tick(0.5)
+        assert timer.phase("draft", outer)() == "done"
+        timer.phase("draft.forward", inner)()
+        tick(0.25)
+    assert timer.seconds == collections.Counter({"draft": 4.0, "draft.forward": 4.0, "other": 0.75})
+    assert timer.calls == collections.Counter({"draft": 1, "draft.forward": 2})
+
+
+def test_timer_keeps_time_when_a_phase_raises():
+    now = [0.0]
+    timer = step_ops.PhaseTimer(clock=lambda: now[0])
+
+    def boom():
+        now[0] += 1.0
+        raise ValueError("x")
+
+    with timer:
+        try:
+            timer.phase("draft", boom)()
+        except ValueError:
+            now[0] += 0.5
+    assert timer.seconds == collections.Counter({"draft": 1.0, "other": 0.5})
+
+
+def test_timed_steps_add_up_to_the_run():
+    model = tiny_model()
+    prompt = PROMPTS[0]
+    ar = generate_ids(model, [prompt], max_new_tokens=12)[0].output_ids
+    res = step_ops.count_steps(model, [prompt], lambda: OracleDraft([ar], 3), 12, timer=True)
+    t = res["counter"]
+    assert res["steps"] == 3
+    assert set(t.seconds) <= set(step_ops.PHASES)
+    assert all(v >= 0 for v in t.seconds.values())
+    assert t.calls["target"] == 3 and t.calls["target.prefill"] == 1  # three verifications, one prompt
+    for phase in ("target", "draft", "engine.tree", "engine.verify", "engine.emit", "engine.compact"):
+        assert t.seconds[phase] > 0, phase
+    rows = {r["phase"]: r for r in step_ops._time_rows("oracle", res)}
+    assert abs(rows["total"]["ms_per_step"] - 1e3 * sum(t.seconds.values()) / 3) < 1e-9
+    assert rows["target"]["calls_per_step"] == 1.0 and rows["total"]["mean_accepted"] == 11 / 3
+
+
+def test_a_phase_inside_its_own_sub_phase_stays_the_sub_phase():
+    counter = step_ops.PhaseCounter()
+    x = torch.arange(4)
+    forward = counter.phase("target", lambda: x + 1)
+    with counter:
+        counter.phase("target.prefill", lambda: forward() * 2)()
+        forward()
+    assert counter.ops == collections.Counter({"target.prefill": 2, "target": 1})
+    now = [0.0]
+    timer = step_ops.PhaseTimer(clock=lambda: now[0])
+
+    def fwd():
+        now[0] += 1.0
+    forward = timer.phase("target", fwd)
+    decode = timer.phase("target", lambda: forward())  # a decode step that runs the forward
+    with timer:
+        timer.phase("target.prefill", forward)()
+        decode()
+    assert timer.seconds == collections.Counter({"target.prefill": 1.0, "target": 1.0, "other": 0.0})
+    assert timer.calls == collections.Counter({"target.prefill": 1, "target": 1})
+
+
+def test_counts_can_accumulate_over_calls():
+    model, fresh = tiny_model(), tiny_model()  # the same weights; a model's first decode builds a cached mask
+    first = step_ops.count_steps(model, PROMPTS[:1], lambda: None, 6)
+    both = step_ops.count_steps(model, PROMPTS[1:2], lambda: None, 6, into=first)
+    whole = step_ops.count_steps(fresh, PROMPTS[:2], lambda: None, 6)
+    assert both is first and both["steps"] == whole["steps"] == 10 and both["tokens"] == whole["tokens"]
+    assert both["counter"].ops == whole["counter"].ops

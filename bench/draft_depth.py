@@ -10,6 +10,11 @@ the teacher's on the response positions,
 - **by depth**: with the training cross mask (blocks of ``gamma + 1``, sample ``i`` offset by
   ``i mod (gamma + 1)``), per position in the block. Depth 0 is a step's first draft token,
   which reads the target's cache up to the token before it;
+- **by the teacher's confidence**: the same agreement by the teacher's probability of its own
+  argmax, with each bucket's share of the positions (where a draft fails: on tokens the
+  teacher itself is sure of, or on near-ties);
+- **recall at k**: how often the teacher's argmax is among the draft's top ``k`` (1, 4, 8):
+  what a tree with ``k`` children under a node can catch;
 - **by lag**: every query reads the target's cache up to ``lag`` positions before its own
   (lag 0: its own position too, which decoding never has; ``bos``: only position 0, i.e.
   next to nothing from the target).
@@ -53,6 +58,11 @@ def run(draft_path, shard, limit, corpus="runs/smollm2/corpus", features="runs/s
     base = evaluate(draft, samples, feats, settings, limit=limit)
     rows = [dict(kind="depth", depth=d, top1=t, positions=n)
             for d, (t, n) in enumerate(zip(base["top1_by_depth"], base["tokens_by_depth"]))]
+    edges = base["confidence_edges"]
+    rows += [dict(kind="confidence", confidence=[edges[i], edges[i + 1]], top1=t, positions=n,
+                  share=n / max(base["tokens"], 1))
+             for i, (t, n) in enumerate(zip(base["top1_by_confidence"], base["tokens_by_confidence"]))]
+    rows += [dict(kind="recall", k=k, recall=r, positions=base["tokens"]) for k, r in base["recall"].items()]
     for lag in lags:
         res = evaluate(draft, samples, feats, settings, limit=limit,
                        cross_mask=lambda S, shift, lag=lag: _masks(S, lag))
@@ -76,7 +86,11 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else harness.results_path(env["device_slug"], "draft-depth")
     harness.write_results(out, rows, dict(env, draft=str(path), shard=a.shard, limit=a.limit))
     for r in rows:
-        what = f"depth {r['depth']}" if r["kind"] == "depth" else f"lag {r['lag']}"
+        if r["kind"] == "recall":
+            print(f"recall@{r['k']:<3d}   {r['recall']:.3f}  (the teacher's argmax among the draft's top {r['k']})")
+            continue
+        what = {"depth": lambda: f"depth {r['depth']}", "lag": lambda: f"lag {r['lag']}",
+                "confidence": lambda: "p {:.1f}-{:.1f}".format(*r["confidence"])}[r["kind"]]()
         print(f"{what:10s} top-1 {r['top1']:.3f}  ({r['positions']} positions)")
     print(f"wrote {out}")
     return 0

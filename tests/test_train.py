@@ -273,6 +273,14 @@ def test_validation_scores_unseen_samples_and_falls_as_the_draft_learns(tmp_path
     n, t1 = a["tokens_by_depth"], a["top1_by_depth"]
     assert len(n) == settings.gamma + 1 and sum(n) == a["tokens"] and min(n) > 0
     assert sum(x * y for x, y in zip(n, t1)) / sum(n) == pytest.approx(a["top1"], abs=1e-3)
+    # by the teacher's confidence: the same, over buckets; recall grows with k, from top-1 to every
+    # token of the (7-token) vocabulary at k = 8
+    n, t1 = a["tokens_by_confidence"], a["top1_by_confidence"]
+    assert len(n) == len(a["confidence_edges"]) - 1 and sum(n) == a["tokens"] and sum(1 for x in n if x) >= 2
+    assert sum(x * y for x, y in zip(n, t1)) / sum(n) == pytest.approx(a["top1"], abs=1e-3)
+    r = a["recall"]
+    assert r[1] == pytest.approx(a["top1"], abs=1e-3) and r[1] <= r[4] <= r[8] == pytest.approx(1.0)
+    assert r[4] < 1.0  # the teacher's argmax is sometimes below the draft's fourth token
     # a given cross mask: the training one reproduces the default; another (the grid moved) differs
     from glide.draft.model import block_cross_mask
     same = evaluate(d, samples[24:], fv, settings,

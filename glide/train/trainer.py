@@ -365,6 +365,10 @@ def _loss_terms(logits, batch: _Batch, kind: str):
     return sum(terms) / len(terms), logq.argmax(-1)
 
 
+CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)  # buckets of the teacher's top-1 probability (evaluate)
+RECALL_AT = (1, 4, 8)  # draft top-k sizes whose recall of the teacher's argmax evaluate reports
+
+
 def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | FeatureSet, settings: TrainSettings,
              batch_size: int | None = None, *, limit: int | None = None, cross_mask=None) -> dict:
     """The draft's loss and teacher agreement on samples it does not train on (validation).
@@ -397,7 +401,11 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
         draft's argmax with the teacher's), ``tokens`` (positions scored), and
         ``top1_by_depth`` / ``tokens_by_depth``: the agreement and the positions scored at
         each position of the ``gamma + 1`` block (0: a step's first draft token), by the
-        offsets above.
+        offsets above; ``confidence_edges`` with ``top1_by_confidence`` /
+        ``tokens_by_confidence``: the same by the teacher's own probability of its argmax
+        (bucket ``i`` holds ``edges[i] <= p < edges[i + 1]``, the last one ``p <= 1``); and
+        ``recall``: for each ``k`` in :data:`RECALL_AT`, how often the teacher's argmax is among
+        the draft's ``k`` most likely tokens (what a tree with ``k`` children can catch).
     """
     if len(samples) != len(feats):
         raise ValueError("data: the validation features were made from another corpus")
@@ -408,6 +416,10 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
     vocab_index = model.vocab_index.cpu()
     total = 0.0
     agree, count = torch.zeros(block, dtype=torch.float64), torch.zeros(block, dtype=torch.float64)
+    edges = torch.tensor(CONFIDENCE_EDGES, dtype=torch.float64)
+    c_agree = torch.zeros(len(CONFIDENCE_EDGES) - 1, dtype=torch.float64)
+    c_count = torch.zeros_like(c_agree)
+    caught = torch.zeros(len(RECALL_AT), dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
@@ -428,13 +440,25 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 depth = ((pos - batch.shift[:, None]) % block).expand(len(idx), S)[batch.rows]
                 agree.index_add_(0, depth, ok)
                 count.index_add_(0, depth, batch.weight.double())
+                conf = batch.t_logp[:, 0].double().exp()  # the teacher's top-k come sorted
+                bucket = (torch.bucketize(conf, edges[1:-1], right=True))
+                c_agree.index_add_(0, bucket, ok)
+                c_count.index_add_(0, bucket, batch.weight.double())
+                best = logits.topk(min(max(RECALL_AT), logits.shape[-1]), -1).indices  # draft indices, best first
+                hit = best == batch.t_idx[:, :1]  # t_idx -1 (outside the draft vocabulary) never hits
+                for j, k in enumerate(RECALL_AT):
+                    caught[j] += float((hit[:, :k].any(-1).double() * batch.weight).sum())
     finally:
         model.train(was_training)
     n = float(count.sum())
     return {"loss": round(total / max(n, 1e-9), 5), "top1": round(float(agree.sum()) / max(n, 1e-9), 4),
             "tokens": int(n),
             "top1_by_depth": [round(float(a) / max(float(c), 1e-9), 4) for a, c in zip(agree, count)],
-            "tokens_by_depth": [int(c) for c in count]}
+            "tokens_by_depth": [int(c) for c in count],
+            "confidence_edges": list(CONFIDENCE_EDGES),
+            "top1_by_confidence": [round(float(a) / max(float(c), 1e-9), 4) for a, c in zip(c_agree, c_count)],
+            "tokens_by_confidence": [int(c) for c in c_count],
+            "recall": {k: round(float(c) / max(n, 1e-9), 4) for k, c in zip(RECALL_AT, caught)}}
 
 
 def _rank_world():

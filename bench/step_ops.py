@@ -2,9 +2,9 @@
 or, with ``--time``, the wall time each phase takes a step.
 
     python -m bench.step_ops ar glide=glide dyn=glide:dynamic [--limit 4] [--max-new-tokens 64] \\
-        [--time] [--name step-ops] [--out FILE]
+        [--batch-size 1] [--time] [--name step-ops] [--out FILE]
 
-Configurations as in :mod:`bench.ab`. Each prompt is decoded at batch 1 under a
+Configurations as in :mod:`bench.ab`. Prompts are decoded at batch 1 (or ``--batch-size`` together) under a
 ``TorchDispatchMode`` that counts every ATen op and charges it to the innermost phase running:
 
 - ``target``: the target's forwards after the prompt (decode, verification);
@@ -191,24 +191,28 @@ def _patched(counter: PhaseCounter, target, draft):
 
 
 def count_steps(target, prompts, make_draft, max_new_tokens: int, eos=(), timer: bool = False,
-                into: dict | None = None) -> dict:
-    """Decode each prompt (token ids) at batch 1 with a fresh draft from ``make_draft`` under a
-    :class:`PhaseCounter` (a :class:`PhaseTimer` with ``timer``); returns ``{"steps", "tokens",
-    "counter"}`` (steps: target forwards after the prefill, summed). ``into``, such a result,
-    is added to and returned instead (its counter keeps counting)."""
+                into: dict | None = None, batch_size: int = 1) -> dict:
+    """Decode the prompts (token ids), ``batch_size`` at a time, each batch with a fresh draft
+    from ``make_draft``, under a :class:`PhaseCounter` (a :class:`PhaseTimer` with ``timer``).
+
+    Returns ``{"steps", "tokens", "row_forwards", "counter"}``: steps are the batches' target
+    forwards after the prefill, tokens the new tokens of every prompt after its first, and
+    row_forwards the forwards each prompt took part in, summed (the engine's
+    ``target_forwards``; tokens over row_forwards is the mean acceptance). ``into``, such a
+    result, is added to and returned instead (its counter keeps counting)."""
     from glide.speculative.engine import generate_ids
 
     counter = into["counter"] if into is not None else PhaseTimer() if timer else PhaseCounter()
-    steps, tokens = (into["steps"], into["tokens"]) if into is not None else (0, 0)
-    for ids in prompts:
+    res = into if into is not None else dict(steps=0, tokens=0, row_forwards=0, counter=counter)
+    for lo in range(0, len(prompts), batch_size):
+        batch = list(prompts[lo:lo + batch_size])
         draft = make_draft()
         with _patched(counter, target, draft), counter:
-            out = generate_ids(target, [ids], draft, max_new_tokens=max_new_tokens, eos_token_ids=eos,
-                               cuda_graphs=False)[0]
-        steps += int(out.target_forwards)
-        tokens += len(out.output_ids) - 1
-    res = into if into is not None else {}
-    res.update(steps=steps, tokens=tokens, counter=counter)
+            outs = generate_ids(target, batch, draft, max_new_tokens=max_new_tokens, eos_token_ids=eos,
+                                cuda_graphs=False)
+        res["steps"] += max(int(o.target_forwards) for o in outs)
+        res["row_forwards"] += sum(int(o.target_forwards) for o in outs)
+        res["tokens"] += sum(len(o.output_ids) - 1 for o in outs)
     return res
 
 
@@ -222,7 +226,7 @@ def _rows(name, res):
             ops, kern, reads = c.ops[phase], c.kernel_ops[phase], c.item_reads[phase]
         rows.append(dict(config=name, phase=phase, ops_per_step=ops / steps, kernel_ops_per_step=kern / steps,
                          item_reads_per_step=reads / steps, steps=res["steps"],
-                         mean_accepted=res["tokens"] / steps))
+                         mean_accepted=res["tokens"] / max(res["row_forwards"], 1)))
     return rows
 
 
@@ -233,7 +237,8 @@ def _time_rows(name, res):
         sec = sum(t.seconds.values()) if phase == "total" else t.seconds[phase]
         calls = sum(t.calls.values()) if phase == "total" else t.calls[phase]
         rows.append(dict(config=name, phase=phase, ms_per_step=1e3 * sec / steps, calls_per_step=calls / steps,
-                         steps=res["steps"], mean_accepted=res["tokens"] / steps))
+                         steps=res["steps"], mean_accepted=res["tokens"] / max(res["row_forwards"], 1),
+                         tokens_per_step=res["tokens"] / steps))
     return rows
 
 
@@ -243,12 +248,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     p.add_argument("--limit", type=int, default=4, help="prompts (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
     p.add_argument("--time", action="store_true", help="wall time by phase instead of op counts")
     p.add_argument("--name", default=None, help="results file stem (default step-ops, or step-time with --time)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default profiles/<device>/<name>.json)")
     a = p.parse_args(argv)
     if a.limit < 1 or a.max_new_tokens < 2:
         p.error("--limit must be >= 1 and --max-new-tokens >= 2")
+    if a.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     try:
         configs = [parse_config(s) for s in a.configs]
     except ValueError as exc:
@@ -266,6 +274,7 @@ def main(argv=None) -> int:
     env = harness.environment(dev, a.name)
     out = a.out or harness.results_path(env["device_slug"], a.name)
     meta = dict(env, prompts=str(a.prompts), limit=a.limit, max_new_tokens=a.max_new_tokens, dtype="bfloat16",
+                batch_size=a.batch_size,
                 configs=configs, how=__doc__.split("\n\n", 2)[2])
     makers = {}
     for cfg in configs:
@@ -277,10 +286,12 @@ def main(argv=None) -> int:
     # prompt by prompt, every configuration in turn (as bench.ab): a slow spell of a shared
     # machine then hits all of them alike, which matters for --time
     results = {}
-    for ids in tqdm(prompts, desc="step_ops", unit="prompt"):
+    B = a.batch_size
+    for lo in tqdm(range(0, len(prompts), B), desc="step_ops", unit="batch"):
         for cfg in configs:
             name = cfg["name"]
-            results[name] = count_steps(target, [ids], makers[name], a.max_new_tokens, eos, a.time, results.get(name))
+            results[name] = count_steps(target, prompts[lo:lo + B], makers[name], a.max_new_tokens, eos, a.time,
+                                        results.get(name), B)
         rows = [r for cfg in configs for r in (_time_rows if a.time else _rows)(cfg["name"], results[cfg["name"]])]
         harness.write_results(out, rows, meta)
     if a.time:

@@ -160,3 +160,15 @@ def test_counts_can_accumulate_over_calls():
     whole = step_ops.count_steps(fresh, PROMPTS[:2], lambda: None, 6)
     assert both is first and both["steps"] == whole["steps"] == 10 and both["tokens"] == whole["tokens"]
     assert both["counter"].ops == whole["counter"].ops
+
+
+def test_batched_steps_count_the_batch_forwards_and_every_row():
+    model = tiny_model()
+    res = step_ops.count_steps(model, PROMPTS[:3], lambda: None, 6, batch_size=2)  # a batch of 2, then 1
+    assert res["steps"] == 5 + 5 and res["row_forwards"] == 3 * 5 and res["tokens"] == 3 * 5
+    rows = {r["phase"]: r for r in step_ops._rows("ar", res)}
+    assert rows["total"]["mean_accepted"] == 1.0
+    assert rows["target"]["ops_per_step"] == res["counter"].ops["target"] / 10
+    timed = step_ops.count_steps(model, PROMPTS[:3], lambda: None, 6, timer=True, batch_size=3)
+    assert timed["steps"] == 5 and timed["counter"].calls["target"] == 5
+    assert {r["phase"]: r for r in step_ops._time_rows("ar", timed)}["total"]["tokens_per_step"] == 3.0

@@ -2,7 +2,7 @@
 
     python -m bench.ab ar dyn=glide:dynamic dyn-plain=glide:dynamic,ngrams=0 \\
         [--prompts bench/prompts/heldout.jsonl] [--limit N] [--max-new-tokens 128] \\
-        [--temperature 0] [--name ab] [--out FILE]
+        [--temperature 0] [--keep-drafts] [--name ab] [--out FILE]
 
 A configuration is ``ar``, ``lookup``, or ``NAME=METHOD[:TREE[,OPTION=VALUE...]]`` with
 ``METHOD`` ``glide`` or ``cape`` (the shipped draft, or ``@PATH`` after the method:
@@ -15,7 +15,11 @@ parsed as Python literals.
 Each prompt goes through every configuration in turn, on one loaded target, before the next
 prompt: slow phases of a shared machine hit all configurations alike, which a sweep that runs
 each configuration over all prompts (:mod:`bench.draft_eval`) cannot promise. Each prompt
-starts a fresh draft (what the pause policy learnt does not carry over). The JSON under
+starts a fresh draft (what the pause policy learnt does not carry over), unless
+``--keep-drafts``: then each configuration keeps one draft for all prompts, as one
+``glide generate`` call (or :mod:`bench.draft_eval`) does for its batches, so that what a
+draft measures while decoding (the dynamic tree's rates, lookup rates and pauses) carries
+over from prompt to prompt. The JSON under
 ``profiles/<device>/<name>.json`` is rewritten after every prompt: per configuration, the
 tokens, target forwards, decode seconds, MAT, tokens/s, the ratio to the first configuration,
 and (greedy) how many outputs equal the first configuration's.
@@ -141,7 +145,7 @@ def _factory(cfg, target, temperature):
 
 
 def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, temperature=0.0, dtype="bfloat16",
-        device="cpu", out=None, name="ab", progress=True):
+        device="cpu", out=None, name="ab", progress=True, keep_drafts=False):
     """Decode every prompt with every configuration in turn; returns ``(rows, path)`` (the
     rows as written to the results file)."""
     from tqdm.auto import tqdm
@@ -160,9 +164,11 @@ def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, tempe
     for cfg in configs:  # first calls run cold (and a dynamic tree may measure its verify cost)
         generate_ids(target, [warm], makers[cfg["name"]](), max_new_tokens=8, eos_token_ids=eos)
     totals = {c["name"]: dict(tokens=0, forwards=0, seconds=0.0, same=0, prompts=0) for c in configs}
+    kept = {c["name"]: makers[c["name"]]() for c in configs} if keep_drafts else None
     meta = dict(env, prompts=str(prompts_path), dtype=str(dt), max_new_tokens=max_new_tokens,
-                temperature=temperature, configs=configs,
-                what="each prompt decoded by every configuration in turn, batch 1, one process")
+                temperature=temperature, configs=configs, keep_drafts=keep_drafts,
+                what="each prompt decoded by every configuration in turn, batch 1, one process"
+                     + ("; one draft per configuration for all prompts" if keep_drafts else ""))
     out = Path(out) if out else harness.results_path(env["device_slug"], name)
     first = configs[0]["name"]
     bar = tqdm(prompts, desc="ab", unit="prompt", disable=not progress)
@@ -170,7 +176,8 @@ def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, tempe
         ids = api.encode_chat(tokenizer, p.text)
         base = None
         for cfg in configs:
-            draft = makers[cfg["name"]]()  # a fresh draft: nothing learnt carries over
+            # a fresh draft (nothing learnt carries over), or the configuration's own
+            draft = kept[cfg["name"]] if kept is not None else makers[cfg["name"]]()
             res = generate_ids(target, [ids], draft, max_new_tokens=max_new_tokens, temperature=temperature,
                                eos_token_ids=eos, seed=0)[0]
             t = totals[cfg["name"]]
@@ -215,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="ab", help="the result file's stem (default: ab)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--keep-drafts", action="store_true",
+                    help="one draft per configuration for all prompts (default: a fresh draft per prompt)")
     args = ap.parse_args(argv)
     try:
         configs = [parse_config(s) for s in args.configs]
@@ -225,7 +234,7 @@ def main(argv=None) -> int:
         ap.error(f"configs: names must differ, got {names}")
     try:
         rows, out = run(configs, Path(args.prompts), args.limit, args.max_new_tokens, args.temperature, args.dtype,
-                        args.device, args.out, args.name, not args.no_progress)
+                        args.device, args.out, args.name, not args.no_progress, args.keep_drafts)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

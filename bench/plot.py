@@ -14,7 +14,10 @@
   temperature; with a calibration, ``draft-eval-calibration.png`` (observed against predicted
   acceptance) and ``draft-eval-verify-cost.png`` (the verify-cost curve the tree was sized with);
 - ``draft-training.json``: ``draft-training.png``, training loss and teacher agreement by step
-  (and the validation scores of runs trained with ``--val-shards``).
+  (and the validation scores of runs trained with ``--val-shards``);
+- ``bench.step_ops --time`` files (``step-time.json``): ``<stem>.png``, milliseconds a decode step
+  by phase for each configuration, stacked, with the tokens a step and the throughput against
+  the first configuration.
 
 Each kernel panel shows one slice of the sweep: every shape field except the x axis is held
 at its first value in the file, and the panel title says which.
@@ -278,9 +281,50 @@ def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
         return plot_draft_eval(data, out_dir, path.stem)
     if sweep == "draft-training":
         return plot_training(data, out_dir, path.stem)
+    if rows and "ms_per_step" in rows[0]:
+        return plot_step_time(data, out_dir, path.stem)
     if rows and "method" in rows[0]:
         return plot_e2e(data, out_dir, path.stem)
     return plot_kernels(data, out_dir, path.stem)
+
+
+def plot_step_time(data: dict[str, Any], out_dir: Path, stem: str = "step-time") -> list[Path]:
+    """Stacked ms per decode step by phase, one bar per configuration (``bench.step_ops --time``)."""
+    rows = data["rows"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    phases = [p for p in dict.fromkeys(r["phase"] for r in rows if r["phase"] != "total")
+              if any(r["ms_per_step"] > 0 for r in rows if r["phase"] == p)]
+    ms = {(r["config"], r["phase"]): r["ms_per_step"] for r in rows}
+    total = {r["config"]: r for r in rows if r["phase"] == "total"}
+    if not configs or not total:
+        return []
+    fig, ax = plt.subplots(figsize=(10.0, 2.2 + 0.7 * len(configs)))
+    cmap = plt.get_cmap("tab20")
+    for i, phase in enumerate(phases):
+        left = [sum(ms.get((c, q), 0.0) for q in phases[:i]) for c in configs]
+        ax.barh(range(len(configs)), [ms.get((c, phase), 0.0) for c in configs], left=left,
+                color=cmap(i % 20), label=phase)
+    first = total[configs[0]]
+    rate0 = first.get("tokens_per_step", first["mean_accepted"]) / first["ms_per_step"]
+    for j, c in enumerate(configs):
+        t = total[c]
+        per = t.get("tokens_per_step", t["mean_accepted"])
+        ax.text(t["ms_per_step"], j, f"  {t['ms_per_step']:.1f} ms, {per:.2f} tokens, "
+                f"{per / t['ms_per_step'] / rate0:.2f}x", va="center", fontsize=8)
+    ax.set_yticks(range(len(configs)))
+    ax.set_yticklabels(configs)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step (one target forward after the prefill)")
+    ax.set_xlim(0, max(t["ms_per_step"] for t in total.values()) * 1.45)
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    meta = data.get("meta", {})
+    ax.set_title(f"where a step's time goes, batch {meta.get('batch_size', 1)} - {meta.get('device', '')}",
+                 fontsize=9)
+    fig.tight_layout()
+    out = out_dir / f"{stem}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [out]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -287,6 +287,18 @@ def test_plot_verify_cost_and_ar_vs_hf(tmp_path):
     assert [p.name for p in out] == ["ar-vs-hf.png"] and _png(out[0])
 
 
+def test_plot_step_time(tmp_path):
+    rows = [dict(config=c, phase=p, ms_per_step=ms, calls_per_step=1.0, steps=10, mean_accepted=acc,
+                 tokens_per_step=acc)
+            for c, acc, parts in (("ar", 1.0, {"target": 40.0, "other": 1.0}),
+                                  ("dyn", 3.0, {"target": 48.0, "draft.forward": 11.0, "other": 1.0}))
+            for p, ms in list(parts.items()) + [("draft", 0.0), ("total", sum(parts.values()))]]
+    src = tmp_path / "step-time.json"
+    harness.write_results(src, rows, {"device": "test", "sweep": "step-time", "batch_size": 1})
+    out = plot.plot_file(src)
+    assert [p.name for p in out] == ["step-time.png"] and _png(out[0])
+
+
 # ------------------------------------------------------------------------- where results go
 
 
@@ -622,3 +634,42 @@ def test_ab_options_rebuild_the_draft_with_constructor_arguments(tmp_path):
         _factory(parse_config(f"d=glide@{path}:dynamic,depth=0"), target, 0.0)
     with pytest.raises(SystemExit):
         main(["ar", "ar"])  # two configurations of one name
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_ab_keeps_one_draft_per_configuration_only_when_asked(tmp_path, monkeypatch, keep):
+    import types
+
+    import glide.speculative.engine as engine
+    from bench import ab
+    from glide import api
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    monkeypatch.setattr(api, "load", lambda *a, **k: (types.SimpleNamespace(config=None), None))
+    monkeypatch.setattr(api, "encode_chat", lambda tok, text: [1, 2])
+    monkeypatch.setattr(api, "eos_ids", lambda config, tok: ())
+    made = []
+
+    def factory(cfg, target, temperature):
+        if cfg["method"] == "ar":
+            return lambda: None
+
+        def make():
+            made.append(object())
+            return made[-1]
+        return make
+    monkeypatch.setattr(ab, "_factory", factory)
+    used = []
+
+    def fake_generate(target, batch, draft=None, **kw):
+        used.append(draft)
+        return [types.SimpleNamespace(output_ids=[1, 2, 3], target_forwards=2, seconds=0.5)]
+    monkeypatch.setattr(engine, "generate_ids", fake_generate)
+    configs = [ab.parse_config("ar"), ab.parse_config("d=glide:dynamic")]
+    rows, out = ab.run(configs, prompts, out=tmp_path / "ab.json", progress=False, keep_drafts=keep)
+    drafts = [d for d in used[2:] if d is not None]  # after the two warm-up calls
+    assert len(drafts) == 3
+    assert (len(set(map(id, drafts))) == 1) == keep  # one draft for every prompt, or a fresh one each
+    assert json.loads(out.read_text())["meta"]["keep_drafts"] is keep
+    assert rows[1]["mean_accepted"] == 1.0 and rows[1]["prompts"] == 3

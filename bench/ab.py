@@ -1,8 +1,8 @@
-"""Interleaved A/B of decoding configurations, prompt by prompt, at batch 1.
+"""Interleaved A/B of decoding configurations, prompt by prompt (or batch by batch).
 
     python -m bench.ab ar dyn=glide:dynamic dyn-plain=glide:dynamic,ngrams=0 \\
         [--prompts bench/prompts/heldout.jsonl] [--limit N] [--max-new-tokens 128] \\
-        [--temperature 0] [--keep-drafts] [--name ab] [--out FILE]
+        [--temperature 0] [--batch-size 1] [--keep-drafts] [--name ab] [--out FILE]
 
 A configuration is ``ar``, ``lookup``, or ``NAME=METHOD[:TREE[,OPTION=VALUE...]]`` with
 ``METHOD`` ``glide`` or ``cape`` (the shipped draft, or ``@PATH`` after the method:
@@ -145,14 +145,17 @@ def _factory(cfg, target, temperature):
 
 
 def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, temperature=0.0, dtype="bfloat16",
-        device="cpu", out=None, name="ab", progress=True, keep_drafts=False):
-    """Decode every prompt with every configuration in turn; returns ``(rows, path)`` (the
-    rows as written to the results file)."""
+        device="cpu", out=None, name="ab", progress=True, keep_drafts=False, batch_size=1):
+    """Decode every prompt (``batch_size`` at a time) with every configuration in turn; returns
+    ``(rows, path)`` (the rows as written to the results file). A batch's time is its decode wall
+    time, its MAT the tokens over the forwards each prompt took part in (as ``bench.draft_eval``)."""
     from tqdm.auto import tqdm
 
     from glide import api
     from glide.speculative.engine import generate_ids
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     dev = torch.device(device)
     dt = api.resolve_dtype(dtype, dev)
     env = harness.environment(dev, name)
@@ -166,38 +169,40 @@ def run(configs: list[dict], prompts_path, limit=None, max_new_tokens=128, tempe
     totals = {c["name"]: dict(tokens=0, forwards=0, seconds=0.0, same=0, prompts=0) for c in configs}
     kept = {c["name"]: makers[c["name"]]() for c in configs} if keep_drafts else None
     meta = dict(env, prompts=str(prompts_path), dtype=str(dt), max_new_tokens=max_new_tokens,
-                temperature=temperature, configs=configs, keep_drafts=keep_drafts,
-                what="each prompt decoded by every configuration in turn, batch 1, one process"
+                temperature=temperature, configs=configs, keep_drafts=keep_drafts, batch_size=batch_size,
+                what=f"each batch of prompts decoded by every configuration in turn, batch {batch_size}, one process"
                      + ("; one draft per configuration for all prompts" if keep_drafts else ""))
     out = Path(out) if out else harness.results_path(env["device_slug"], name)
     first = configs[0]["name"]
-    bar = tqdm(prompts, desc="ab", unit="prompt", disable=not progress)
-    for p in bar:
-        ids = api.encode_chat(tokenizer, p.text)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    bar = tqdm(batches, desc="ab", unit="batch" if batch_size > 1 else "prompt", disable=not progress)
+    for batch in bar:
+        ids = [api.encode_chat(tokenizer, p.text) for p in batch]
         base = None
         for cfg in configs:
             # a fresh draft (nothing learnt carries over), or the configuration's own
             draft = kept[cfg["name"]] if kept is not None else makers[cfg["name"]]()
-            res = generate_ids(target, [ids], draft, max_new_tokens=max_new_tokens, temperature=temperature,
-                               eos_token_ids=eos, seed=0)[0]
+            res = generate_ids(target, ids, draft, max_new_tokens=max_new_tokens, temperature=temperature,
+                               eos_token_ids=eos, seed=0)
             t = totals[cfg["name"]]
-            new = len(res.output_ids) - 1  # decode tokens: the first comes from the prefill
-            t["tokens"] += new
-            t["forwards"] += int(res.target_forwards)
-            t["seconds"] += float(res.seconds)
-            t["prompts"] += 1
+            t["tokens"] += sum(len(r.output_ids) - 1 for r in res)  # the first comes from the prefill
+            t["forwards"] += sum(int(r.target_forwards) for r in res)
+            t["seconds"] += max(float(r.seconds) for r in res)  # the batch's decode wall time
+            t["prompts"] += len(res)
+            outs = [list(r.output_ids) for r in res]
             if base is None:
-                base = list(res.output_ids)
+                base = outs
             elif temperature == 0.0:
-                t["same"] += list(res.output_ids) == base
-        rows = _rows(totals, first)
+                t["same"] += sum(a == b for a, b in zip(outs, base))
+        rows = _rows(totals, first, temperature == 0.0)
         harness.write_results(out, rows, meta)
         bar.set_postfix_str(" ".join(f"{r['config']} {r['mean_accepted']:.2f}/{r['ratio']:.2f}x" for r in rows))
     bar.close()
-    return _rows(totals, first), out
+    return _rows(totals, first, temperature == 0.0), out
 
 
-def _rows(totals, first):
+def _rows(totals, first, greedy=True):
+    """One row per configuration; ``identical_to_first`` is counted only for greedy runs."""
     base = totals[first]
     rate0 = base["tokens"] / base["seconds"] if base["seconds"] else None
     rows = []
@@ -206,7 +211,7 @@ def _rows(totals, first):
         rows.append(dict(config=name, prompts=t["prompts"], tokens=t["tokens"], target_forwards=t["forwards"],
                          decode_seconds=t["seconds"], mean_accepted=t["tokens"] / max(t["forwards"], 1),
                          tokens_per_s=rate, ratio=rate / rate0 if rate0 else 0.0,
-                         identical_to_first=t["same"] if name != first else None))
+                         identical_to_first=t["same"] if name != first and greedy else None))
     return rows
 
 
@@ -222,6 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="ab", help="the result file's stem (default: ab)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
     ap.add_argument("--keep-drafts", action="store_true",
                     help="one draft per configuration for all prompts (default: a fresh draft per prompt)")
     args = ap.parse_args(argv)
@@ -229,12 +235,14 @@ def main(argv=None) -> int:
         configs = [parse_config(s) for s in args.configs]
     except ValueError as exc:
         ap.error(f"configs: {exc}")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
     names = [c["name"] for c in configs]
     if len(set(names)) != len(names):
         ap.error(f"configs: names must differ, got {names}")
     try:
         rows, out = run(configs, Path(args.prompts), args.limit, args.max_new_tokens, args.temperature, args.dtype,
-                        args.device, args.out, args.name, not args.no_progress, args.keep_drafts)
+                        args.device, args.out, args.name, not args.no_progress, args.keep_drafts, args.batch_size)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -609,6 +609,7 @@ def test_ab_rows_by_hand():
     assert ar["ratio"] == 1.0 and ar["identical_to_first"] is None and ar["mean_accepted"] == 1.0
     assert d["mean_accepted"] == 3.0 and d["tokens_per_s"] == 45.0 and d["ratio"] == 45.0 / 25.0
     assert d["identical_to_first"] == 1
+    assert _rows(totals, "ar", greedy=False)[1]["identical_to_first"] is None  # sampled: not counted
 
 
 def test_ab_options_rebuild_the_draft_with_constructor_arguments(tmp_path):
@@ -662,9 +663,13 @@ def test_ab_keeps_one_draft_per_configuration_only_when_asked(tmp_path, monkeypa
     monkeypatch.setattr(ab, "_factory", factory)
     used = []
 
+    sizes = []
+
     def fake_generate(target, batch, draft=None, **kw):
         used.append(draft)
-        return [types.SimpleNamespace(output_ids=[1, 2, 3], target_forwards=2, seconds=0.5)]
+        sizes.append(len(batch))
+        return [types.SimpleNamespace(output_ids=[1, 2, 3], target_forwards=2, seconds=0.5 + 0.25 * i)
+                for i in range(len(batch))]
     monkeypatch.setattr(engine, "generate_ids", fake_generate)
     configs = [ab.parse_config("ar"), ab.parse_config("d=glide:dynamic")]
     rows, out = ab.run(configs, prompts, out=tmp_path / "ab.json", progress=False, keep_drafts=keep)
@@ -673,3 +678,10 @@ def test_ab_keeps_one_draft_per_configuration_only_when_asked(tmp_path, monkeypa
     assert (len(set(map(id, drafts))) == 1) == keep  # one draft for every prompt, or a fresh one each
     assert json.loads(out.read_text())["meta"]["keep_drafts"] is keep
     assert rows[1]["mean_accepted"] == 1.0 and rows[1]["prompts"] == 3
+    # batches of 2: each batch through both configurations, its time the slowest row's
+    used.clear(), sizes.clear()
+    rows, out = ab.run(configs, prompts, out=tmp_path / "ab2.json", progress=False, keep_drafts=keep, batch_size=2)
+    assert sizes == [1, 1, 2, 2, 1, 1]  # warm-up, then [q0, q1] and [q2] through ar and d in turn
+    assert rows[1]["prompts"] == 3 and rows[1]["tokens"] == 6 and rows[1]["decode_seconds"] == 0.75 + 0.5
+    with pytest.raises(ValueError, match="batch_size"):
+        ab.run(configs, prompts, out=tmp_path / "ab3.json", progress=False, batch_size=0)

@@ -305,6 +305,7 @@ def plot_step_time(data: dict[str, Any], out_dir: Path, stem: str = "step-time")
         ax.barh(range(len(configs)), [ms.get((c, phase), 0.0) for c in configs], left=left,
                 color=cmap(i % 20), label=phase)
     first = total[configs[0]]
+    # files written before tokens_per_step was a field ran at batch 1, where it equals the MAT
     rate0 = first.get("tokens_per_step", first["mean_accepted"]) / first["ms_per_step"]
     for j, c in enumerate(configs):
         t = total[c]

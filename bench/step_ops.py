@@ -62,23 +62,56 @@ PHASES = ("target", "target.prefill", "draft.forward", "draft.lookup", "draft.ng
           "engine.emit", "engine.compact", "engine.report", "other")
 
 
-def _inner(current: str, name: str) -> str:
-    """The phase a call wrapped as ``name`` runs in, inside a call of phase ``current``."""
-    return current if current.startswith(name + ".") else name
+class _Phases:
+    """The phase stack that :class:`PhaseCounter` and :class:`PhaseTimer` share: :meth:`phase`
+    wraps a callable so that what it does is charged to a phase, the innermost wrapped call's,
+    except that a call wrapped as ``X`` inside a call of ``X`` itself or of a sub-phase
+    ``X.y`` is part of that call (a decode step's forward is the step's, the prefill's forward
+    the prefill's). Subclasses hear of each call through :meth:`_opened` and :meth:`_closed`.
 
+    ``fields`` maps each row field (per decode step) to the ``Counter`` attribute it comes from
+    and a scale."""
 
-class PhaseCounter(TorchDispatchMode):
-    """Counts ATen ops by phase: ``ops``, ``kernel_ops`` (views left out) and ``item_reads``,
-    each a ``Counter`` keyed by phase name. :meth:`phase` wraps a callable so that the ops it
-    issues are charged to a phase (the innermost wrapped call wins, except that a call of phase
-    ``X`` inside one of a sub-phase ``X.y`` stays ``X.y``: the prefill's forward is the prefill's)."""
+    fields: dict = {}
 
     def __init__(self):
-        super().__init__()
+        self._stack = ["other"]
+
+    def phase(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            current = self._stack[-1]
+            if current == name or current.startswith(name + "."):
+                return fn(*args, **kwargs)
+            self._stack.append(name)
+            token = self._opened()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                self._closed(name, token)
+        return wrapped
+
+    def _opened(self):
+        return None
+
+    def _closed(self, name: str, token) -> None:
+        pass
+
+
+class PhaseCounter(_Phases, TorchDispatchMode):
+    """Counts ATen ops by phase: ``ops``, ``kernel_ops`` (views left out) and ``item_reads``,
+    each a ``Counter`` keyed by phase name; :meth:`phase` says which phase runs (see
+    :class:`_Phases`)."""
+
+    fields = {"ops_per_step": ("ops", 1.0), "kernel_ops_per_step": ("kernel_ops", 1.0),
+              "item_reads_per_step": ("item_reads", 1.0)}
+
+    def __init__(self):
+        TorchDispatchMode.__init__(self)
+        _Phases.__init__(self)
         self.ops = collections.Counter()
         self.kernel_ops = collections.Counter()
         self.item_reads = collections.Counter()
-        self._stack = ["other"]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         where = self._stack[-1]
@@ -89,50 +122,35 @@ class PhaseCounter(TorchDispatchMode):
             self.item_reads[where] += 1
         return func(*args, **(kwargs or {}))
 
-    def phase(self, name: str, fn):
-        def wrapped(*args, **kwargs):
-            self._stack.append(_inner(self._stack[-1], name))
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._stack.pop()
-        return wrapped
 
+class PhaseTimer(_Phases):
+    """Wall time by phase: ``seconds`` (a ``Counter``) charges each wrapped call its time less
+    that of the wrapped calls inside it, and ``calls`` counts them (a call that stays part of
+    another, see :class:`_Phases`, is not a call of its own). Used as a context manager, it
+    charges ``other`` with the time inside the ``with`` that no phase took. ``clock`` is
+    ``time.perf_counter`` unless given."""
 
-class PhaseTimer:
-    """Wall time by phase, with :class:`PhaseCounter`'s :meth:`phase` wrapper: ``seconds`` (a
-    ``Counter``) charges each wrapped call its time less that of the wrapped calls inside it,
-    and ``calls`` counts them (a call inside one of its own phase or sub-phase, as in
-    :class:`PhaseCounter`, is part of that call, not a call of its own: a decode step's
-    forward, the prefill's forward). Used as a context manager, it charges ``other`` with the time
-    inside the ``with`` that no phase took. ``clock`` is ``time.perf_counter`` unless given."""
+    fields = {"ms_per_step": ("seconds", 1e3), "calls_per_step": ("calls", 1.0)}
 
     def __init__(self, clock=None):
         import time
 
+        super().__init__()
         self.clock = clock or time.perf_counter
         self.seconds = collections.Counter()
         self.calls = collections.Counter()
         self._nested = [0.0]  # per open call (and the ``with`` at the bottom): time of its nested calls
-        self._stack = ["other"]
         self._start = None
 
-    def phase(self, name: str, fn):
-        def wrapped(*args, **kwargs):
-            if _inner(self._stack[-1], name) != name or self._stack[-1] == name:
-                return fn(*args, **kwargs)  # inside its own phase or sub-phase: that call's time
-            self._stack.append(name)
-            self._nested.append(0.0)
-            t0 = self.clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                took = self.clock() - t0
-                self._stack.pop()
-                self.seconds[name] += took - self._nested.pop()
-                self.calls[name] += 1
-                self._nested[-1] += took
-        return wrapped
+    def _opened(self):
+        self._nested.append(0.0)
+        return self.clock()
+
+    def _closed(self, name: str, t0) -> None:
+        took = self.clock() - t0
+        self.seconds[name] += took - self._nested.pop()
+        self.calls[name] += 1
+        self._nested[-1] += took
 
     def __enter__(self):
         self._nested = [0.0]
@@ -217,27 +235,16 @@ def count_steps(target, prompts, make_draft, max_new_tokens: int, eos=(), timer:
 
 
 def _rows(name, res):
+    """Per phase (and ``total``), the counter's fields per decode step, with the steps, the
+    mean acceptance and the tokens a step."""
     c, steps = res["counter"], max(res["steps"], 1)
     rows = []
     for phase in PHASES + ("total",):
-        if phase == "total":
-            ops, kern, reads = (sum(x.values()) for x in (c.ops, c.kernel_ops, c.item_reads))
-        else:
-            ops, kern, reads = c.ops[phase], c.kernel_ops[phase], c.item_reads[phase]
-        rows.append(dict(config=name, phase=phase, ops_per_step=ops / steps, kernel_ops_per_step=kern / steps,
-                         item_reads_per_step=reads / steps, steps=res["steps"],
-                         mean_accepted=res["tokens"] / max(res["row_forwards"], 1)))
-    return rows
-
-
-def _time_rows(name, res):
-    t, steps = res["counter"], max(res["steps"], 1)
-    rows = []
-    for phase in PHASES + ("total",):
-        sec = sum(t.seconds.values()) if phase == "total" else t.seconds[phase]
-        calls = sum(t.calls.values()) if phase == "total" else t.calls[phase]
-        rows.append(dict(config=name, phase=phase, ms_per_step=1e3 * sec / steps, calls_per_step=calls / steps,
-                         steps=res["steps"], mean_accepted=res["tokens"] / max(res["row_forwards"], 1),
+        row = dict(config=name, phase=phase)
+        for field, (attr, scale) in c.fields.items():
+            counts = getattr(c, attr)
+            row[field] = scale * (sum(counts.values()) if phase == "total" else counts[phase]) / steps
+        rows.append(dict(row, steps=res["steps"], mean_accepted=res["tokens"] / max(res["row_forwards"], 1),
                          tokens_per_step=res["tokens"] / steps))
     return rows
 
@@ -292,23 +299,15 @@ def main(argv=None) -> int:
             name = cfg["name"]
             results[name] = count_steps(target, prompts[lo:lo + B], makers[name], a.max_new_tokens, eos, a.time,
                                         results.get(name), B)
-        rows = [r for cfg in configs for r in (_time_rows if a.time else _rows)(cfg["name"], results[cfg["name"]])]
+        rows = [r for cfg in configs for r in _rows(cfg["name"], results[cfg["name"]])]
         harness.write_results(out, rows, meta)
-    if a.time:
-        print(f"{'config':12s} {'phase':15s} {'ms':>8s} {'calls':>6s}   (per step)")
-        for r in rows:
-            if r["ms_per_step"] or r["phase"] == "total":
-                print(f"{r['config']:12s} {r['phase']:15s} {r['ms_per_step']:8.2f} {r['calls_per_step']:6.2f}")
-        print(f"wrote {out}", file=sys.stderr)
-        return 0
-    print(f"{'config':12s} {'phase':15s} {'ops':>8s} {'kernel':>8s} {'reads':>6s}   (per step)")
+    cols = list((PhaseTimer if a.time else PhaseCounter).fields)
+    print(f"{'config':12s} {'phase':15s} " + " ".join(f"{c.split('_per_')[0]:>10s}" for c in cols) + "   (per step)")
     for r in rows:
-        if r["ops_per_step"] or r["phase"] == "total":
-            print(f"{r['config']:12s} {r['phase']:15s} {r['ops_per_step']:8.1f} {r['kernel_ops_per_step']:8.1f} "
-                  f"{r['item_reads_per_step']:6.2f}")
+        if r[cols[0]] or r["phase"] == "total":
+            print(f"{r['config']:12s} {r['phase']:15s} " + " ".join(f"{r[c]:10.2f}" for c in cols))
     print(f"wrote {out}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -126,7 +126,7 @@ def test_timed_steps_add_up_to_the_run():
     assert t.calls["target"] == 3 and t.calls["target.prefill"] == 1  # three verifications, one prompt
     for phase in ("target", "draft", "engine.tree", "engine.verify", "engine.emit", "engine.compact"):
         assert t.seconds[phase] > 0, phase
-    rows = {r["phase"]: r for r in step_ops._time_rows("oracle", res)}
+    rows = {r["phase"]: r for r in step_ops._rows("oracle", res)}
     assert abs(rows["total"]["ms_per_step"] - 1e3 * sum(t.seconds.values()) / 3) < 1e-9
     assert rows["target"]["calls_per_step"] == 1.0 and rows["total"]["mean_accepted"] == 11 / 3
 
@@ -171,4 +171,4 @@ def test_batched_steps_count_the_batch_forwards_and_every_row():
     assert rows["target"]["ops_per_step"] == res["counter"].ops["target"] / 10
     timed = step_ops.count_steps(model, PROMPTS[:3], lambda: None, 6, timer=True, batch_size=3)
     assert timed["steps"] == 5 and timed["counter"].calls["target"] == 5
-    assert {r["phase"]: r for r in step_ops._time_rows("ar", timed)}["total"]["tokens_per_step"] == 3.0
+    assert {r["phase"]: r for r in step_ops._rows("ar", timed)}["total"]["tokens_per_step"] == 3.0

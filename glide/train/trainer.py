@@ -445,9 +445,10 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 c_agree.index_add_(0, bucket, ok)
                 c_count.index_add_(0, bucket, batch.weight.double())
                 best = logits.topk(min(max(RECALL_AT), logits.shape[-1]), -1).indices  # draft indices, best first
-                hit = best == batch.t_idx[:, :1]  # t_idx -1 (outside the draft vocabulary) never hits
-                for j, k in enumerate(RECALL_AT):
-                    caught[j] += float((hit[:, :k].any(-1).double() * batch.weight).sum())
+                # t_idx -1 (outside the draft vocabulary) never hits; hits within the first k, per k
+                within = (best == batch.t_idx[:, :1]).double().cumsum(-1)
+                k_at = torch.tensor(RECALL_AT).clamp(max=best.shape[-1]) - 1
+                caught += (within[:, k_at] * batch.weight.double()[:, None]).sum(0)
     finally:
         model.train(was_training)
     n = float(count.sum())

@@ -89,8 +89,10 @@ def main(argv=None) -> int:
         if r["kind"] == "recall":
             print(f"recall@{r['k']:<3d}   {r['recall']:.3f}  (the teacher's argmax among the draft's top {r['k']})")
             continue
-        what = {"depth": lambda: f"depth {r['depth']}", "lag": lambda: f"lag {r['lag']}",
-                "confidence": lambda: "p {:.1f}-{:.1f}".format(*r["confidence"])}[r["kind"]]()
+        if r["kind"] == "confidence":
+            what = "p {:.1f}-{:.1f}".format(*r["confidence"])
+        else:
+            what = f"{r['kind']} {r[r['kind']]}"  # depth N, lag N
         print(f"{what:10s} top-1 {r['top1']:.3f}  ({r['positions']} positions)")
     print(f"wrote {out}")
     return 0

@@ -22,20 +22,16 @@ def tiny_target(seed=0, layers=2, vocab=23, std=0.3, dtype=torch.float64, eos=(2
     return model
 
 
-def tiny_draft(target, seed=1, layers=1, vocab=None, cross=True, std=0.3, hidden=False, prev=False):
-    """A random draft; ``hidden`` gives it the hidden input, with a random (not zero) glimpse;
-    ``prev`` the previous-token input, with a random (not zero) projection."""
+def tiny_draft(target, seed=1, layers=1, vocab=None, cross=True, std=0.3, hidden=False):
+    """A random draft; ``hidden`` gives it the hidden input, with a random (not zero) glimpse."""
     torch.manual_seed(seed)
     cfg = new_draft_config(target, num_layers=layers, cross_attention=cross, draft_vocab=vocab,
-                           hidden_input=hidden, prev_token_input=prev)
+                           hidden_input=hidden)
     m = GlideDraftModel(cfg, dtype=target.dtype, init_std=std).attach(target)
     if hidden:
         with torch.no_grad():
             torch.nn.init.normal_(m.hidden_proj.weight, std=std)
             m.hidden_norm.weight.fill_(1.0)
-    if prev:
-        with torch.no_grad():
-            torch.nn.init.normal_(m.prev_proj.weight, std=std)
     m.attn_backend = "reference"
     return m
 

@@ -780,10 +780,9 @@ class _CheckedLevels(DynamicTreeDraft):
     """Runs every grown level through the static-buffer path and, beside it, eagerly with the
     same inputs (both write the same draft K/V rows): the two must agree exactly."""
 
-    def _level_step(self, ctx, ids, pos, mask, cross, glimpse, prev=None):
-        want = self.model.step(ids, pos, mask, self.cache, cross, last_rows=self.beam, glimpse=glimpse,
-                               prev_ids=prev)
-        got = super()._level_step(ctx, ids, pos, mask, cross, glimpse, prev)
+    def _level_step(self, ctx, ids, pos, mask, cross, glimpse):
+        want = self.model.step(ids, pos, mask, self.cache, cross, last_rows=self.beam, glimpse=glimpse)
+        got = super()._level_step(ctx, ids, pos, mask, cross, glimpse)
         assert torch.equal(got, want)
         self.levels_checked = getattr(self, "levels_checked", 0) + 1
         return got

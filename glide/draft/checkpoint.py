@@ -134,12 +134,12 @@ def load_draft(path, target) -> GlideDraftModel:
 
 
 def new_draft_config(target, num_layers=1, cross_attention=True, draft_vocab=None,
-                     own_embeddings=False, hidden_input=False, prev_token_input=False) -> DraftConfig:
+                     own_embeddings=False, hidden_input=False) -> DraftConfig:
     """A :class:`DraftConfig` for ``target``, with its fingerprint."""
     return DraftConfig(target=target.config, num_layers=num_layers, cross_attention=cross_attention,
                        draft_vocab=None if draft_vocab is None else tuple(int(x) for x in draft_vocab),
                        own_embeddings=own_embeddings, hidden_input=hidden_input,
-                       prev_token_input=prev_token_input, fingerprint=target_fingerprint(target))
+                       fingerprint=target_fingerprint(target))
 
 
 def cut_head(src, dst, rows: int) -> Path:

@@ -37,12 +37,6 @@ class DraftConfig:
         Every draft token's input also carries the target's final hidden state at the last
         verified position before its step's root (the state that predicted the root), as
         EAGLE feeds its draft; the engine then hands the draft those states.
-    prev_token_input : bool
-        Every draft token's input also carries a learned projection of the previous token's
-        embedding (its parent's, in a tree). The self-attention's keys then know the token
-        before theirs, so one layer can copy: a query for token ``a`` finds an earlier ``a``
-        by the key after it and reads the token that followed (an induction head, which a
-        single layer over plain embeddings cannot form).
     fingerprint : dict
         :func:`target_fingerprint` of the target this draft was trained for.
     """
@@ -53,7 +47,6 @@ class DraftConfig:
     draft_vocab: tuple[int, ...] | None = None
     own_embeddings: bool = False
     hidden_input: bool = False
-    prev_token_input: bool = False
     fingerprint: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -95,7 +88,6 @@ class DraftConfig:
                    draft_vocab=None if vocab is None else tuple(int(x) for x in vocab),
                    own_embeddings=bool(d.get("own_embeddings", False)),
                    hidden_input=bool(d.get("hidden_input", False)),
-                   prev_token_input=bool(d.get("prev_token_input", False)),
                    fingerprint=dict(d.get("fingerprint") or {}))
 
 

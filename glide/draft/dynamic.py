@@ -426,7 +426,7 @@ class DynamicTreeDraft(GlideDraft):
             ids = ctx.root[:, None].expand(B, R).contiguous()
             pos = (root_pos[:, None] + 1).expand(B, R).contiguous()
             mask = torch.eye(R, dtype=torch.bool, device=ids.device).expand(B, R, R).contiguous()
-            self._level_step(ctx, ids, pos, mask, cross, glimpse, ids.clone() if self.needs_prev else None)
+            self._level_step(ctx, ids, pos, mask, cross, glimpse)
 
     # ------------------------------------------------------------------ one step
     def propose(self, ctx: DraftContext) -> Proposal:
@@ -460,8 +460,7 @@ class DynamicTreeDraft(GlideDraft):
         ids = torch.where(j < c[:, None], ctx.tokens.gather(1, pos.clamp(max=cap - 1)), 0)
         causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril().expand(B, W, W)
         glimpse = self._glimpse_rows(ctx, pos)
-        logits = m.step(ids, pos, causal, cache, cross, logits_index=c - 1, glimpse=glimpse,
-                        prev_ids=self._prev_rows(ctx, pos))
+        logits = m.step(ids, pos, causal, cache, cross, logits_index=c - 1, glimpse=glimpse)
         # every tree node reads the root's glimpse (row c - 1 of the catch-up)
         glimpse = None if glimpse is None else glimpse[torch.arange(B, device=dev), c - 1]
         cache.lens.copy_(root_pos + 1)
@@ -500,9 +499,7 @@ class DynamicTreeDraft(GlideDraft):
             par = parent.gather(1, run_cand)
             run_par = torch.where(par >= 0, cand_run.gather(1, par.clamp(min=0)), -1)
             mask = ancestor_mask(run_par)
-            prev = (torch.where(run_par >= 0, run_tok.gather(1, run_par.clamp(min=0)), ctx.root[:, None])
-                    if self.needs_prev else None)  # each node's parent token
-            out = self._level_step(ctx, run_tok, root_pos[:, None] + run_depth, mask, cross, glimpse, prev)
+            out = self._level_step(ctx, run_tok, root_pos[:, None] + run_depth, mask, cross, glimpse)
             cp, ccol = torch.softmax(out, -1).topk(K, -1)  # (B, beam, K)
             level_lo = v.shape[1]
             tok = torch.cat([tok, m.vocab_ids[ccol].reshape(B, -1)], 1)
@@ -532,7 +529,7 @@ class DynamicTreeDraft(GlideDraft):
                       None if lookup is None else measured[:, :N])
         return proposal
 
-    def _level_step(self, ctx: DraftContext, ids, pos, mask, cross, glimpse, prev=None):
+    def _level_step(self, ctx: DraftContext, ids, pos, mask, cross, glimpse):
         """One grown level's draft forward over the run so far, ``(batch, R)`` rows: the logits
         of its last ``beam`` rows. Eager without CUDA graphs; with them (``use_cuda_graphs``),
         replayed from one graph per run width ``R`` and generation, its inputs copied into
@@ -542,7 +539,7 @@ class DynamicTreeDraft(GlideDraft):
         m, beam = self.model, self.beam
 
         def eager():
-            return m.step(ids, pos, mask, self.cache, cross, last_rows=beam, glimpse=glimpse, prev_ids=prev)
+            return m.step(ids, pos, mask, self.cache, cross, last_rows=beam, glimpse=glimpse)
         if self._graph_mode is None or self._level_graphs_failed:
             return eager()
         from glide.model.graphs import CapturedCall
@@ -555,16 +552,14 @@ class DynamicTreeDraft(GlideDraft):
             # the inputs' static copies, and the step's cross-attention: a captured graph keeps
             # the first (on CUDA it reads the target's lengths on the device); an eager run
             # (capture=False) takes each step's own
-            static = [ids.clone(), pos.clone(), mask.clone(), None if glimpse is None else glimpse.clone(), cross,
-                      None if prev is None else prev.clone()]
+            static = [ids.clone(), pos.clone(), mask.clone(), None if glimpse is None else glimpse.clone(), cross]
             cache = self.cache
 
             def body(s=static):
-                return m.step(s[0], s[1], s[2], cache, s[4], last_rows=beam, checked=False, glimpse=s[3],
-                              prev_ids=s[5])
+                return m.step(s[0], s[1], s[2], cache, s[4], last_rows=beam, checked=False, glimpse=s[3])
             entry = self._graphs[key] = (static, CapturedCall(body, self._graph_mode, ids.device))
         static, call = entry
-        for dst, src in zip(static[:4] + static[5:], (ids, pos, mask, glimpse, prev)):
+        for dst, src in zip(static, (ids, pos, mask, glimpse)):
             if dst is not None:
                 dst.copy_(src)
         static[4] = cross

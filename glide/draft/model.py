@@ -172,7 +172,6 @@ class GlideDraftModel(nn.Module):
             self.hidden_proj = FastLinear(t.hidden_size, t.hidden_size, dtype, device)
         else:
             self.hidden_norm = self.hidden_proj = None
-        self.prev_proj = FastLinear(t.hidden_size, t.hidden_size, dtype, device) if c.prev_token_input else None
         cos, sin = rope_tables(t, dtype, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -190,8 +189,6 @@ class GlideDraftModel(nn.Module):
                 # steps on the projection small beside the embeddings (RMS ~0.14 for SmolLM2).
                 nn.init.zeros_(self.hidden_proj.weight)
                 nn.init.constant_(self.hidden_norm.weight, 0.1)
-            if self.prev_proj is not None:
-                nn.init.zeros_(self.prev_proj.weight)  # likewise: starts adding nothing
         self._shared = None  # (embedding, head) borrowed from the target; not in state_dict
 
     # ------------------------------------------------------------------ sharing
@@ -276,8 +273,6 @@ class GlideDraftModel(nn.Module):
         B, S = input_ids.shape
         embed_w, _ = self._embed_head()
         h = F.embedding(input_ids, embed_w)
-        if self.prev_proj is not None:  # the token before each (none before position 0)
-            h = h + self.previous(F.pad(input_ids[:, :-1], (1, 0), value=-1)).to(h.dtype)
         if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
             h = h.to(torch.get_autocast_dtype(h.device.type))
         self._check_hidden(target_hidden, (B, S))
@@ -314,24 +309,6 @@ class GlideDraftModel(nn.Module):
             raise ValueError("draft: this draft reads no target hidden state (hidden_input is off)")
         return self.hidden_proj(self.hidden_norm(target_hidden.to(self.hidden_proj.weight.dtype)))
 
-    def previous(self, prev_ids: torch.Tensor) -> torch.Tensor:
-        """What a previous-token draft adds to a token's embedding.
-
-        Parameters
-        ----------
-        prev_ids : torch.Tensor, shape (...), int64
-            The token before each input token (its parent in a tree); ``-1`` where there is none.
-
-        Returns
-        -------
-        torch.Tensor, shape (..., hidden)
-        """
-        if self.prev_proj is None:
-            raise ValueError("draft: this draft reads no previous token (prev_token_input is off)")
-        e = F.embedding(prev_ids.clamp(min=0), self._embed_head()[0])
-        e = e * (prev_ids >= 0).unsqueeze(-1).to(e.dtype)
-        return self.prev_proj(e.to(self.prev_proj.weight.dtype))
-
     def _check_hidden(self, target_hidden, lead, name: str = "target_hidden") -> None:
         """``target_hidden`` (or a step's glimpse, ``name``) is given with ``hidden_input`` and
         only then; ``lead`` its leading shape, ``None`` not to check it."""
@@ -359,7 +336,7 @@ class GlideDraftModel(nn.Module):
 
     @torch.no_grad()
     def step(self, input_ids, position_ids, tree_mask, cache: KVCache, cross_attend, logits_index=None,
-             need_logits=True, last_rows=None, checked=True, glimpse=None, prev_ids=None):
+             need_logits=True, last_rows=None, checked=True, glimpse=None):
         """Run ``T`` new tokens over the draft's cache; their K/V go to ``cache.lens + j``.
 
         Like the target's forward, ``cache.lens`` is not advanced.
@@ -388,9 +365,6 @@ class GlideDraftModel(nn.Module):
         glimpse : torch.Tensor, shape (batch, hidden) or (batch, T, hidden), optional
             :meth:`glimpse` of the target's hidden state each token reads; required with
             ``hidden_input`` and only then. (batch, hidden) serves every token of the step.
-        prev_ids : torch.Tensor, shape (batch, T), int64, optional
-            The token before each input token (its parent in a tree, ``-1``: none); required
-            with ``prev_token_input`` and only then.
 
         Returns
         -------
@@ -410,10 +384,6 @@ class GlideDraftModel(nn.Module):
         self._check_hidden(glimpse, None, "glimpse")
         if glimpse is not None:
             h = h + (glimpse[:, None] if glimpse.dim() == 2 else glimpse).to(h.dtype)
-        if (prev_ids is None) == (self.prev_proj is not None):
-            raise ValueError("draft: prev_ids must be given with prev_token_input and only then")
-        if prev_ids is not None:
-            h = h + self.previous(prev_ids).to(h.dtype)
         cos = self.rope_cos[position_ids].unsqueeze(2)
         sin = self.rope_sin[position_ids].unsqueeze(2)
         for i, (layer, kv_layer) in enumerate(zip(self.layers, cache.kv.unbind(0))):

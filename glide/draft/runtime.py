@@ -53,7 +53,6 @@ class GlideDraft(Draft):
         self.gamma = gamma
         self.max_nodes = gamma
         self.needs_hidden = model.config.hidden_input
-        self.needs_prev = model.config.prev_token_input
         self.cache = None
         self._graph_mode = None  # see use_cuda_graphs
         self._graphs = {}
@@ -99,8 +98,7 @@ class GlideDraft(Draft):
 
         def cross(i, q):
             return reference.masked_attention(q, tk[i], tv[i], seen)
-        m.step(ids, pos, causal, self.cache, cross, need_logits=False, glimpse=self._glimpse_rows(ctx, pos),
-               prev_ids=self._prev_rows(ctx, pos))
+        m.step(ids, pos, causal, self.cache, cross, need_logits=False, glimpse=self._glimpse_rows(ctx, pos))
         if self._graph_mode is True and self._chain_graph is not None:
             # capture the chain now, outside the decode steps (the engine times begin as
             # set-up); the run only writes draft K/V that the first proposal rewrites
@@ -152,12 +150,11 @@ class GlideDraft(Draft):
         causal = torch.ones(2, 2, dtype=torch.bool, device=dev).tril().expand(B, 2, 2)
         glimpse = self._glimpse_rows(ctx, pos)
         logits = m.step(ids, pos, causal, cache, cross, logits_index=torch.ones_like(root_pos),
-                        checked=checked, glimpse=glimpse, prev_ids=self._prev_rows(ctx, pos))
+                        checked=checked, glimpse=glimpse)
         glimpse = None if glimpse is None else glimpse[:, 1]  # the root's: every chain token's
         self._advance(cache, 2, checked)
         tokens, probs, rows = [], [], []
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
-        last = ctx.root[:, None]  # the token before the next chain token
         for j in range(1, self.gamma + 1):
             tok, p = self._pick(logits)
             tokens.append(tok)
@@ -165,10 +162,9 @@ class GlideDraft(Draft):
             if keep_logits:
                 rows.append(logits)
             if j < self.gamma:
-                logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross, checked=checked,
-                                glimpse=glimpse, prev_ids=last if self.needs_prev else None)[:, 0]
+                logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross,
+                                checked=checked, glimpse=glimpse)[:, 0]
                 self._advance(cache, 1, checked)
-                last = tok[:, None]
         return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits else None
 
     @staticmethod
@@ -196,15 +192,6 @@ class GlideDraft(Draft):
         if hs is None:
             raise ValueError("draft: this draft reads the target's hidden states, and the context has none")
         return self.model.glimpse(states_at(hs, pos - 1))
-
-    def _prev_rows(self, ctx: DraftContext, pos: torch.Tensor):
-        """The committed token before each row at ``pos`` (batch, n), ``-1`` at position 0, for
-        a draft that reads the previous token; ``None`` otherwise."""
-        if not self.needs_prev:
-            return None
-        before = pos - 1
-        got = ctx.tokens.gather(1, before.clamp(min=0, max=ctx.tokens.shape[1] - 1))
-        return torch.where(before >= 0, got, -1)
 
     def _pick(self, logits):
         """Greedy draft token (a target token id) and its draft probability."""

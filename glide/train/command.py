@@ -77,8 +77,6 @@ def add_parser(sub) -> None:
     p.add_argument("--hidden-input", action="store_true",
                    help="the draft also reads the target's final hidden state at the last verified position "
                         "(the features stage then stores the target's hidden states too)")
-    p.add_argument("--prev-token-input", action="store_true",
-                   help="the draft also reads the previous token's embedding (lets one layer copy)")
     p.add_argument("--draft-vocab", type=int, default=d.draft_vocab_size,
                    help=f"rows of the draft's head, most frequent tokens first; 0 for the full vocabulary "
                         f"(default: {d.draft_vocab_size})")
@@ -133,8 +131,7 @@ def _settings(args):
                       draft_vocab_size=args.draft_vocab or None, loss=args.loss, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                       init=args.init, seed=args.seed, init_from=args.init_from,
-                      save_every=args.save_every, hidden_input=args.hidden_input,
-                      prev_token_input=args.prev_token_input)
+                      save_every=args.save_every, hidden_input=args.hidden_input)
     try:
         s.check()
     except ValueError as exc:

@@ -91,9 +91,6 @@ class TrainSettings:
         (see :class:`~glide.draft.model.GlideDraftModel`); the features must hold it
         (:func:`~glide.train.features.build_hidden`). A prior draft without it gains it with
         its projection at zero, so it starts from the prior's predictions.
-    prev_token_input : bool
-        The draft also reads the previous token's embedding (see
-        :class:`~glide.draft.config.DraftConfig`); a prior without it gains it the same way.
     """
 
     gamma: int = 4
@@ -114,7 +111,6 @@ class TrainSettings:
     bf16: bool = True
     init_from: str | None = None
     hidden_input: bool = False
-    prev_token_input: bool = False
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -203,9 +199,6 @@ def _read_prior(target, settings: TrainSettings):
     if c.hidden_input and not settings.hidden_input:
         raise ValueError(f"init_from: the draft in {path} reads the target's hidden state; train it further "
                          "with --hidden-input")
-    if c.prev_token_input and not settings.prev_token_input:
-        raise ValueError(f"init_from: the draft in {path} reads the previous token; train it further "
-                         "with --prev-token-input")
     return prior, card
 
 
@@ -530,16 +523,14 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
     else:
         vocab = draft_vocabulary(samples, V, settings.draft_vocab_size, always=eos)
     config = new_draft_config(target, settings.num_layers, settings.cross_attention, vocab,
-                              hidden_input=settings.hidden_input,
-                              prev_token_input=settings.prev_token_input)
+                              hidden_input=settings.hidden_input)
     model = GlideDraftModel(config, dtype=torch.float32, device="cpu")
     if prior is not None:
         own = model.state_dict()
         grown = {k: v for k, v in grow_state(prior, settings.num_layers).items() if k in own}
-        # a prior without hidden (previous-token) input keeps the new projection at its start:
-        # zero, so the draft starts from the prior's predictions
+        # a prior without hidden input keeps the new glimpse at its start: zero projection
         missing = model.load_state_dict(grown, strict=False).missing_keys
-        if any(not k.startswith(("hidden_", "prev_")) for k in missing):
+        if any(not k.startswith("hidden_") for k in missing):
             raise ValueError(f"init_from: the draft in {settings.init_from} lacks {missing}")
         del prior
     elif settings.init != "random":

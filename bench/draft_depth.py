@@ -15,6 +15,10 @@ the teacher's on the response positions,
   teacher itself is sure of, or on near-ties);
 - **recall at k**: how often the teacher's argmax is among the draft's top ``k`` (1, 4, 8):
   what a tree with ``k`` children under a node can catch;
+- **sampled acceptance**: the chance that a one-token draft is accepted when the target samples
+  at temperature 1, for a draft token that is the draft's argmax (the engine's rule today)
+  and for one sampled from the draft with the residual rule (lower bounds over the teacher's
+  stored top-16);
 - **by lag**: every query reads the target's cache up to ``lag`` positions before its own
   (lag 0: its own position too, which decoding never has; ``bos``: only position 0, i.e.
   next to nothing from the target).
@@ -63,6 +67,8 @@ def run(draft_path, shard, limit, corpus="runs/smollm2/corpus", features="runs/s
                   share=n / max(base["tokens"], 1))
              for i, (t, n) in enumerate(zip(base["top1_by_confidence"], base["tokens_by_confidence"]))]
     rows += [dict(kind="recall", k=k, recall=r, positions=base["tokens"]) for k, r in base["recall"].items()]
+    rows += [dict(kind="sampled_acceptance", draft_token=k, acceptance=a, positions=base["tokens"])
+             for k, a in base["sampled_acceptance"].items()]
     for lag in lags:
         res = evaluate(draft, samples, feats, settings, limit=limit,
                        cross_mask=lambda S, shift, lag=lag: _masks(S, lag))
@@ -88,6 +94,9 @@ def main(argv=None) -> int:
     for r in rows:
         if r["kind"] == "recall":
             print(f"recall@{r['k']:<3d}   {r['recall']:.3f}  (the teacher's argmax among the draft's top {r['k']})")
+            continue
+        if r["kind"] == "sampled_acceptance":
+            print(f"T=1 accept {r['acceptance']:.3f}  (a one-token draft, {r['draft_token'].replace('_', ' ')}; lower bound)")
             continue
         if r["kind"] == "confidence":
             what = "p {:.1f}-{:.1f}".format(*r["confidence"])

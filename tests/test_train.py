@@ -295,6 +295,39 @@ def test_validation_scores_unseen_samples_and_falls_as_the_draft_learns(tmp_path
         train_draft(t, samples[:24], f, tmp_path / "x", settings, progress=False, eval_every=0)
 
 
+def test_validation_reports_the_sampled_acceptance_of_either_drafting_rule(tmp_path):
+    """With the whole (7-token) vocabulary stored, ``sampled_acceptance`` is exact: on one sample,
+    the mean over its response positions of p(draft's argmax) and of sum_v min(p_v, q_v),
+    computed here from the draft's own forward and the teacher's stored distribution."""
+    from glide.draft.model import block_cross_mask
+    from glide.train.trainer import evaluate
+
+    t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())
+    samples = self_distilled_corpus(t, n=12)
+    f = build_features(t, samples, tmp_path / "f", topk=7, progress=False)
+    train_draft(t, samples, f, tmp_path / "r", TrainSettings(batch_size=4, epochs=2, lr=3e-3, warmup_steps=2,
+                                                             draft_vocab_size=None), progress=False)
+    from glide.draft import load_draft
+    d = load_draft(tmp_path / "r/draft", t).float()
+    settings = TrainSettings(batch_size=4, draft_vocab_size=None, bf16=False)
+    got = evaluate(d, samples, f, settings, limit=1)["sampled_acceptance"]
+    smp = samples[0]  # sample 0 starts its block grid at 0
+    S, P = len(smp.tokens), smp.prompt_len
+    kv = f.sample_kv(0)[-1].float()  # (2, kv_heads, S, head_dim) of the last layer
+    ids = torch.as_tensor(smp.tokens, dtype=torch.int64)[None]
+    with torch.no_grad():
+        q = d(ids, [(kv[0][None], kv[1][None])], block_cross_mask(S, settings.gamma + 1)).double().softmax(-1)[0]
+    tid, tlp = f.sample_topk(0)
+    greedy, sampled = [], []
+    for pos in range(P - 1, S - 1):  # the positions that predict a response token
+        p = torch.zeros(7, dtype=torch.float64).index_put_((tid[pos].long(),), tlp[pos].double().exp())
+        greedy.append(float(p[int(q[pos].argmax())]))
+        sampled.append(float(torch.minimum(p, q[pos]).sum()))
+    assert got["greedy_token"] == pytest.approx(sum(greedy) / len(greedy), abs=2e-4)
+    assert got["sampled_token"] == pytest.approx(sum(sampled) / len(sampled), abs=2e-4)
+    assert 0 < got["greedy_token"] < 1 and 0 < got["sampled_token"] < 1
+
+
 @pytest.mark.parametrize("loss", ["ce", "mix"])
 def test_other_losses_train_too(tmp_path, loss):
     t = tiny_target(seed=3, vocab=7, std=0.6, dtype=torch.float32, eos=())

@@ -405,7 +405,14 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
         ``tokens_by_confidence``: the same by the teacher's own probability of its argmax
         (bucket ``i`` holds ``edges[i] <= p < edges[i + 1]``, the last one ``p <= 1``); and
         ``recall``: for each ``k`` in :data:`RECALL_AT`, how often the teacher's argmax is among
-        the draft's ``k`` most likely tokens (what a tree with ``k`` children can catch).
+        the draft's ``k`` most likely tokens (what a tree with ``k`` children can catch); and
+        ``sampled_acceptance``: the mean chance that a one-token draft is accepted when the
+        target samples at temperature 1, for two ways of drafting it. ``greedy_token``: the
+        draft proposes its argmax and the target must sample that token, ``p(argmax q)`` (the
+        engine's rule); ``sampled_token``: the draft samples its token from its own ``q`` and
+        the target accepts it with ``min(1, p/q)`` (the residual rule of speculative sampling),
+        ``sum_v min(p_v, q_v)``. Both sum over the teacher's stored top-k only, so both are
+        lower bounds (exact when the features hold the whole vocabulary).
     """
     if len(samples) != len(feats):
         raise ValueError("data: the validation features were made from another corpus")
@@ -420,6 +427,7 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
     c_agree = torch.zeros(len(CONFIDENCE_EDGES) - 1, dtype=torch.float64)
     c_count = torch.zeros_like(c_agree)
     caught = torch.zeros(len(RECALL_AT), dtype=torch.float64)
+    accept = torch.zeros(2, dtype=torch.float64)  # greedy-token, sampled-token (see Returns)
     was_training = model.training
     model.eval()
     try:
@@ -449,6 +457,12 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 within = (best == batch.t_idx[:, :1]).double().cumsum(-1)
                 k_at = torch.tensor(RECALL_AT).clamp(max=best.shape[-1]) - 1
                 caught += (within[:, k_at] * batch.weight.double()[:, None]).sum(0)
+                p = batch.t_logp.double().exp()  # the teacher's top-k probabilities (n, K)
+                inside = batch.t_idx >= 0
+                q = torch.where(inside, logits.double().softmax(-1).gather(1, batch.t_idx.clamp(min=0)), 0.0)
+                mine = inside & (batch.t_idx == top1[:, None])  # the draft's argmax among them
+                accept += torch.stack([(p * mine).sum(-1), torch.minimum(p, q).sum(-1)], 1).mul(
+                    batch.weight.double()[:, None]).sum(0)
     finally:
         model.train(was_training)
     n = float(count.sum())
@@ -459,7 +473,9 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
             "confidence_edges": list(CONFIDENCE_EDGES),
             "top1_by_confidence": [round(float(a) / max(float(c), 1e-9), 4) for a, c in zip(c_agree, c_count)],
             "tokens_by_confidence": [int(c) for c in c_count],
-            "recall": {k: round(float(c) / max(n, 1e-9), 4) for k, c in zip(RECALL_AT, caught)}}
+            "recall": {k: round(float(c) / max(n, 1e-9), 4) for k, c in zip(RECALL_AT, caught)},
+            "sampled_acceptance": {k: round(float(a) / max(n, 1e-9), 4)
+                                   for k, a in zip(("greedy_token", "sampled_token"), accept)}}
 
 
 def _rank_world():

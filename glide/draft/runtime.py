@@ -23,6 +23,7 @@ from glide.kernels import cross_attention, reference
 from glide.kernels._dispatch import use_triton
 from glide.speculative.drafts import Draft, DraftContext
 from glide.speculative.tree import Proposal
+from glide.speculative.verify import DRAFT_STREAM, counter_uniforms, process_logits, sample, substream_keys
 
 from .config import check_fingerprint
 from .model import GlideDraftModel, states_at
@@ -39,18 +40,30 @@ class GlideDraft(Draft):
         Attached to the target (see :func:`glide.draft.checkpoint.load_draft`).
     gamma : int
         Chain length (draft tokens per step).
+    sample : bool
+        When the target samples (temperature > 0), draw each chain token from the draft's own
+        distribution (its logits at the target's temperature and top-p, from the row's
+        :data:`~glide.speculative.verify.DRAFT_STREAM`) instead of taking its argmax, and hand
+        those distributions to the engine, which then verifies by the residual rule
+        (:func:`~glide.speculative.verify.verify_residual`): a token is accepted with
+        ``min(1, p/q)``, on average ``sum min(p, q)``, where an argmax token is accepted with
+        ``p(token)``. Exact either way; greedy decoding is unchanged. A seed then no longer gives
+        ``ar``'s very sample (the law is the same).
     """
 
     # The chain graph that begin() captures ahead (keep_logits value), None for none.
     _chain_graph = False
 
-    def __init__(self, model: GlideDraftModel, gamma: int = 4):
+    def __init__(self, model: GlideDraftModel, gamma: int = 4, sample: bool = False):
         if not isinstance(model, GlideDraftModel):
             raise TypeError(f"draft: model must be a GlideDraftModel, got {type(model).__name__}")
         if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
             raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
+        if not isinstance(sample, bool):
+            raise TypeError(f"sample must be a bool, got {sample!r}")
         self.model = model
         self.gamma = gamma
+        self.sample = sample
         self.max_nodes = gamma
         self.needs_hidden = model.config.hidden_input
         self.cache = None
@@ -105,11 +118,19 @@ class GlideDraft(Draft):
             self.draft_chain(ctx, keep_logits=self._chain_graph)
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        tokens, probs, _ = self.draft_chain(ctx)
+        dists = None
+        if self._samples(ctx):
+            tokens, probs, dists = self._chain(ctx, False, checked=True, sampled=True)
+        else:
+            tokens, probs, _ = self.draft_chain(ctx)
         B, dev = tokens.shape[0], tokens.device
         parents = torch.arange(self.gamma, device=dev).expand(B, self.gamma).contiguous()
         valid = ctx.active[:, None].expand(B, self.gamma).contiguous()
-        return Proposal(tokens, parents, valid, probs)
+        return Proposal(tokens, parents, valid, probs, dists)
+
+    def _samples(self, ctx: DraftContext) -> bool:
+        """Whether this step's chain is sampled (``sample``, and the target samples)."""
+        return self.sample and ctx.temperature > 0 and ctx.keys is not None
 
     def draft_chain(self, ctx: DraftContext, keep_logits: bool = False):
         """The greedy chain under the root.
@@ -136,9 +157,11 @@ class GlideDraft(Draft):
         tokens, probs, logits = call.run()
         return tokens.clone(), probs.clone(), None if logits is None else logits.clone()
 
-    def _chain(self, ctx: DraftContext, keep_logits: bool, checked: bool):
+    def _chain(self, ctx: DraftContext, keep_logits: bool, checked: bool, sampled: bool = False):
         """:meth:`draft_chain`'s work. ``checked=False`` makes no host sync (the draft cache's
-        room is the engine's to guarantee): the body of the captured graph."""
+        room is the engine's to guarantee): the body of the captured graph. ``sampled`` draws
+        the tokens (see ``sample``) and returns their distributions (batch, gamma, vocab) in
+        place of the logits."""
         m, cache = self.model, self.cache
         B, dev = ctx.root.shape[0], ctx.root.device
         root_pos = ctx.lengths - 1
@@ -156,7 +179,11 @@ class GlideDraft(Draft):
         tokens, probs, rows = [], [], []
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
         for j in range(1, self.gamma + 1):
-            tok, p = self._pick(logits)
+            if sampled:
+                tok, p, q = self._draw(ctx, logits, j)
+                rows.append(q)
+            else:
+                tok, p = self._pick(logits)
             tokens.append(tok)
             probs.append(p)
             if keep_logits:
@@ -165,7 +192,7 @@ class GlideDraft(Draft):
                 logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross,
                                 checked=checked, glimpse=glimpse)[:, 0]
                 self._advance(cache, 1, checked)
-        return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits else None
+        return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits or sampled else None
 
     @staticmethod
     def _advance(cache, n: int, checked: bool) -> None:
@@ -192,6 +219,19 @@ class GlideDraft(Draft):
         if hs is None:
             raise ValueError("draft: this draft reads the target's hidden states, and the context has none")
         return self.model.glimpse(states_at(hs, pos - 1))
+
+    def _draw(self, ctx: DraftContext, logits, depth: int):
+        """A token drawn from the draft's distribution at the target's temperature and top-p,
+        over the whole vocabulary (zero outside the draft's head), at the uniform of the row's
+        draft stream for the output position of a node at ``depth``; its probability and the
+        distribution (batch, vocab)."""
+        m = self.model
+        B = logits.shape[0]
+        q = process_logits(logits, ctx.temperature, ctx.top_p)  # over the head's tokens only
+        u = counter_uniforms(substream_keys(ctx.keys, DRAFT_STREAM), ctx.num_new + depth - 1)
+        col = sample(q, uniforms=u)
+        full = q.new_zeros(B, m.config.target.vocab_size).scatter_(1, m.vocab_ids.expand(B, -1), q)
+        return m.vocab_ids[col], q.gather(1, col[:, None])[:, 0], full
 
     def _pick(self, logits):
         """Greedy draft token (a target token id) and its draft probability."""

@@ -52,6 +52,15 @@ class DraftContext:
         The target's final hidden state (the LM head's input) at every position of the
         verified cache, ``< lengths - 1``; later entries are garbage. Kept only for a draft
         whose :attr:`Draft.needs_hidden` is true, else ``None``.
+    temperature, top_p : float
+        How the target samples (``temperature`` 0: greedy).
+    keys : torch.Tensor, shape (batch,), int64, or None
+        Each row's random stream (:func:`~glide.speculative.verify.stream_keys`) when sampling;
+        a draft that samples its tokens draws from its own substream
+        (:data:`~glide.speculative.verify.DRAFT_STREAM`).
+    num_new : torch.Tensor, shape (batch,), int64, or None
+        Tokens each row has emitted: the root's child is emitted at output position
+        ``num_new``, a node at depth ``d`` at ``num_new + d - 1``.
     """
 
     model: object
@@ -63,6 +72,10 @@ class DraftContext:
     emitted: int = 0
     live: int = 0
     hidden_states: torch.Tensor | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    keys: torch.Tensor | None = None
+    num_new: torch.Tensor | None = None
 
 
 class Draft:

@@ -19,8 +19,8 @@ from glide.model.graphs import CudaGraphs, graphs_for
 
 from .drafts import Draft, DraftContext
 from .tree import Tree, build_tree, raise_problems
-from .verify import (check_sampling, counter_uniforms, process_logits, sample, stream_keys, verify_greedy,
-                     verify_logits)
+from .verify import (ACCEPT_STREAM, check_sampling, counter_uniforms, process_logits, sample, stream_keys,
+                     substream_keys, verify_greedy, verify_logits, verify_residual)
 
 __all__ = ["SequenceOutput", "generate_ids"]
 
@@ -259,11 +259,14 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
         u = counter_uniforms(keys, state.num_new)
         return sample(process_logits(logits, temperature, top_p), uniforms=u)
 
-    def verify(tree, logits):  # (B, T, V) -> Verdict; a node at depth d picks position num_new + d
+    def verify(tree, logits, dists=None):  # (B, T, V) -> Verdict; depth d picks position num_new + d
         if greedy:
             return verify_greedy(tree, logits)
-        return verify_logits(tree, logits, temperature, top_p,
-                             counter_uniforms(keys[:, None], state.num_new[:, None] + tree.depth))
+        at = state.num_new[:, None] + tree.depth
+        if dists is not None:  # a sampled chain: the residual rule, with a second uniform a slot
+            return verify_residual(tree, logits, dists, temperature, top_p, counter_uniforms(keys[:, None], at),
+                                   counter_uniforms(substream_keys(keys, ACCEPT_STREAM)[:, None], at))
+        return verify_logits(tree, logits, temperature, top_p, counter_uniforms(keys[:, None], at))
 
     outputs = [SequenceOutput() for _ in range(B)]
     want_hidden = draft is not None and draft.needs_hidden
@@ -278,6 +281,8 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
     emitted, live = _report(outputs, state.emit_one(first), first, state.active, None, start, on_tokens)
     ctx = state.context(model, cache)
     ctx.emitted, ctx.live = emitted, live
+    if not greedy:
+        ctx.temperature, ctx.top_p, ctx.keys, ctx.num_new = temperature, top_p, keys, state.num_new
     if draft is not None and live:
         t0 = time.perf_counter()
         draft.use_cuda_graphs(None if target is model else target.capture)
@@ -388,11 +393,14 @@ def _speculative_step(model, target, cache, draft, ctx, state, verify, pick):
     tree = build_tree(state.root, proposal, max_depth=(state.max_new - state.num_new - 1).clamp(min=0))
     if tree.tokens.device.type == "cpu":  # a host read is free here; it costs a sync on a GPU
         tree = _trim(tree)
+    dists = proposal.draft_dists
+    if dists is not None:
+        dists = dists[:, :tree.tokens.shape[1] - 1]
     logits = target.forward(tree.tokens, cache.lens[:, None] + tree.depth, tree.mask, cache,
                             return_hidden=want_hidden)
     if want_hidden:
         logits, step_hidden = logits
-    verdict = verify(tree, logits)
+    verdict = verify(tree, logits, dists)
     if want_hidden:  # before emit moves the lengths; a finished sequence's writes are moot
         state.keep_hidden(step_hidden, verdict.path_idx, verdict.path_lens * state.active)
     count = state.emit(verdict.tokens, verdict.path_lens)

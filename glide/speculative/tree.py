@@ -34,12 +34,18 @@ class Proposal:
     draft_probs : torch.Tensor, shape (batch, num_nodes), optional
         The draft's probability of each node's token given its parent (informational; the
         lossless verifier does not need it).
+    draft_dists : torch.Tensor, shape (batch, num_nodes, vocab), optional
+        For a chain whose tokens the draft *sampled*: the distribution each node's token was
+        drawn from. With it, sampling verification uses the residual rule (accept with
+        ``min(1, p/q)``, see :func:`~glide.speculative.verify.verify_residual`), which accepts
+        more often than the rule for fixed candidates.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     valid: torch.Tensor
     draft_probs: torch.Tensor | None = None
+    draft_dists: torch.Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -69,6 +75,13 @@ class Proposal:
                 raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
             if t.device != self.tokens.device:
                 raise ValueError(f"{name} is on {t.device}, tokens on {self.tokens.device}")
+        if self.draft_dists is not None:
+            d = self.draft_dists
+            if d.dim() != 3 or tuple(d.shape[:2]) != shape or not d.is_floating_point():
+                raise ValueError(f"draft_dists must be floating, (batch, num_nodes, vocab) with (batch, "
+                                 f"num_nodes) = {shape}, got {d.dtype} {tuple(d.shape)}")
+            if d.device != self.tokens.device:
+                raise ValueError(f"draft_dists is on {d.device}, tokens on {self.tokens.device}")
 
     def problems(self, vocab_size: int | None = None) -> torch.Tensor:
         """A 0-d bool tensor per check, stacked: which value checks fail (no device sync).

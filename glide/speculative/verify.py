@@ -57,7 +57,8 @@ import torch
 from .tree import Tree
 
 __all__ = ["Verdict", "process_logits", "sample", "verify_greedy", "verify_sampling", "verify_sampling_path", "verify_logits", "walk",
-           "check_sampling", "stream_keys", "counter_uniforms"]
+           "verify_residual", "check_sampling", "stream_keys", "substream_keys", "counter_uniforms",
+           "ACCEPT_STREAM", "DRAFT_STREAM"]
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -191,6 +192,18 @@ def stream_keys(seed: int, row_ids, device=None) -> torch.Tensor:
     rows = torch.as_tensor(row_ids, dtype=torch.int64, device=device)
     base = _mix64(torch.full_like(rows, _s64(seed + 0x9E3779B97F4A7C15)))
     return _mix64(base ^ rows)
+
+
+ACCEPT_STREAM = 1  # substream of the residual rule's acceptance tests (verify_residual)
+DRAFT_STREAM = 2  # substream of a sampling draft's own draws
+
+
+def substream_keys(keys: torch.Tensor, which: int) -> torch.Tensor:
+    """Keys of a second, independent stream per row (``which`` >= 1; 0 gives ``keys``): for the
+    uniforms that must not be the picks' own, such as a draft's draws."""
+    if which == 0:
+        return keys
+    return _mix64(keys + _s64(which * 0x9E3779B97F4A7C15))
 
 
 def counter_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
@@ -349,6 +362,73 @@ def verify_logits(tree: Tree, logits: torch.Tensor, temperature: float, top_p: f
     if logits.device.type == "cpu":
         return verify_sampling_path(tree, logits, temperature, top_p, uniforms)
     return verify_sampling(tree, process_logits(logits, temperature, top_p), uniforms=uniforms)
+
+
+def verify_residual(tree: Tree, logits: torch.Tensor, dists: torch.Tensor, temperature: float, top_p: float,
+                    uniforms: torch.Tensor, accept_uniforms: torch.Tensor) -> Verdict:
+    """Lossless verification of a *sampled* chain by the residual rule of speculative sampling.
+
+    Node ``n`` (slot ``n + 1``) carries a token ``x`` the draft drew from ``q = dists[:, n]``.
+    At the slot ``s`` above it the target's processed distribution is ``p``; the pick there is
+    ``x`` when ``accept_uniforms[:, s] * q(x) < p(x)`` (probability ``min(1, p(x)/q(x))``), and
+    otherwise a draw from the residual ``max(p - q, 0)`` (renormalised) at ``uniforms[:, s]``.
+    Whatever ``q`` is, that pick has law ``p`` (Leviathan et al., 2023; Chen et al., 2023):
+    ``q(y) min(1, p(y)/q(y)) + P(reject) (p(y) - q(y))_+ / sum (p - q)_+ = p(y)``. A slot
+    without a valid child picks from ``p`` at ``uniforms[:, s]``. The picks then go to
+    :func:`walk`, so the argument of the module docstring holds with these picks: each emitted
+    token has the target's law given the tokens before it. The acceptance of a node is
+    ``sum_y min(p(y), q(y))`` instead of :func:`verify_sampling`'s ``p(x)``.
+
+    The two uniforms of a slot must be independent of each other and of the draft's draws
+    (:func:`substream_keys` gives separate streams). The work goes one depth at a time, and on
+    a CPU stops at the depth where every walk has stopped (a free host read there), as
+    :func:`verify_sampling_path` does.
+
+    Parameters
+    ----------
+    tree : Tree, with ``tree_len = T``
+        A chain: slot ``s + 1``'s parent is ``s`` where it is valid.
+    logits : torch.Tensor, shape (batch, T, vocab)
+        The target's raw logits at every slot.
+    dists : torch.Tensor, shape (batch, T - 1, vocab)
+        The distribution each node's token was drawn from.
+    temperature : float, > 0
+    top_p : float, in (0, 1]
+    uniforms, accept_uniforms : torch.Tensor, shape (batch, T), floating
+
+    Returns
+    -------
+    Verdict
+    """
+    tokens, parents = tree.tokens, tree.parents
+    B, T = tokens.shape
+    if dists.shape[:2] != (B, T - 1) or dists.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"dists must have shape {(B, T - 1, logits.shape[-1])}, got {tuple(dists.shape)}")
+    dev = tokens.device
+    rows = torch.arange(B, device=dev)
+    picked = torch.zeros(B, T, dtype=torch.int64, device=dev)
+    alive = torch.ones(B, dtype=torch.bool, device=dev)  # the walk reaches this depth
+    for s in range(T):  # slot s of the chain, one depth at a time
+        p = process_logits(logits[:, s], temperature, top_p)  # (B, V)
+        if s + 1 < T:
+            has_child = parents[:, s + 1] == s
+            x, q = tokens[:, s + 1], dists[:, s].to(p.dtype)
+            px, qx = p[rows, x].double(), q[rows, x].double()
+            accept = has_child & (accept_uniforms[:, s].double() * qx < px)
+            if dev.type == "cpu" and not bool((alive & ~accept).any()):
+                picked[:, s] = x  # every walk here goes on: no draw is read (the common case)
+            else:
+                residual = (p - q).clamp(min=0)
+                # p == q leaves no residual, and then a rejection cannot happen
+                residual = torch.where((has_child & (residual.sum(-1) > 0))[:, None], residual, p)
+                picked[:, s] = torch.where(accept, x, sample(residual, uniforms=uniforms[:, s]))
+            alive = alive & accept
+        else:
+            picked[:, s] = sample(p, uniforms=uniforms[:, s])
+        # later picks are never read where no walk goes on (a free host read on a CPU)
+        if dev.type == "cpu" and not bool(alive.any()):
+            break
+    return walk(tree, picked)
 
 
 def walk(tree: Tree, picked: torch.Tensor, first_sibling_only: bool = True) -> Verdict:

@@ -221,7 +221,7 @@ TREES = ("chain", "cape", "dynamic")
 
 def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=None, tree=None,
                temperature: float = 0.0, fallback: bool = True, lookup: int | None = None,
-               ngrams: bool = True):
+               ngrams: bool = True, sample_draft: bool = False):
     """The draft for ``method``; ``None`` for the target-only methods.
 
     The dynamic tree sizes itself with the calibration the draft folder ships for
@@ -229,7 +229,8 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
     or with the draft's raw probabilities when it ships none; ``fallback`` lets it pause
     drafting where drafting does not pay; ``lookup`` (``None``: the tree's default) is the
     number of prompt-lookup tokens it merges into its candidates; with ``ngrams`` it also
-    reads the corpus n-gram table the draft folder ships (``ngrams.npz``), if any.
+    reads the corpus n-gram table the draft folder ships (``ngrams.npz``), if any;
+    ``sample_draft`` makes the glide chain sample its tokens (:class:`glide.draft.GlideDraft`).
 
     Raises
     ------
@@ -262,7 +263,7 @@ def make_draft(method: str, draft_path: str | None, model, gamma: int = 4, bins=
             return DynamicTreeDraft(net, calibration=calibration, fallback=fallback, lookup=lookup,
                                     ngrams=table)
         if tree == "chain":
-            return GlideDraft(net, gamma=gamma)
+            return GlideDraft(net, gamma=gamma, sample=sample_draft)
         return CapeDraft(net, gamma=gamma, bins=PAPER_BINS if bins is None else bins)
     return None
 
@@ -330,6 +331,7 @@ def generate(
     fallback: bool = True,
     lookup: int | None = None,
     ngrams: bool = True,
+    sample_draft: bool = False,
 ) -> list[dict]:
     """Generate a reply to each prompt with ``method``.
 
@@ -390,6 +392,11 @@ def generate(
     ngrams : bool
         ``dynamic`` with lookup only: where a sequence's history has no continuation, take one
         from the corpus n-gram table the draft ships (``ngrams.npz``, if any). ``False``: never.
+    sample_draft : bool
+        ``glide`` with its chain only, when sampling (``temperature`` > 0): the draft samples its
+        tokens and the target accepts each with ``min(1, p/q)`` (the residual rule), which
+        accepts more often than checking the draft's argmax; equally exact, but a seed then no
+        longer reproduces ``ar``'s sample token for token. No effect when greedy.
 
     Returns
     -------
@@ -417,6 +424,11 @@ def generate(
         raise ArgumentError("ngrams", f"must be True or False, got {ngrams!r}")
     if not ngrams and tree != "dynamic":
         raise ArgumentError("ngrams", f"only the dynamic tree reads the n-gram table; got tree {tree!r}")
+    if not isinstance(sample_draft, bool):
+        raise ArgumentError("sample_draft", f"must be True or False, got {sample_draft!r}")
+    if sample_draft and (method != "glide" or tree not in (None, "chain")):
+        raise ArgumentError("sample_draft", f"only the glide chain samples its draft tokens; got method "
+                                            f"{method!r} with tree {tree!r}")
     if bins is not None and (method != "cape" or tree not in (None, "cape")):
         raise ArgumentError("bins", f"method {method!r} takes no bins; --bins is for cape trees")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -451,7 +463,7 @@ def generate(
     if encoded is None or tokenizer is not tok:
         encoded = [encode_chat(tokenizer, p.text) for p in items]
     draft_obj = None if method == "hf" else make_draft(method, draft_path, target, gamma, bins, tree, temperature, fallback,
-                                                          lookup, ngrams)
+                                                          lookup, ngrams, sample_draft)
     # our engine also reserves room for one verification tree past the last token (and a
     # GliDe draft for its own cache's scratch rows)
     from glide.speculative.engine import room

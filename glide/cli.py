@@ -31,6 +31,7 @@ _FLAGS = {
     "fallback": "--no-fallback",
     "lookup": "--lookup",
     "ngrams": "--no-ngrams",
+    "sample_draft": "--sample-draft",
     "cuda_graphs": "--no-cuda-graphs",
     "device": "--device",
     "dtype": "--dtype",
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-ngrams", dest="ngrams", action="store_false",
                    help="dynamic tree: never take lookup tokens from the draft's corpus n-gram table "
                         "(default: where the reply's history has no match, if the draft ships one)")
+    g.add_argument("--sample-draft", action="store_true",
+                   help="glide chain, when sampling: draw the draft tokens from the draft and accept each "
+                        "with min(1, p/q), which accepts more often (exact too; a seed no longer gives "
+                        "ar's very sample)")
     g.add_argument("--device", default=None, metavar="{cpu,cuda}",
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
@@ -141,7 +146,7 @@ def _generate(args) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             batch_size=args.batch_size, model=args.model, draft=args.draft, gamma=args.gamma,
             bins=args.bins, tree=args.tree, fallback=args.fallback, lookup=args.lookup,
-            ngrams=args.ngrams, device=args.device, cuda_graphs=args.cuda_graphs,
+            ngrams=args.ngrams, sample_draft=args.sample_draft, device=args.device, cuda_graphs=args.cuda_graphs,
             dtype=args.dtype, progress=not single, on_text=on_text if stream else None,
         )
     except BaseException:

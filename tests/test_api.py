@@ -102,11 +102,26 @@ def test_glide_and_cape_equal_ar_greedily(loaded, draft_dir, method, kw):
                                      ({"method": "glide", "tree": "dynamic", "lookup": -1}, "lookup"),
                                      ({"method": "glide", "tree": "dynamic", "lookup": 2.0}, "lookup"),
                                      ({"method": "glide", "ngrams": False}, "ngrams"),
-                                     ({"method": "glide", "tree": "dynamic", "ngrams": 0}, "ngrams")])
+                                     ({"method": "glide", "tree": "dynamic", "ngrams": 0}, "ngrams"),
+                                     ({"method": "cape", "sample_draft": True}, "sample_draft"),
+                                     ({"method": "glide", "tree": "cape", "sample_draft": True}, "sample_draft"),
+                                     ({"method": "glide", "sample_draft": 1}, "sample_draft")])
 def test_bad_tree_arguments_name_them(loaded, draft_dir, kw, name):
     with pytest.raises(api.ArgumentError) as info:
         api.generate(PROMPTS, loaded=loaded, draft=draft_dir if kw["method"] != "ar" else None, **kw)
     assert info.value.argument == name
+
+
+def test_a_sampling_glide_chain_through_the_api(loaded, draft_dir):
+    """``sample_draft``: greedy output stays ``ar``'s; sampled, a seed reproduces, and the rows
+    are the usual ones."""
+    ar = run(loaded, "ar", batch_size=2)
+    sp = run(loaded, "glide", batch_size=2, draft=draft_dir, sample_draft=True)
+    assert [r["output_ids"] for r in sp] == [r["output_ids"] for r in ar]
+    a = run(loaded, "glide", batch_size=2, draft=draft_dir, sample_draft=True, temperature=1.0, seed=4)
+    b = run(loaded, "glide", batch_size=2, draft=draft_dir, sample_draft=True, temperature=1.0, seed=4)
+    assert [r["output_ids"] for r in a] == [r["output_ids"] for r in b]
+    assert all(set(r) == FIELDS for r in a)
 
 
 def test_a_damaged_ngram_table_names_the_draft(loaded, draft_dir, tmp_path):

@@ -39,6 +39,8 @@ BAD = [
     (["--prompt", "hi", "--method", "glide", "--lookup", "3"], "--lookup"),
     (["--prompt", "hi", "--method", "glide", "--tree", "dynamic", "--lookup", "-2"], "--lookup"),
     (["--prompt", "hi", "--out", "/nonexistent/dir/out.jsonl"], "--out"),
+    (["--prompt", "hi", "--method", "cape", "--sample-draft"], "--sample-draft"),
+    (["--prompt", "hi", "--method", "glide", "--tree", "dynamic", "--sample-draft"], "--sample-draft"),
 ]
 
 

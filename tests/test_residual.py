@@ -21,7 +21,7 @@ def _draft_table(seed=11):
     return torch.softmax(1.5 * torch.randn(V, V, V, dtype=torch.float64, generator=g), -1)
 
 
-def _chain(prev, cur, table, qtable, gen):
+def _chain(prev, cur, table, qtable, gen, max_depth=None):
     """A chain of GAMMA tokens sampled from the draft table; the tree, the target's logits at
     every slot, and the draft's distribution of every node."""
     B = prev.shape[0]
@@ -37,7 +37,7 @@ def _chain(prev, cur, table, qtable, gen):
     prop = Proposal(tokens, torch.arange(GAMMA).expand(B, GAMMA).contiguous(),
                     torch.ones(B, GAMMA, dtype=torch.bool), None, torch.stack(dists, 1))
     prop.check_shapes(B)
-    tree = build_tree(cur, prop)
+    tree = build_tree(cur, prop, max_depth=max_depth)
     probs = table[torch.stack(slot_prev, 1), torch.stack(slot_tok, 1)]  # (B, T, V)
     return tree, probs.log(), prop.draft_dists
 
@@ -54,7 +54,7 @@ def _broken_residual(tree, logits, dists, temperature, top_p, u, ua):
     return walk(tree, torch.where(has_child & (ua * qx < px), x, sample(p, uniforms=u)))
 
 
-def _simulate(verifier, table, qtable, n, seed):
+def _simulate(verifier, table, qtable, n, seed, cut=False):
     gen = torch.Generator().manual_seed(seed)
     hist = torch.zeros(n, 2 + EMIT * (GAMMA + 1), dtype=torch.int64)
     hist[:, 0], hist[:, 1] = 3, 1  # the prompt: prev=3, root=1
@@ -62,7 +62,9 @@ def _simulate(verifier, table, qtable, n, seed):
     rows = torch.arange(n)
     for _ in range(EMIT):
         prev, cur = hist[rows, length - 2], hist[rows, length - 1]
-        tree, logits, dists = _chain(prev, cur, table, qtable, gen)
+        # with cut, each row's chain is cut at a random depth (0 .. GAMMA), as max_new_tokens does
+        depth = torch.randint(0, GAMMA + 1, (n,), generator=gen) if cut else None
+        tree, logits, dists = _chain(prev, cur, table, qtable, gen, depth)
         T = tree.tokens.shape[1]
         u = torch.rand(n, T, dtype=torch.float64, generator=gen)
         ua = torch.rand(n, T, dtype=torch.float64, generator=gen)
@@ -77,11 +79,40 @@ def _simulate(verifier, table, qtable, n, seed):
 N_RUNS = 20000
 
 
-def test_the_residual_rule_is_lossless_on_sampled_chains():
+@pytest.mark.parametrize("cut", [False, True])
+def test_the_residual_rule_is_lossless_on_sampled_chains(cut):
     table, qtable = _target_table(), _draft_table()
     bound = _tv_bound(V ** EMIT, N_RUNS)
-    tv = _tv(_simulate(verify_residual, table, qtable, N_RUNS, seed=7), _exact_law(table))
+    tv = _tv(_simulate(verify_residual, table, qtable, N_RUNS, seed=7, cut=cut), _exact_law(table))
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+def _misaligned(tree, logits, dists, temperature, top_p, u, ua):
+    """Reads each node's distribution one slot off (a wrong slice of ``dists``)."""
+    return verify_residual(tree, logits, torch.cat([dists[:, 1:], dists[:, :1]], 1), temperature, top_p, u, ua)
+
+
+def test_a_misaligned_dists_slice_fails_the_check():
+    table, qtable = _target_table(), _draft_table()
+    bound = _tv_bound(V ** EMIT, N_RUNS)
+    tv = _tv(_simulate(_misaligned, table, qtable, N_RUNS, seed=7, cut=True), _exact_law(table))
+    assert tv > bound, f"a misaligned slice passed: TV {tv:.4f} <= bound {bound:.4f}"
+
+
+def test_substreams_are_not_the_main_streams_values():
+    """A substream key is none of the main stream's first outputs (which a key offset by a
+    multiple of the stream's step would be), and substreams differ from each other."""
+    from glide.speculative.verify import ACCEPT_STREAM, DRAFT_STREAM, counter_uniforms, stream_keys, substream_keys
+
+    keys = stream_keys(5, list(range(64)))
+    main = counter_uniforms(keys[:, None], torch.arange(256)[None].expand(64, 256))
+    for which in (ACCEPT_STREAM, DRAFT_STREAM):
+        sub = substream_keys(keys, which)
+        first = (((sub >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53)[:, None]
+        assert not (main == first).any()
+    a = counter_uniforms(substream_keys(keys, ACCEPT_STREAM), torch.zeros(64, dtype=torch.int64))
+    d = counter_uniforms(substream_keys(keys, DRAFT_STREAM), torch.zeros(64, dtype=torch.int64))
+    assert not torch.equal(a, d) and torch.equal(substream_keys(keys, 0), keys)
 
 
 def test_a_broken_residual_fails_the_same_check():

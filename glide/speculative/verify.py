@@ -203,7 +203,9 @@ def substream_keys(keys: torch.Tensor, which: int) -> torch.Tensor:
     uniforms that must not be the picks' own, such as a draft's draws."""
     if which == 0:
         return keys
-    return _mix64(keys + _s64(which * 0x9E3779B97F4A7C15))
+    # Not keys + n * _GAMMA (a main-stream value): mix the key with an unrelated odd constant
+    # first, then offset it by another, so a substream key is no output of any stream's counter.
+    return _mix64(_mix64(keys ^ _s64(0x6A09E667F3BCC909)) + _s64(which * 0xD1B54A32D192ED03))
 
 
 def counter_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
@@ -419,8 +421,9 @@ def verify_residual(tree: Tree, logits: torch.Tensor, dists: torch.Tensor, tempe
                 picked[:, s] = x  # every walk here goes on: no draw is read (the common case)
             else:
                 residual = (p - q).clamp(min=0)
-                # p == q leaves no residual, and then a rejection cannot happen
-                residual = torch.where((has_child & (residual.sum(-1) > 0))[:, None], residual, p)
+                # No residual mass means p == q (up to rounding): the ratio is 1 there, accept.
+                accept = accept | (has_child & (residual.sum(-1) <= 0))
+                residual = torch.where(has_child[:, None], residual, p)
                 picked[:, s] = torch.where(accept, x, sample(residual, uniforms=uniforms[:, s]))
             alive = alive & accept
         else:

@@ -350,7 +350,7 @@ def _target_hidden(batch: _Batch, cross: torch.Tensor):
 
 
 def _loss_terms(logits, batch: _Batch, kind: str):
-    """Per-row losses (n,) and the draft's top-1 (draft index)."""
+    """Per-row losses (n,), the draft's top-1 (draft index) and its log-probabilities (n, vocab_out)."""
     logq = torch.log_softmax(logits.float(), -1)
     terms = []
     if kind in ("kl", "mix"):
@@ -362,7 +362,7 @@ def _loss_terms(logits, batch: _Batch, kind: str):
         ok = batch.labels >= 0
         ce = -logq.gather(1, batch.labels.clamp(min=0)[:, None])[:, 0]
         terms.append(torch.where(ok, ce, torch.zeros_like(ce)))
-    return sum(terms) / len(terms), logq.argmax(-1)
+    return sum(terms) / len(terms), logq.argmax(-1), logq
 
 
 CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)  # buckets of the teacher's top-1 probability (evaluate)
@@ -441,7 +441,7 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                          else cross_mask(S, batch.shift))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                     logits = model(batch.ids, batch.kv, cross, batch.rows, _target_hidden(batch, cross))
-                per_row, top1 = _loss_terms(logits, batch, settings.loss)
+                per_row, top1, logq = _loss_terms(logits, batch, settings.loss)
                 total += float((per_row * batch.weight).sum())
                 ok = (model.vocab_ids[top1] == batch.t_top1).double() * batch.weight
                 pos = torch.arange(S)[None, :]
@@ -459,7 +459,7 @@ def evaluate(model: GlideDraftModel, samples: list[Sample], feats: Features | Fe
                 caught += (within[:, k_at] * batch.weight.double()[:, None]).sum(0)
                 p = batch.t_logp.double().exp()  # the teacher's top-k probabilities (n, K)
                 inside = batch.t_idx >= 0
-                q = torch.where(inside, logits.double().softmax(-1).gather(1, batch.t_idx.clamp(min=0)), 0.0)
+                q = torch.where(inside, logq.gather(1, batch.t_idx.clamp(min=0)).double().exp(), 0.0)
                 mine = inside & (batch.t_idx == top1[:, None])  # the draft's argmax among them
                 accept += torch.stack([(p * mine).sum(-1), torch.minimum(p, q).sum(-1)], 1).mul(
                     batch.weight.double()[:, None]).sum(0)
@@ -617,7 +617,7 @@ def train_draft(target, samples: list[Sample], feats: Features | FeatureSet, out
         cross = block_cross_mask(batch.ids.shape[1], settings.gamma + 1, batch.shift)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
             logits = ddp(batch.ids, batch.kv, cross, batch.rows, _target_hidden(batch, cross))
-        per_row, top1 = _loss_terms(logits, batch, settings.loss)
+        per_row, top1, _ = _loss_terms(logits, batch, settings.loss)
         loss = (per_row * batch.weight).sum() / wsum.clamp(min=1e-9) * world
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)

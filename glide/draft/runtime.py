@@ -64,6 +64,7 @@ class GlideDraft(Draft):
         self.model = model
         self.gamma = gamma
         self.sample = sample
+        self._dists = None  # (batch, gamma, vocab) the sampled chain's distributions, reused
         self.max_nodes = gamma
         self.needs_hidden = model.config.hidden_input
         self.cache = None
@@ -178,10 +179,10 @@ class GlideDraft(Draft):
         self._advance(cache, 2, checked)
         tokens, probs, rows = [], [], []
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
+        dists = self._dists_buffer(B, logits) if sampled else None
         for j in range(1, self.gamma + 1):
             if sampled:
-                tok, p, q = self._draw(ctx, logits, j)
-                rows.append(q)
+                tok, p = self._draw(ctx, logits, j, dists[:, j - 1])
             else:
                 tok, p = self._pick(logits)
             tokens.append(tok)
@@ -192,7 +193,8 @@ class GlideDraft(Draft):
                 logits = m.step(tok[:, None], (root_pos + j)[:, None], one, cache, cross,
                                 checked=checked, glimpse=glimpse)[:, 0]
                 self._advance(cache, 1, checked)
-        return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(rows, 1) if keep_logits or sampled else None
+        last = dists if sampled else torch.stack(rows, 1) if keep_logits else None
+        return torch.stack(tokens, 1), torch.stack(probs, 1), last
 
     @staticmethod
     def _advance(cache, n: int, checked: bool) -> None:
@@ -220,18 +222,27 @@ class GlideDraft(Draft):
             raise ValueError("draft: this draft reads the target's hidden states, and the context has none")
         return self.model.glimpse(states_at(hs, pos - 1))
 
-    def _draw(self, ctx: DraftContext, logits, depth: int):
-        """A token drawn from the draft's distribution at the target's temperature and top-p,
-        over the whole vocabulary (zero outside the draft's head), at the uniform of the row's
-        draft stream for the output position of a node at ``depth``; its probability and the
-        distribution (batch, vocab)."""
+    def _dists_buffer(self, B: int, logits) -> torch.Tensor:
+        """The (batch, gamma, vocab) buffer the sampled chain's distributions go to: made once
+        per batch size, zero outside the head's columns, which every step overwrites whole. A
+        proposal's ``draft_dists`` is this buffer, so it holds until the next proposal."""
+        V = self.model.config.target.vocab_size
+        buf = self._dists
+        if buf is None or buf.shape[0] != B or buf.device != logits.device:
+            buf = self._dists = torch.zeros(B, self.gamma, V, dtype=torch.float32, device=logits.device)
+        return buf
+
+    def _draw(self, ctx: DraftContext, logits, depth: int, out: torch.Tensor):
+        """A token drawn from the draft's distribution at the target's temperature and top-p, at
+        the uniform of the row's draft stream for the output position of a node at ``depth``,
+        and its probability; the distribution over the whole vocabulary goes to ``out`` (batch,
+        vocab), whose columns outside the draft's head stay zero."""
         m = self.model
-        B = logits.shape[0]
         q = process_logits(logits, ctx.temperature, ctx.top_p)  # over the head's tokens only
         u = counter_uniforms(substream_keys(ctx.keys, DRAFT_STREAM), ctx.num_new + depth - 1)
         col = sample(q, uniforms=u)
-        full = q.new_zeros(B, m.config.target.vocab_size).scatter_(1, m.vocab_ids.expand(B, -1), q)
-        return m.vocab_ids[col], q.gather(1, col[:, None])[:, 0], full
+        out.scatter_(1, m.vocab_ids.expand(q.shape[0], -1), q.to(out.dtype))
+        return m.vocab_ids[col], q.gather(1, col[:, None])[:, 0]
 
     def _pick(self, logits):
         """Greedy draft token (a target token id) and its draft probability."""

@@ -410,27 +410,24 @@ def verify_residual(tree: Tree, logits: torch.Tensor, dists: torch.Tensor, tempe
     rows = torch.arange(B, device=dev)
     picked = torch.zeros(B, T, dtype=torch.int64, device=dev)
     alive = torch.ones(B, dtype=torch.bool, device=dev)  # the walk reaches this depth
-    for s in range(T):  # slot s of the chain, one depth at a time
+    cpu = dev.type == "cpu"  # where a host read is free: skip what no walk reads
+    for s in range(T - 1):  # slot s of the chain and its child, one depth at a time
         p = process_logits(logits[:, s], temperature, top_p)  # (B, V)
-        if s + 1 < T:
-            has_child = parents[:, s + 1] == s
-            x, q = tokens[:, s + 1], dists[:, s].to(p.dtype)
-            px, qx = p[rows, x].double(), q[rows, x].double()
-            accept = has_child & (accept_uniforms[:, s].double() * qx < px)
-            if dev.type == "cpu" and not bool((alive & ~accept).any()):
-                picked[:, s] = x  # every walk here goes on: no draw is read (the common case)
-            else:
-                residual = (p - q).clamp(min=0)
-                # No residual mass means p == q (up to rounding): the ratio is 1 there, accept.
-                accept = accept | (has_child & (residual.sum(-1) <= 0))
-                residual = torch.where(has_child[:, None], residual, p)
-                picked[:, s] = torch.where(accept, x, sample(residual, uniforms=uniforms[:, s]))
-            alive = alive & accept
+        has_child = parents[:, s + 1] == s
+        x, q = tokens[:, s + 1], dists[:, s].to(p.dtype)
+        accept = has_child & (accept_uniforms[:, s].double() * q[rows, x].double() < p[rows, x].double())
+        if cpu and not bool((alive & ~accept).any()):
+            picked[:, s] = x  # every walk here goes on: no draw is read (the common case)
         else:
-            picked[:, s] = sample(p, uniforms=uniforms[:, s])
-        # later picks are never read where no walk goes on (a free host read on a CPU)
-        if dev.type == "cpu" and not bool(alive.any()):
-            break
+            residual = (p - q).clamp(min=0)
+            # No residual mass means p == q (up to rounding): the ratio is 1 there, accept.
+            accept = accept | (has_child & (residual.sum(-1) <= 0))
+            residual = torch.where(has_child[:, None], residual, p)
+            picked[:, s] = torch.where(accept, x, sample(residual, uniforms=uniforms[:, s]))
+        alive = alive & accept
+        if cpu and not bool(alive.any()):
+            return walk(tree, picked)  # the later picks would never be read
+    picked[:, T - 1] = sample(process_logits(logits[:, T - 1], temperature, top_p), uniforms=uniforms[:, T - 1])
     return walk(tree, picked)
 
 

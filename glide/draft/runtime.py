@@ -23,7 +23,7 @@ from glide.kernels import cross_attention, reference
 from glide.kernels._dispatch import use_triton
 from glide.speculative.drafts import Draft, DraftContext
 from glide.speculative.tree import Proposal
-from glide.speculative.verify import DRAFT_STREAM, counter_uniforms, process_logits, sample, substream_keys
+from glide.speculative.verify import counter_uniforms, process_logits, sample
 
 from .config import check_fingerprint
 from .model import GlideDraftModel, states_at
@@ -43,7 +43,7 @@ class GlideDraft(Draft):
     sample : bool
         When the target samples (temperature > 0), draw each chain token from the draft's own
         distribution (its logits at the target's temperature and top-p, from the row's
-        :data:`~glide.speculative.verify.DRAFT_STREAM`) instead of taking its argmax, and hand
+        ``DraftContext.draft_keys``) instead of taking its argmax, and hand
         those distributions to the engine, which then verifies by the residual rule
         (:func:`~glide.speculative.verify.verify_residual`): a token is accepted with
         ``min(1, p/q)``, on average ``sum min(p, q)``, where an argmax token is accepted with
@@ -131,7 +131,7 @@ class GlideDraft(Draft):
 
     def _samples(self, ctx: DraftContext) -> bool:
         """Whether this step's chain is sampled (``sample``, and the target samples)."""
-        return self.sample and ctx.temperature > 0 and ctx.keys is not None
+        return self.sample and ctx.temperature > 0 and ctx.draft_keys is not None
 
     def draft_chain(self, ctx: DraftContext, keep_logits: bool = False):
         """The greedy chain under the root.
@@ -239,7 +239,7 @@ class GlideDraft(Draft):
         vocab), whose columns outside the draft's head stay zero."""
         m = self.model
         q = process_logits(logits, ctx.temperature, ctx.top_p)  # over the head's tokens only
-        u = counter_uniforms(substream_keys(ctx.keys, DRAFT_STREAM), ctx.num_new + depth - 1)
+        u = counter_uniforms(ctx.draft_keys, ctx.num_new + depth - 1)
         col = sample(q, uniforms=u)
         out.scatter_(1, m.vocab_ids.expand(q.shape[0], -1), q.to(out.dtype))
         return m.vocab_ids[col], q.gather(1, col[:, None])[:, 0]

@@ -54,10 +54,10 @@ class DraftContext:
         whose :attr:`Draft.needs_hidden` is true, else ``None``.
     temperature, top_p : float
         How the target samples (``temperature`` 0: greedy).
-    keys : torch.Tensor, shape (batch,), int64, or None
-        Each row's random stream (:func:`~glide.speculative.verify.stream_keys`) when sampling;
-        a draft that samples its tokens draws from its own substream
-        (:data:`~glide.speculative.verify.DRAFT_STREAM`).
+    draft_keys : torch.Tensor, shape (batch,), int64, or None
+        When sampling, the keys of each row's random stream for a draft that samples its tokens
+        (:data:`~glide.speculative.verify.DRAFT_STREAM` of the row's stream), apart from the
+        target's picks and acceptance tests (:func:`~glide.speculative.verify.counter_uniforms`).
     num_new : torch.Tensor, shape (batch,), int64, or None
         Tokens each row has emitted: the root's child is emitted at output position
         ``num_new``, a node at depth ``d`` at ``num_new + d - 1``.
@@ -74,7 +74,7 @@ class DraftContext:
     hidden_states: torch.Tensor | None = None
     temperature: float = 0.0
     top_p: float = 1.0
-    keys: torch.Tensor | None = None
+    draft_keys: torch.Tensor | None = None
     num_new: torch.Tensor | None = None
 
 

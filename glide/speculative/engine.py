@@ -19,7 +19,7 @@ from glide.model.graphs import CudaGraphs, graphs_for
 
 from .drafts import Draft, DraftContext
 from .tree import Tree, build_tree, raise_problems
-from .verify import (ACCEPT_STREAM, check_sampling, counter_uniforms, process_logits, sample, stream_keys,
+from .verify import (ACCEPT_STREAM, DRAFT_STREAM, check_sampling, counter_uniforms, process_logits, sample, stream_keys,
                      substream_keys, verify_greedy, verify_logits, verify_residual)
 
 __all__ = ["SequenceOutput", "generate_ids"]
@@ -259,13 +259,15 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
         u = counter_uniforms(keys, state.num_new)
         return sample(process_logits(logits, temperature, top_p), uniforms=u)
 
+    accept_keys = None if greedy else substream_keys(keys, ACCEPT_STREAM)[:, None]
+
     def verify(tree, logits, dists=None):  # (B, T, V) -> Verdict; depth d picks position num_new + d
         if greedy:
             return verify_greedy(tree, logits)
         at = state.num_new[:, None] + tree.depth
         if dists is not None:  # a sampled chain: the residual rule, with a second uniform a slot
             return verify_residual(tree, logits, dists, temperature, top_p, counter_uniforms(keys[:, None], at),
-                                   counter_uniforms(substream_keys(keys, ACCEPT_STREAM)[:, None], at))
+                                   counter_uniforms(accept_keys, at))
         return verify_logits(tree, logits, temperature, top_p, counter_uniforms(keys[:, None], at))
 
     outputs = [SequenceOutput() for _ in range(B)]
@@ -282,7 +284,8 @@ def _decode(model, target, cache, prompts, draft, state, keys, greedy, temperatu
     ctx = state.context(model, cache)
     ctx.emitted, ctx.live = emitted, live
     if not greedy:
-        ctx.temperature, ctx.top_p, ctx.keys, ctx.num_new = temperature, top_p, keys, state.num_new
+        ctx.temperature, ctx.top_p, ctx.num_new = temperature, top_p, state.num_new
+        ctx.draft_keys = substream_keys(keys, DRAFT_STREAM)
     if draft is not None and live:
         t0 = time.perf_counter()
         draft.use_cuda_graphs(None if target is model else target.capture)
